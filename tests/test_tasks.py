@@ -1,0 +1,31 @@
+from vllm_plugins.tasks import OPS, load_task, task_names
+from vllm_plugins.tasks.retrieval import make_retrieval_example
+import random
+
+
+def test_suite_has_at_least_eight_tasks():
+    assert len(task_names()) >= 8
+
+
+def test_splits_are_disjoint_and_reproducible():
+    for name in task_names():
+        a, b = load_task(name), load_task(name)
+        assert a == b
+        prompts = [set(e.prompt for e in split) for split in (a.train, a.dev, a.test)]
+        assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
+
+
+def test_tenant_prompts_carry_no_instruction():
+    for name in task_names():
+        ex = load_task(name).test[0]
+        assert not any(op.instruction in ex.prompt for op in OPS.values())
+        letters = ex.prompt.removesuffix(" =").split()
+        assert ex.answer.split() == OPS[name](letters)
+
+
+def test_retrieval_answer_is_the_value_of_the_queried_key():
+    ex = make_retrieval_example(random.Random(0), length=1200)
+    key, value = ex.queries[0]
+    facts = [w for w in ex.context if ":" in w]
+    assert f"{key}:{value}" in facts
+    assert len(ex.prompt.split()) == 1202

@@ -1,0 +1,11 @@
+"""Prompt-aware adapters, LoRA placement and KV-cache eviction for vLLM 0.32.
+
+Layout:
+    tasks/         seeded tenant tasks and the long-context retrieval task
+    demo_model/    the embedded base model: vocabulary, corpus, tokenizer and training
+    adapters/      one folder per method (IAPT, PARA, MiLoRA, LoRA, FanLoRA, ALoRA) and
+                   the parts they share; storage.py reads and writes adapter directories
+    training/      trainer, greedy generation and the evaluation table
+"""
+
+__version__ = "0.1.0"

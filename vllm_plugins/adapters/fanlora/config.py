@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FanloraConfig:
+    """FanLoRA hyper-parameters.
+
+    modules_per_layer: how many of a layer's seven linear modules keep a LoRA.
+    broad_steps: training steps of the all-module LoRA on the broad instruction mix whose
+    ablation scores decide the placement. rank / alpha: the LoRA of the kept modules.
+    """
+
+    modules_per_layer: int = 2
+    broad_steps: int = 400
+    rank: int = 8
+    alpha: float = 16.0

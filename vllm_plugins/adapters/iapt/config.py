@@ -1,0 +1,11 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class IaptConfig:
+    """IAPT hyper-parameters (paper: 4 soft tokens, bottleneck 320 on a 7B model)."""
+
+    num_soft_tokens: int = 4
+    bottleneck: int = 64

@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm_plugins.adapters.common.model_parts import LINEAR_MODULES
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA on ``target_modules`` of every layer, or on the explicit ``placement``.
+
+    placement: full module paths (``model.layers.3.mlp.up_proj``) when LoRA sits on some
+    modules of some layers only (FanLoRA). rank_pattern: per-module ranks (ALoRA); keys
+    are module paths as in ``placement``.
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    target_modules: tuple[str, ...] = LINEAR_MODULES
+    placement: tuple[str, ...] = ()
+    rank_pattern: dict[str, int] = field(default_factory=dict)

@@ -1,0 +1,14 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ParaConfig:
+    """PARA hyper-parameters.
+
+    bottleneck: width of the vector generator's down-projection (the paper's very small
+    bottleneck keeps the adapter at ~0.1% of the base model's parameters).
+    """
+
+    bottleneck: int = 16

@@ -1,0 +1,185 @@
+"""Self-describing adapter directories: write, verify, load.
+
+A directory holds ``adapter_manifest.json`` and safetensors weights::
+
+    {
+      "format": "vllm-plugins-adapter/1",
+      "method": "para",                       # one of adapters.registry.METHODS
+      "config": {...},                        # the method's hyper-parameters
+      "lora": {...},                          # LoRA family only: the PEFT LoRA layout
+      "base_model": {"architecture": "LlamaForCausalLM", "fingerprint": "sha256:...",
+                     "path": "..."},
+      "weights": {"file": "adapter.safetensors", "sha256": "..."},
+      "task": "reverse", "metrics": {...}
+    }
+
+Prompt-aware methods store their generator weights in ``adapter.safetensors``; the LoRA
+family (lora, fanlora, alora) stores PEFT's own ``adapter_config.json`` and
+``adapter_model.safetensors``, so vLLM's stock LoRA loads them as they are.
+
+Loading refuses, with an :class:`AdapterError` that says why: a directory without a
+manifest, a missing weights file, weights whose checksum or format is wrong, an unknown
+method, a base model other than the one the adapter was trained on, and tensors whose
+names or shapes do not fit the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vllm_plugins.adapters.registry import METHODS, Method
+
+FORMAT = "vllm-plugins-adapter/1"
+MANIFEST = "adapter_manifest.json"
+PROMPT_AWARE_WEIGHTS = "adapter.safetensors"
+PEFT_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be loaded; the message says why."""
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over the base model's parameter names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + digest.hexdigest()
+
+
+def describe_base(model: nn.Module, path: str | Path) -> dict:
+    """What a manifest records of the base model; call it before any adapter wraps it."""
+    return {"architecture": type(model).__name__, "fingerprint": base_fingerprint(model), "path": str(path)}
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def save_adapter(
+    out: Path,
+    method: str,
+    config: Any,
+    lm: nn.Module,
+    base_model: dict,
+    *,
+    lora_settings: Any = None,
+    task: str | None = None,
+    metrics: dict | None = None,
+) -> Path:
+    """Write ``lm``'s adapter weights and manifest into ``out``; return ``out``.
+
+    ``base_model`` is :func:`describe_base` of the base model, taken before adapting it.
+    """
+    spec = METHODS[method]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if spec.family == "prompt-aware":
+        weights = out / PROMPT_AWARE_WEIGHTS
+        save_file({k: v.contiguous() for k, v in lm.adapter_state_dict().items()}, str(weights))
+    else:
+        lm.model.save_pretrained(out)
+        weights = out / PEFT_WEIGHTS
+    manifest = {
+        "format": FORMAT,
+        "method": method,
+        "config": dataclasses.asdict(config),
+        "base_model": base_model,
+        "weights": {"file": weights.name, "sha256": _file_sha256(weights)},
+        "task": task,
+        "metrics": metrics or {},
+    }
+    if lora_settings is not None:
+        manifest["lora"] = dataclasses.asdict(lora_settings)
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return out
+
+
+def read_manifest(adapter_dir: str | Path) -> dict:
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / MANIFEST
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir} is not an adapter directory: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path} is not valid JSON: {err}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise AdapterError(f"{path}: unsupported format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
+    method = manifest.get("method")
+    if method not in METHODS:
+        raise AdapterError(f"{path}: unknown method {method!r}; known methods: {', '.join(METHODS)}")
+    return manifest
+
+
+def _read_weights(adapter_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
+    info = manifest.get("weights") or {}
+    path = adapter_dir / str(info.get("file", ""))
+    if not info.get("file") or not path.is_file():
+        raise AdapterError(f"{adapter_dir}: weights file {info.get('file')!r} is missing")
+    if _file_sha256(path) != info.get("sha256"):
+        raise AdapterError(f"{path}: corrupt weights (checksum does not match the manifest)")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise AdapterError(f"{path}: corrupt weights ({err})") from None
+
+
+def _check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], where: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise AdapterError(
+            f"{where}: weights do not fit the model (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    for name, tensor in expected.items():
+        if tuple(found[name].shape) != tuple(tensor.shape):
+            raise AdapterError(
+                f"{where}: tensor {name} has shape {tuple(found[name].shape)}, the model expects {tuple(tensor.shape)}"
+            )
+
+
+def check_base(manifest: dict, base: nn.Module, where: Path) -> None:
+    trained_on = (manifest.get("base_model") or {}).get("fingerprint")
+    actual = base_fingerprint(base)
+    if trained_on != actual:
+        raise AdapterError(
+            f"{where}: adapter was trained on another base model "
+            f"(fingerprint {trained_on}, this base model has {actual})"
+        )
+
+
+def load_adapter(adapter_dir: str | Path, base: nn.Module) -> tuple[nn.Module, dict]:
+    """Build the adapted model over ``base`` from ``adapter_dir``; returns (lm, manifest)."""
+    adapter_dir = Path(adapter_dir)
+    manifest = read_manifest(adapter_dir)
+    check_base(manifest, base, adapter_dir)
+    spec: Method = METHODS[manifest["method"]]
+    weights = _read_weights(adapter_dir, manifest)
+    try:
+        if spec.family == "prompt-aware":
+            lm = spec.build(base, spec.config_from_dict(manifest["config"]))
+            expected = lm.adapter_state_dict()
+            _check_state(expected, weights, adapter_dir)
+            lm.load_state_dict(weights, strict=False)
+        else:
+            lm = spec.build(base, spec.lora_settings_from_dict(manifest.get("lora") or {}))
+            expected = get_peft_model_state_dict(lm.model)
+            _check_state(expected, weights, adapter_dir)
+            set_peft_model_state_dict(lm.model, weights)
+    except (TypeError, KeyError) as err:
+        raise AdapterError(f"{adapter_dir}: invalid adapter config ({err})") from None
+    lm.eval()
+    return lm, manifest

@@ -1,0 +1,98 @@
+"""The ``vllm-plugins`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vllm_plugins.adapters.registry import METHODS
+from vllm_plugins.tasks import task_names
+
+
+def _base_path(args: argparse.Namespace) -> Path:
+    if args.base:
+        return Path(args.base)
+    from vllm_plugins.demo_model import build_demo_model
+
+    return build_demo_model(args.preset)
+
+
+def _add_base_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", help="base model directory (default: the demo model)")
+    p.add_argument("--preset", default="demo", help="demo model preset when --base is not given")
+
+
+def cmd_build_demo_model(args: argparse.Namespace) -> None:
+    from vllm_plugins.demo_model import build_demo_model
+
+    print(build_demo_model(args.preset, force=args.force))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from vllm_plugins.training.recipes import train_method
+
+    trained = train_method(args.method, args.task, _base_path(args), out=args.out, steps=args.steps)
+    print(trained.path)
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from vllm_plugins.training.eval_table import format_table, run_eval, write_report
+
+    report = run_eval(_base_path(args), methods=args.methods, tasks=args.tasks)
+    write_report(report, args.json)
+    print(format_table(report))
+    print(f"written: {args.json}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from vllm_plugins.demo import run_demo
+
+    run_demo(args.preset)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm_plugins.demo_model import PRESETS
+    from vllm_plugins.training.eval_table import DEFAULT_METHODS, DEFAULT_TASKS
+
+    parser = argparse.ArgumentParser(prog="vllm-plugins", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-demo-model", help="build (or reuse) the embedded demo base model")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(func=cmd_build_demo_model)
+
+    p = sub.add_parser("train", help="train one adapter and write its directory")
+    p.add_argument("--method", required=True, choices=sorted(METHODS))
+    p.add_argument("--task", required=True, choices=task_names())
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--steps", type=int, help="training steps (default: the method's recipe)")
+    _add_base_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="every method on several tasks, against the base model")
+    p.add_argument("--json", required=True, type=Path, help="where to write the results")
+    p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=sorted(METHODS))
+    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS), choices=task_names())
+    _add_base_args(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="the main job: model, adapters, vLLM, report")
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (KeyError, ValueError) as err:
+        print(f"vllm-plugins: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""The embedded demo base model: a small Llama trained here from a seeded corpus."""
+
+from vllm_plugins.demo_model.build import PRESETS, DemoModelSpec, build_demo_model, demo_model_path
+
+__all__ = ["PRESETS", "DemoModelSpec", "build_demo_model", "demo_model_path"]

@@ -1,0 +1,193 @@
+"""Build, train and cache the demo base model.
+
+The model is a Llama (or Qwen2) decoder with a word-level tokenizer, trained on the CPU
+from the seeded corpus of :mod:`vllm_plugins.demo_model.corpus`, and saved in Hugging
+Face format so that both transformers and vLLM load it. A build is cached under
+``$VLLM_PLUGINS_HOME/models/<preset>-<spec hash>``; asking again for the same spec reuses it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from vllm_plugins import paths
+from vllm_plugins.demo_model.corpus import CorpusSampler, corpus_vocabulary
+from vllm_plugins.demo_model.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
+from vllm_plugins.progress import Progress, log
+
+BUILD_INFO = "demo_model_build.json"
+
+
+@dataclass(frozen=True)
+class RetrievalPhase:
+    """``steps`` training steps whose retrieval batches have contexts of ``length`` words."""
+
+    steps: int
+    length: int
+    batch: int
+
+
+@dataclass(frozen=True)
+class DemoModelSpec:
+    name: str
+    architecture: str = "llama"  # "llama" or "qwen2"
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_positions: int = 4096
+    operation_batch: int = 128
+    phases: tuple[RetrievalPhase, ...] = field(default_factory=tuple)
+    learning_rate: float = 3e-3
+    seed: int = 0
+
+    @property
+    def total_steps(self) -> int:
+        return sum(p.steps for p in self.phases)
+
+    def digest(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:12]
+
+
+PRESETS: dict[str, DemoModelSpec] = {
+    # The demo's base model: operations and retrieval up to 1,024-word contexts.
+    "demo": DemoModelSpec(
+        name="demo",
+        phases=(RetrievalPhase(700, 64, 32), RetrievalPhase(400, 256, 16), RetrievalPhase(250, 1024, 4)),
+    ),
+    # A quick build for tests: same code path, short schedule.
+    "tiny": DemoModelSpec(
+        name="tiny",
+        num_layers=2,
+        operation_batch=64,
+        phases=(RetrievalPhase(60, 64, 8),),
+    ),
+    "tiny-qwen2": DemoModelSpec(
+        name="tiny-qwen2",
+        architecture="qwen2",
+        num_layers=2,
+        operation_batch=64,
+        phases=(RetrievalPhase(60, 64, 8),),
+    ),
+}
+
+
+def demo_model_path(spec: DemoModelSpec) -> Path:
+    return paths.models_dir() / f"{spec.name}-{spec.digest()}"
+
+
+def _model_config(spec: DemoModelSpec, tokenizer) -> LlamaConfig | Qwen2Config:
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    if spec.architecture == "llama":
+        return LlamaConfig(**common)
+    if spec.architecture == "qwen2":
+        return Qwen2Config(**common)
+    raise ValueError(f"unknown architecture {spec.architecture!r}: use 'llama' or 'qwen2'")
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 30) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _train(model, sampler: CorpusSampler, spec: DemoModelSpec) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
+    progress = Progress("build-demo-model", spec.total_steps)
+    losses: list[float] = []
+    step = 0
+    model.train()
+    for phase in spec.phases:
+        for _ in range(phase.steps):
+            for group in opt.param_groups:
+                group["lr"] = _lr(step, spec.total_steps, spec.learning_rate)
+            loss = 0.0
+            for batch in (
+                sampler.operation_batch(spec.operation_batch),
+                sampler.retrieval_batch(phase.batch, phase.length),
+            ):
+                out = model(
+                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
+                )
+                out.loss.backward()
+                loss += out.loss.item()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(loss)
+            progress.update(step, f"context {phase.length} loss {loss:.3f}")
+    model.eval()
+    return losses
+
+
+def build_demo_model(spec: DemoModelSpec | str = "demo", force: bool = False) -> Path:
+    """Return the directory of the built model, building it first if it is not cached."""
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise KeyError(f"unknown demo model preset {spec!r}; presets: {', '.join(PRESETS)}")
+        spec = PRESETS[spec]
+    out = demo_model_path(spec)
+    if (out / BUILD_INFO).exists() and not force:
+        log("build-demo-model", f"reusing {out}")
+        return out
+    log("build-demo-model", f"building {spec.name} ({spec.total_steps} steps) into {out}")
+    random.seed(spec.seed)
+    torch.manual_seed(spec.seed)
+    words = corpus_vocabulary()
+    tokenizer = train_tokenizer([" ".join(words)])
+    vocab = tokenizer.get_vocab()
+    missing = [w for w in words + SPECIAL_TOKENS if w not in vocab]
+    if missing:
+        raise RuntimeError(f"tokenizer lacks corpus words: {missing[:5]}")
+    config = _model_config(spec, tokenizer)
+    model_cls = LlamaForCausalLM if spec.architecture == "llama" else Qwen2ForCausalLM
+    model = model_cls(config)
+    sampler = CorpusSampler(vocab, seed=spec.seed)
+    started = time.monotonic()
+    losses = _train(model, sampler, spec)
+    seconds = time.monotonic() - started
+
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    save_tokenizer(tokenizer, tmp)
+    info = {
+        "spec": dataclasses.asdict(spec),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": round(seconds, 1),
+        "final_loss": losses[-1] if losses else None,
+    }
+    (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log("build-demo-model", f"trained in {seconds:.0f}s: {out}")
+    return out

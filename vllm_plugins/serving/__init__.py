@@ -1,0 +1,1 @@
+"""Serving on vLLM: engines, plugins and their integration points."""

@@ -1,0 +1,31 @@
+"""Greedy generation with an offline vLLM engine (``vllm.LLM``)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vllm_plugins.vllm_version import require_supported_vllm
+
+# 1 GiB of KV cache is plenty for the demo model and leaves room on a 24 GiB machine.
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+def make_engine(model: str | Path, **engine_args):
+    """A vLLM engine for ``model``: eager, float32 (as the reference), small KV cache.
+
+    vLLM starts its engine core in a spawned process: a script calling this needs an
+    ``if __name__ == "__main__":`` guard.
+    """
+    require_supported_vllm()
+    from vllm import LLM
+
+    defaults = dict(enforce_eager=True, dtype="float32", max_model_len=2048, seed=0)
+    return LLM(model=str(model), **{**defaults, **engine_args})
+
+
+def greedy_texts(engine, prompts: list[str], max_tokens: int = 16) -> list[str]:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    return [out.outputs[0].text.strip() for out in engine.generate(prompts, params, use_tqdm=False)]

@@ -1,0 +1,1 @@
+"""Training and evaluating adapters on tenant tasks."""
