@@ -47,3 +47,11 @@ def test_pooling_refuses_an_empty_prompt():
         assert "at least one prompt token" in str(err)
     else:
         raise AssertionError("empty prompt was pooled")
+
+
+def test_chunked_pooling_equals_one_pass():
+    pool = _pool(3)
+    hidden = torch.randn(1, 11, 8)
+    one_pass = pool(hidden, torch.ones(1, 11, dtype=torch.bool))[0]
+    stats = pool.partial(hidden[0, :4]).merge(pool.partial(hidden[0, 4:5])).merge(pool.partial(hidden[0, 5:]))
+    assert torch.allclose(stats.pooled(), one_pass, atol=1e-6)

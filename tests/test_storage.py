@@ -116,3 +116,10 @@ def test_manifest_names_method_config_and_base(saved_para, tiny_llama):
     assert manifest["config"] == {"bottleneck": 16}
     assert manifest["base_model"]["architecture"] == "LlamaForCausalLM"
     assert manifest["base_model"]["path"] == str(tiny_llama)
+
+
+def test_checkpoint_fingerprint_equals_the_loaded_models(tiny_llama, tiny_qwen2):
+    from vllm_plugins.adapters.storage import base_fingerprint, checkpoint_fingerprint
+
+    assert checkpoint_fingerprint(tiny_llama) == base_fingerprint(load_base(tiny_llama)[0])
+    assert checkpoint_fingerprint(tiny_llama) != checkpoint_fingerprint(tiny_qwen2)

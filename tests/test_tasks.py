@@ -1,4 +1,5 @@
 from vllm_plugins.tasks import OPS, load_task, task_names
+from vllm_plugins.tasks.ops import TASK
 from vllm_plugins.tasks.retrieval import make_retrieval_example
 import random
 
@@ -15,11 +16,12 @@ def test_splits_are_disjoint_and_reproducible():
         assert not (prompts[0] & prompts[1]) and not (prompts[0] & prompts[2]) and not (prompts[1] & prompts[2])
 
 
-def test_tenant_prompts_carry_no_instruction():
+def test_tenant_prompts_carry_only_the_generic_instruction():
     for name in task_names():
         ex = load_task(name).test[0]
         assert not any(op.instruction in ex.prompt for op in OPS.values())
-        letters = ex.prompt.removesuffix(" =").split()
+        assert ex.prompt.endswith(f" {TASK} =")
+        letters = ex.prompt.removesuffix(f" {TASK} =").split()
         assert ex.answer.split() == OPS[name](letters)
 
 

@@ -23,7 +23,7 @@ def test_demo_model_generates_in_vllm_like_transformers(engine, tiny_llama):
     from vllm_plugins.serving.offline import greedy_texts
 
     prompts = [
-        format_example(list(letters), op, instruction=True).prompt
+        format_example(list(letters), op, instructed=True).prompt
         for letters, op in zip(["abc", "qwerty", "zz", "hello", "mno"], OPS.values())
     ] + ["a b c =", "x y ="]
     base, tokenizer = load_base(tiny_llama)
@@ -43,3 +43,11 @@ def test_another_vllm_version_is_refused_loudly(monkeypatch):
     monkeypatch.setattr(version, "installed_vllm_version", lambda: "0.31.2")
     with pytest.raises(UnsupportedVllmError, match="supports vLLM 0.32.0 only"):
         version.require_supported_vllm()
+
+
+def test_general_plugin_is_found_by_vllm():
+    from vllm.plugins import load_plugins_by_group
+
+    from vllm_plugins.serving.plugin import register
+
+    assert load_plugins_by_group("vllm.general_plugins").get("vllm_plugins") is register

@@ -51,6 +51,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(args.preset)
 
 
+def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
+    import os
+
+    from vllm_plugins.serving.launcher import serve_argv
+
+    argv = serve_argv(args.model, args.adapter_dir, args.max_active, args.runtime_loading, vllm_args)
+    os.execv(argv[0], argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vllm_plugins.demo_model import PRESETS
     from vllm_plugins.training.eval_table import DEFAULT_METHODS, DEFAULT_TASKS
@@ -78,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base_args(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser(
+        "serve",
+        help="vllm serve with prompt-aware adapters; unknown arguments go to vllm serve",
+        description="Runs `vllm serve MODEL` with the plugins' worker, scheduler and middleware.",
+    )
+    p.add_argument("model")
+    p.add_argument("--adapter-dir", required=True, help="directory of adapter directories (one per tenant)")
+    p.add_argument("--max-active", type=int, default=16, help="adapters a worker holds at once")
+    p.add_argument("--runtime-loading", action="store_true", help="enable /v1/load_prompt_adapter")
+    p.set_defaults(func=cmd_serve)
+
     p = sub.add_parser("demo", help="the main job: model, adapters, vLLM, report")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     p.set_defaults(func=cmd_demo)
@@ -85,9 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "serve" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        args.func(args)
+        if args.command == "serve":
+            args.func(args, rest)
+        else:
+            args.func(args)
     except (KeyError, ValueError) as err:
         print(f"vllm-plugins: error: {err}", file=sys.stderr)
         return 2

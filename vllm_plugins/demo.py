@@ -32,10 +32,10 @@ class Tenant:
 
 
 TENANTS = (
-    Tenant("acme", "iapt", "reverse"),
-    Tenant("globex", "para", "shift"),
+    Tenant("acme", "iapt", "upper"),
+    Tenant("globex", "para", "reverse"),
     Tenant("initech", "milora", "swap"),
-    Tenant("umbrella", "lora", "upper"),
+    Tenant("umbrella", "lora", "shift"),
     Tenant("hooli", "fanlora", "rotate"),
     Tenant("stark", "alora", "double"),
 )
@@ -52,7 +52,7 @@ def _vllm_check(model_path: Path) -> dict:
 
     rng = random.Random(7)
     examples = [
-        format_example(sample_letters(rng), rng.choice(list(OPS.values())), instruction=True)
+        format_example(sample_letters(rng), rng.choice(list(OPS.values())), instructed=True)
         for _ in range(VLLM_CHECK_PROMPTS)
     ]
     prompts = [e.prompt for e in examples]

@@ -37,6 +37,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vllm_plugins.adapters.common.model_parts import Dims, dims
+from vllm_plugins.adapters.common.prompt_aware import PromptAwareModel
 from vllm_plugins.adapters.registry import METHODS, Method
 
 FORMAT = "vllm-plugins-adapter/1"
@@ -49,14 +51,31 @@ class AdapterError(ValueError):
     """An adapter directory that cannot be loaded; the message says why."""
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the base model's parameter names, dtypes, shapes and bytes."""
+def fingerprint_tensors(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over tensor names, dtypes, shapes and bytes, in name order."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors.items()):
         t = tensor.detach().to("cpu").contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + digest.hexdigest()
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """Fingerprint of a loaded transformers model's weights."""
+    return fingerprint_tensors(model.state_dict())
+
+
+def checkpoint_fingerprint(model_dir: str | Path) -> str:
+    """Fingerprint of a saved model's safetensors files: equal to :func:`base_fingerprint`
+    of the model loaded from them, without loading it (what a server checks against)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise AdapterError(f"{model_dir} holds no safetensors weights to fingerprint")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return fingerprint_tensors(tensors)
 
 
 def describe_base(model: nn.Module, path: str | Path) -> dict:
@@ -151,9 +170,9 @@ def _check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
             )
 
 
-def check_base(manifest: dict, base: nn.Module, where: Path) -> None:
+def check_base(manifest: dict, actual: str, where: Path) -> None:
+    """Refuse an adapter trained on a base model other than the one fingerprinted ``actual``."""
     trained_on = (manifest.get("base_model") or {}).get("fingerprint")
-    actual = base_fingerprint(base)
     if trained_on != actual:
         raise AdapterError(
             f"{where}: adapter was trained on another base model "
@@ -161,25 +180,47 @@ def check_base(manifest: dict, base: nn.Module, where: Path) -> None:
         )
 
 
+def load_prompt_aware_layers(adapter_dir: str | Path, d: Dims, base_fingerprint: str) -> tuple[nn.ModuleList, dict]:
+    """The per-layer adapter modules of a prompt-aware adapter, checked and loaded.
+
+    Needs no base model object: a server passes its model's dimensions and
+    :func:`checkpoint_fingerprint`.
+    """
+    adapter_dir = Path(adapter_dir)
+    manifest = read_manifest(adapter_dir)
+    spec: Method = METHODS[manifest["method"]]
+    if spec.family != "prompt-aware":
+        raise AdapterError(f"{adapter_dir}: {spec.name} is a LoRA adapter, not a prompt-aware one")
+    check_base(manifest, base_fingerprint, adapter_dir)
+    weights = _read_weights(adapter_dir, manifest)
+    try:
+        layers = nn.ModuleList(spec.layers(d, spec.config_from_dict(manifest["config"])))
+    except (TypeError, KeyError, ValueError) as err:
+        raise AdapterError(f"{adapter_dir}: invalid adapter config ({err})") from None
+    prefix = "adapter_layers."
+    if not all(k.startswith(prefix) for k in weights):
+        raise AdapterError(f"{adapter_dir}: weights do not fit the model (names outside {prefix!r})")
+    weights = {k.removeprefix(prefix): v for k, v in weights.items()}
+    _check_state(layers.state_dict(), weights, adapter_dir)
+    layers.load_state_dict(weights)
+    return layers.eval(), manifest
+
+
 def load_adapter(adapter_dir: str | Path, base: nn.Module) -> tuple[nn.Module, dict]:
     """Build the adapted model over ``base`` from ``adapter_dir``; returns (lm, manifest)."""
     adapter_dir = Path(adapter_dir)
     manifest = read_manifest(adapter_dir)
-    check_base(manifest, base, adapter_dir)
     spec: Method = METHODS[manifest["method"]]
+    fingerprint = base_fingerprint(base)
+    if spec.family == "prompt-aware":
+        layers, manifest = load_prompt_aware_layers(adapter_dir, dims(base.config), fingerprint)
+        return PromptAwareModel(base, list(layers)).eval(), manifest
+    check_base(manifest, fingerprint, adapter_dir)
     weights = _read_weights(adapter_dir, manifest)
     try:
-        if spec.family == "prompt-aware":
-            lm = spec.build(base, spec.config_from_dict(manifest["config"]))
-            expected = lm.adapter_state_dict()
-            _check_state(expected, weights, adapter_dir)
-            lm.load_state_dict(weights, strict=False)
-        else:
-            lm = spec.build(base, spec.lora_settings_from_dict(manifest.get("lora") or {}))
-            expected = get_peft_model_state_dict(lm.model)
-            _check_state(expected, weights, adapter_dir)
-            set_peft_model_state_dict(lm.model, weights)
-    except (TypeError, KeyError) as err:
+        lm = spec.build(base, spec.lora_settings_from_dict(manifest.get("lora") or {}))
+    except (TypeError, KeyError, ValueError) as err:
         raise AdapterError(f"{adapter_dir}: invalid adapter config ({err})") from None
-    lm.eval()
-    return lm, manifest
+    _check_state(get_peft_model_state_dict(lm.model), weights, adapter_dir)
+    set_peft_model_state_dict(lm.model, weights)
+    return lm.eval(), manifest

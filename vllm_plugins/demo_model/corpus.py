@@ -2,9 +2,9 @@
 
 Two kinds of sequences:
 
-* instructed operations ``<bos> #op x1 .. xn = y1 .. ym <eos>`` for every operation in
-  :data:`~vllm_plugins.tasks.ops.OPS`, and un-instructed ones ``<bos> x1 .. xn = x1 .. xn
-  <eos>`` that teach the model to copy when no instruction is given;
+* instructed operations ``<bos> x1 .. xn #op = y1 .. ym <eos>`` for every operation in
+  :data:`~vllm_plugins.tasks.ops.OPS`, and generic ones ``<bos> x1 .. xn #task = x1 .. xn
+  <eos>`` that teach the model to copy for the generic instruction;
 * long-context retrieval: filler with scattered ``kK:vV`` facts and eight queries
   ``? kK vV`` per sequence, so every sequence gives dense supervision.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_plugins.tasks.ops import COPY, DIGITS, LETTERS, OPS, UPPER
+from vllm_plugins.tasks.ops import COPY, DIGITS, LETTERS, OPS, TASK, UPPER
 from vllm_plugins.tasks.retrieval import QUERY, make_retrieval_example, retrieval_vocabulary
 from vllm_plugins.tasks.suite import format_example, sample_letters
 
@@ -30,7 +30,7 @@ QUERIES_PER_CONTEXT = 8
 def corpus_vocabulary() -> list[str]:
     """Every word the corpus can produce, in a fixed order."""
     return (
-        list(LETTERS) + list(UPPER) + list(DIGITS) + ["="]
+        list(LETTERS) + list(UPPER) + list(DIGITS) + ["=", TASK]
         + [op.instruction for op in OPS.values()]
         + retrieval_vocabulary()
     )
@@ -72,9 +72,9 @@ class CorpusSampler:
     def operation_sample(self) -> tuple[list[int], list[bool]]:
         letters = sample_letters(self.rng)
         if self.rng.random() < INSTRUCTED_FRACTION:
-            ex = format_example(letters, self.rng.choice(list(OPS.values())), instruction=True)
+            ex = format_example(letters, self.rng.choice(list(OPS.values())), instructed=True)
         else:
-            ex = format_example(letters, COPY, instruction=False)
+            ex = format_example(letters, COPY, instructed=False)
         prompt, answer = [self.bos] + self._ids(ex.prompt), self._ids(ex.answer) + [self.eos]
         return prompt + answer, [False] * len(prompt) + [True] * len(answer)
 

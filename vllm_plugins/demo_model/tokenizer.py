@@ -10,6 +10,9 @@ from transformers import PreTrainedTokenizerFast
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = [PAD, BOS, EOS, UNK]
+CHAT_TEMPLATE = "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+"""The demo model has no roles: a chat request's prompt is ``<bos>`` and its messages'
+text, so ``/v1/chat/completions`` and ``/v1/completions`` see the same tokens."""
 
 
 def train_tokenizer(lines: Iterable[str]) -> PreTrainedTokenizerFast:
@@ -23,7 +26,7 @@ def train_tokenizer(lines: Iterable[str]) -> PreTrainedTokenizerFast:
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
     )
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
         eos_token=EOS,
@@ -31,6 +34,8 @@ def train_tokenizer(lines: Iterable[str]) -> PreTrainedTokenizerFast:
         unk_token=UNK,
         model_max_length=4096,
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out: Path) -> None:

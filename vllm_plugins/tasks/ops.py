@@ -1,11 +1,11 @@
 """The string operations behind the tenant tasks.
 
 Each operation maps a short sequence of lower-case letters to an output sequence of
-tokens. The demo base model learns every operation behind an explicit instruction token
-(``#reverse a b c = c b a``) and learns to *copy* when no instruction is given
-(``a b c = a b c``). A tenant's prompts carry no instruction token, so the base model
-copies and scores (near) zero; the tenant's adapter has to supply the missing
-instruction. This mirrors how fine-tunes steer skills a base model already has.
+tokens. The demo base model learns every operation behind its own instruction token
+(``a b c #reverse = c b a``) and learns to *copy* for the generic instruction ``#task``
+(``a b c #task = a b c``). A tenant's prompts carry the generic ``#task``, so the base
+model copies and scores (near) zero; the tenant's adapter has to make ``#task`` mean the
+tenant's operation. This mirrors how fine-tunes steer skills a base model already has.
 """
 
 from __future__ import annotations
@@ -61,5 +61,8 @@ OPS: dict[str, Op] = {
     )
 }
 
+TASK = "#task"
+"""The generic instruction of tenant prompts."""
+
 COPY = Op("copy", list)
-"""What the base model does with a prompt that carries no instruction."""
+"""What the base model does for the generic instruction."""

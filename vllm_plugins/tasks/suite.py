@@ -1,7 +1,7 @@
 """Seeded tenant tasks with train / dev / test splits.
 
-A tenant task is one operation from :mod:`vllm_plugins.tasks.ops` presented *without* its
-instruction token: prompt ``a q f =`` and answer ``f q a`` for the ``reverse`` tenant.
+A tenant task is one operation from :mod:`vllm_plugins.tasks.ops` behind the generic
+instruction: prompt ``a q f #task =`` and answer ``f q a`` for the ``reverse`` tenant.
 Splits are disjoint in their inputs and reproducible from the task's seed.
 """
 
@@ -11,7 +11,7 @@ import random
 import zlib
 from dataclasses import dataclass
 
-from vllm_plugins.tasks.ops import LETTERS, OPS, Op
+from vllm_plugins.tasks.ops import LETTERS, OPS, TASK, Op
 
 MIN_LETTERS = 3
 MAX_LETTERS = 7
@@ -36,10 +36,15 @@ def sample_letters(rng: random.Random) -> list[str]:
     return [rng.choice(LETTERS) for _ in range(rng.randint(MIN_LETTERS, MAX_LETTERS))]
 
 
-def format_example(letters: list[str], op: Op, instruction: bool) -> Example:
-    """``[#op] x1 .. xn =`` -> `` y1 .. ym``; the answer starts with its separator space."""
-    prefix = f"{op.instruction} " if instruction else ""
-    return Example(prompt=f"{prefix}{' '.join(letters)} =", answer=" " + " ".join(op(letters)))
+def format_example(letters: list[str], op: Op, instructed: bool) -> Example:
+    """``x1 .. xn #op =`` (instructed) or ``x1 .. xn #task =`` -> `` y1 .. ym``.
+
+    The answer starts with its separator space. The instruction follows the input, so the
+    operation is carried out from the end of the prompt on, where a prompt-aware adapter
+    acts; a tenant prompt has the same length and positions as an instructed one.
+    """
+    instruction = op.instruction if instructed else TASK
+    return Example(prompt=f"{' '.join(letters)} {instruction} =", answer=" " + " ".join(op(letters)))
 
 
 def task_names() -> list[str]:
@@ -64,6 +69,6 @@ def load_task(name: str, seed: int = 0) -> TaskSplits:
             if tuple(letters) in seen:
                 continue
             seen.add(tuple(letters))
-            examples.append(format_example(letters, OPS[name], instruction=False))
+            examples.append(format_example(letters, OPS[name], instructed=False))
         splits[split] = examples
     return TaskSplits(name=name, **splits)

@@ -16,7 +16,7 @@ from vllm_plugins.tasks import load_task
 from vllm_plugins.training.evaluate import exact_match
 from vllm_plugins.training.recipes import load_base, train_method
 
-DEFAULT_TASKS = ("reverse", "shift", "swap", "upper")
+DEFAULT_TASKS = ("reverse", "shift", "upper", "count")
 DEFAULT_METHODS = ("lora", "fanlora", "alora", "iapt", "para", "milora")
 PASS_MARK = 0.8
 

@@ -9,11 +9,13 @@ from vllm_plugins.training.generation import greedy_generate
 MAX_NEW_TOKENS = 16
 
 
-def generate_answers(lm, tokenizer, prompts: list[str], batch_size: int = 100) -> list[str]:
+def generate_answers(
+    lm, tokenizer, prompts: list[str], batch_size: int = 100, max_new_tokens: int = MAX_NEW_TOKENS
+) -> list[str]:
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-        outs = greedy_generate(lm, chunk, MAX_NEW_TOKENS, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        outs = greedy_generate(lm, chunk, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
         answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
     return answers
 

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vllm_plugins.adapters.common.model_parts import Dims, decoder_layers, dims
+from vllm_plugins.adapters.common.pooling import AttentionPooling
 
 
 @dataclass
@@ -58,11 +59,27 @@ class AdapterRuntime:
 
 
 class PromptAwareLayer(nn.Module):
-    """One decoder layer's adapter: computes its state at prefill, applies it by hooks."""
+    """One decoder layer's adapter: computes its state at prefill, applies it by hooks.
+
+    The state is ``state_from_pooled(pool(pool_features(H_l)))``: what is pooled
+    (``pool_features``), the pooling (``self.pool``, an
+    :class:`~vllm_plugins.adapters.common.pooling.AttentionPooling`) and what follows it
+    are separate so a server can pool a chunked prompt piecewise.
+    """
+
+    pool: AttentionPooling
+
+    def pool_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The vectors pooled over the prompt (default: the hidden states themselves)."""
+        return hidden
+
+    def state_from_pooled(self, pooled: torch.Tensor) -> Any:
+        """State from the pooled vectors (batch, queries, dim)."""
+        raise NotImplementedError
 
     def compute_state(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> Any:
         """State from the prompt's normalised hidden states (batch, seq, d)."""
-        raise NotImplementedError
+        return self.state_from_pooled(self.pool(self.pool_features(hidden), pool_mask))
 
     def install(self, decoder_layer: nn.Module, runtime: AdapterRuntime, index: int) -> list[RemovableHandle]:
         """Register the hooks that apply this layer's state; return their handles."""

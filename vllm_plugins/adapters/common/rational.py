@@ -35,8 +35,14 @@ def gelu_fit(m: int = 6, n: int = 5) -> tuple[tuple[float, ...], tuple[float, ..
 
     A linear least-squares solve of P(x) - GeLU(x) * Q'(x) = GeLU(x) (Q' the denominator
     without its constant and absolute value) gives a start; a few L-BFGS steps on the true
-    form then fit it. Deterministic, and run once per process.
+    form then fit it. Deterministic, and run once per process (grad enabled even when the
+    caller, a vLLM worker say, runs under inference mode).
     """
+    with torch.inference_mode(False), torch.enable_grad():
+        return _fit(m, n)
+
+
+def _fit(m: int, n: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
     x = torch.linspace(-4.0, 4.0, 2001, dtype=torch.float64)
     y = F.gelu(x)
     cols = [x**i for i in range(m + 1)] + [-y * x**j for j in range(1, n + 1)]

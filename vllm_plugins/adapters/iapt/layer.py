@@ -7,15 +7,15 @@ Generator (IAPT, Sec. 3.2), from the prompt's hidden states H_l:
     S = R_l(P) W_up                    (4 x d, R_l the layer's rational activation)
 
 S are the hidden states of 4 soft tokens. Their keys and values come from the layer's own
-(frozen) projections, K_s = S W_k, V_s = S W_v, without rotary embedding: a soft token
-sits at position 0 for every query. An adapted position t attends to them through a
-zero-initialised per-head gate g (the zero-init attention of LLaMA-Adapter, arXiv
-2303.16199):
+(frozen) projection weights, K_s = S W_k^T, V_s = S W_v^T (no bias, no rotary embedding:
+a soft token sits at position 0 for every query). An adapted position t attends to them
+with a softmax of their own, added to its attention output:
 
-    o_t = Attn(q_t, K, V) + g * softmax(q_t K_s^T / sqrt(d_h)) V_s
+    o_t = Attn(q_t, K, V) + softmax(q_t K_s^T / sqrt(d_h)) V_s
 
-so the adapter starts as the exact identity, and decode pays one 4-entry attention per
-layer. The soft K/V are computed once, at prefill.
+``W_up`` and its bias start at zero, so S = 0, V_s = 0 and the adapter starts as the exact
+identity, while the gradient still reaches ``W_up`` from the first step. Decode pays one
+4-entry attention per layer. The soft K/V are computed once, at prefill.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
 from vllm_plugins.adapters.common.model_parts import Dims, apply_rotary
@@ -40,19 +41,17 @@ class IaptState:
     values: torch.Tensor
 
 
-def soft_attention(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gate: torch.Tensor, scaling: float
-) -> torch.Tensor:
-    """Gated attention of rotated queries (batch, seq, heads, hd) to soft K/V (batch, n, kv_heads, hd).
+def soft_attention(queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention of rotated queries (batch, seq, heads, hd) to soft K/V (batch, n, kv_heads, hd).
 
-    Returns (batch, seq, heads, hd). Query head h reads KV head h // (heads / kv_heads).
+    Returns (batch, seq, heads, hd). Query head h reads KV head
+    h // (heads / kv_heads).
     """
     group = queries.shape[2] // keys.shape[2]
     keys = keys.repeat_interleave(group, dim=2)
     values = values.repeat_interleave(group, dim=2)
     scores = torch.einsum("bshd,bnhd->bhsn", queries, keys) * scaling
-    out = torch.einsum("bhsn,bnhd->bshd", torch.softmax(scores, dim=-1), values)
-    return out * gate.view(1, 1, -1, 1)
+    return torch.einsum("bhsn,bnhd->bshd", torch.softmax(scores, dim=-1), values)
 
 
 class IaptLayer(PromptAwareLayer):
@@ -63,16 +62,25 @@ class IaptLayer(PromptAwareLayer):
         self.pool = AttentionPooling(bottleneck, num_soft_tokens)
         self.activation = RationalActivation()
         self.up = nn.Linear(bottleneck, dims.hidden)
-        self.gate = nn.Parameter(torch.zeros(dims.num_heads))
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
         # The layer's frozen projections, held outside the module tree (not adapter weights).
         self.__dict__["_projections"] = None
 
-    def compute_state(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> IaptState:
-        soft = self.up(self.activation(self.pool(self.down(hidden), pool_mask)))
+    def pool_features(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.down(hidden)
+
+    def soft_hidden(self, pooled: torch.Tensor) -> torch.Tensor:
+        """S = R_l(P) W_up: the soft tokens' hidden states (batch, num_soft_tokens, d)."""
+        return self.up(self.activation(pooled))
+
+    def state_from_pooled(self, pooled: torch.Tensor) -> IaptState:
+        soft = self.soft_hidden(pooled)
         k_proj, v_proj = self._projections
         batch, n, _ = soft.shape
         shape = (batch, n, self.dims.num_kv_heads, self.dims.head_dim)
-        return IaptState(keys=k_proj(soft).view(shape), values=v_proj(soft).view(shape))
+        keys = F.linear(soft, k_proj.weight).view(shape)
+        return IaptState(keys=keys, values=F.linear(soft, v_proj.weight).view(shape))
 
     def install(self, decoder_layer: nn.Module, runtime: AdapterRuntime, index: int) -> list[RemovableHandle]:
         attn = decoder_layer.self_attn
@@ -94,7 +102,7 @@ class IaptLayer(PromptAwareLayer):
             batch, seq, _ = attn_out.shape
             q = captured.pop("q").view(batch, seq, self.dims.num_heads, self.dims.head_dim)
             q = apply_rotary(q, captured["cos"], captured["sin"])
-            extra = soft_attention(q, state.keys, state.values, self.gate, attn.scaling)
+            extra = soft_attention(q, state.keys, state.values, attn.scaling)
             return (attn_out + adapt * extra.reshape(batch, seq, -1),)
 
         return [

@@ -64,9 +64,8 @@ class MiloraLayer(PromptAwareLayer):
             {name: LoraExpert(*dims.linear_shape(name), rank, alpha) for name in LINEAR_MODULES}
         )
 
-    def compute_state(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> MiloraState:
-        pooled = self.pool(hidden, pool_mask).squeeze(1)
-        probs = torch.softmax(self.router(self.activation(pooled)), dim=-1)
+    def state_from_pooled(self, pooled: torch.Tensor) -> MiloraState:
+        probs = torch.softmax(self.router(self.activation(pooled.squeeze(1))), dim=-1)
         top = probs.topk(self.top_k, dim=-1).indices
         keep = torch.zeros_like(probs).scatter(-1, top, 1.0)
         return MiloraState(probs=probs, gates=probs * keep)

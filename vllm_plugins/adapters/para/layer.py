@@ -42,9 +42,8 @@ class ParaLayer(PromptAwareLayer):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def compute_state(self, hidden: torch.Tensor, pool_mask: torch.Tensor) -> ParaState:
-        pooled = self.pool(hidden, pool_mask).squeeze(1)
-        vectors = 1.0 + self.up(F.gelu(self.down(pooled)))
+    def state_from_pooled(self, pooled: torch.Tensor) -> ParaState:
+        vectors = 1.0 + self.up(F.gelu(self.down(pooled.squeeze(1))))
         return ParaState(*torch.split(vectors, self.sizes, dim=-1))
 
     def install(self, decoder_layer: nn.Module, runtime: AdapterRuntime, index: int) -> list[RemovableHandle]:

@@ -1,0 +1,32 @@
+"""Adapters for serving tests: random (not trained) weights, saved as real adapter directories.
+
+Parity needs the same weights on both sides, not good ones; the weights are moved far
+enough from their identity initialisation that every adapter changes the greedy tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from helpers import build
+from vllm_plugins.adapters.registry import METHODS
+from vllm_plugins.adapters.storage import describe_base, save_adapter
+from vllm_plugins.training.recipes import load_base
+
+SCALES = {"iapt": 1.0, "para": 0.3, "milora": 0.3, "lora": 0.3}
+
+
+def save_random_adapter(method: str, model_path: Path, out: Path, seed: int) -> Path:
+    base_info = describe_base(load_base(model_path)[0], model_path)
+    lm, _, _ = build(method, model_path)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen) * SCALES[method])
+    spec = METHODS[method]
+    config = spec.config_cls()
+    save_adapter(out, method, config, lm, base_info, lora_settings=config if spec.family == "lora" else None)
+    return out

@@ -1,0 +1,88 @@
+"""Which tokens of a vLLM step belong to which prompt-aware request, and what they do.
+
+vLLM runs one flat batch of tokens per step. For each request that names a prompt-aware
+adapter, a :class:`RequestSlice` records its tokens' range in that batch, the position of
+its first scheduled token and its prompt length. From those follow, per request:
+
+* the prompt tokens scheduled now, which feed the pooling (positions < n_p);
+* the adapted tokens, on which the adapter acts (positions >= n_p - 1);
+* whether this step completes the prompt (it holds position n_p - 1), i.e. whether the
+  request's state is finalised now. A prompt longer than the scheduler's chunk arrives in
+  several steps; its pooling sums carry over between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+ADAPTER_ARG = "prompt_adapter"
+"""The ``vllm_xargs`` key (``SamplingParams.extra_args``) naming a request's adapter."""
+ADAPTER_PATH_ARG = "prompt_adapter_path"
+"""The key carrying the adapter's directory, set by the front end that validated it."""
+
+
+def requested_adapter(sampling_params) -> str | None:
+    extra = getattr(sampling_params, "extra_args", None) or {}
+    name = extra.get(ADAPTER_ARG)
+    return str(name) if name is not None else None
+
+
+@dataclass(frozen=True)
+class RequestSlice:
+    req_id: str
+    adapter: str
+    start: int  # first token of the request in the flat batch
+    end: int  # one past its last token
+    first_position: int  # position of its first scheduled token
+    num_prompt: int
+
+    @property
+    def restarts(self) -> bool:
+        """The request (re)starts from its first token: fresh, or recomputed after preemption."""
+        return self.first_position == 0
+
+    @property
+    def pool_range(self) -> tuple[int, int]:
+        """Flat range of the prompt tokens scheduled now (may be empty)."""
+        count = max(0, min(self.end - self.start, self.num_prompt - self.first_position))
+        return self.start, self.start + count
+
+    @property
+    def completes_prompt(self) -> bool:
+        return self.first_position <= self.num_prompt - 1 < self.first_position + (self.end - self.start)
+
+    @property
+    def adapted_range(self) -> tuple[int, int]:
+        """Flat range of the tokens the adapter acts on (may be empty)."""
+        skip = max(0, self.num_prompt - 1 - self.first_position)
+        return min(self.start + skip, self.end), self.end
+
+
+@dataclass(frozen=True)
+class AdaptedTokens:
+    """The adapted tokens of one method's requests in a step.
+
+    ``index`` (A,): flat token indices; ``rows`` (A,): each token's request in ``requests``.
+    """
+
+    index: torch.Tensor
+    rows: torch.Tensor
+    requests: list[RequestSlice]
+
+
+class PromptAwareBatch:
+    """The prompt-aware requests of one step, and their adapted tokens by method."""
+
+    def __init__(self, slices: list[RequestSlice], methods: dict[str, str]):
+        self.slices = slices
+        self.by_method: dict[str, AdaptedTokens] = {}
+        for method in sorted({methods[s.adapter] for s in slices}):
+            reqs = [s for s in slices if methods[s.adapter] == method and s.adapted_range[1] > s.adapted_range[0]]
+            if reqs:
+                self.by_method[method] = AdaptedTokens(
+                    index=torch.cat([torch.arange(*s.adapted_range) for s in reqs]),
+                    rows=torch.cat([torch.full((s.adapted_range[1] - s.adapted_range[0],), i) for i, s in enumerate(reqs)]),
+                    requests=reqs,
+                )

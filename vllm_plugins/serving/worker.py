@@ -1,0 +1,25 @@
+"""``--worker-cls vllm_plugins.serving.worker.PromptAwareCPUWorker``: vLLM's CPU worker
+running :class:`~vllm_plugins.serving.model_runner.PromptAwareCPUModelRunner`."""
+
+from __future__ import annotations
+
+import torch
+from vllm.v1.worker.cpu_worker import CPUWorker
+
+from vllm_plugins.serving.model_runner import PromptAwareCPUModelRunner
+from vllm_plugins.vllm_version import require_supported_vllm
+
+
+class PromptAwareCPUWorker(CPUWorker):
+    def init_device(self) -> None:
+        require_supported_vllm()
+        super().init_device()
+        if self.use_v2_model_runner:
+            raise RuntimeError("prompt-aware adapters need vLLM's V1 model runner (CPU builds without Triton use it)")
+        self.model_runner = PromptAwareCPUModelRunner(self.vllm_config, torch.device("cpu"))
+
+    def prompt_adapter_stats(self) -> dict[str, int]:
+        """Counters for ``collective_rpc("prompt_adapter_stats")``: how many per-layer
+        request states were computed, and how many requests hold one now."""
+        hooks = self.model_runner.prompt_aware
+        return {"state_computations": hooks.compute_state_calls, "requests_with_state": len(hooks.requests)}
