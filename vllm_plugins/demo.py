@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,8 @@ from vllm_plugins.adapters.common.lm import PlainLM
 from vllm_plugins.adapters.storage import load_adapter
 from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.progress import log
-from vllm_plugins.tasks import load_task
+from vllm_plugins.tasks import OPS, load_task
+from vllm_plugins.tasks.suite import format_example, sample_letters
 from vllm_plugins.training.evaluate import exact_match, generate_answers
 from vllm_plugins.training.recipes import load_base, train_method
 
@@ -45,10 +47,6 @@ VLLM_CHECK_PROMPTS = 32
 def _vllm_check(model_path: Path) -> dict:
     """Greedy answers of the base model in vLLM and in transformers, on instructed prompts."""
     from vllm_plugins.serving.offline import greedy_texts, make_engine
-    from vllm_plugins.tasks.suite import format_example, sample_letters
-    import random
-
-    from vllm_plugins.tasks.ops import OPS
 
     rng = random.Random(7)
     examples = [
@@ -76,17 +74,17 @@ def run_demo(preset: str = "demo") -> Path:
     started = time.monotonic()
     model_path = build_demo_model(preset)
     report: dict = {"model": str(model_path), "vllm": _vllm_check(model_path), "tenants": []}
-    _, tokenizer = load_base(model_path)
+    base, tokenizer = load_base(model_path)
     for tenant in TENANTS:
         trained = train_method(tenant.method, tenant.task, model_path)
         test = load_task(tenant.task).test
-        lm, manifest = load_adapter(trained.path, load_base(model_path)[0])
+        lm, manifest = load_adapter(trained.path, load_base(model_path)[0])  # adapters wrap their own copy
         report["tenants"].append(
             {
                 "tenant": tenant.name,
                 "method": tenant.method,
                 "task": tenant.task,
-                "base_exact_match": exact_match(PlainLM(load_base(model_path)[0]), tokenizer, test),
+                "base_exact_match": exact_match(PlainLM(base), tokenizer, test),
                 "adapter_exact_match": exact_match(lm, tokenizer, test),
                 "trainable_parameters": manifest["metrics"]["trainable_parameters"],
                 "adapter": str(trained.path),
