@@ -180,7 +180,7 @@ def check_base(manifest: dict, actual: str, where: Path) -> None:
         )
 
 
-def load_prompt_aware_layers(adapter_dir: str | Path, d: Dims, base_fingerprint: str) -> tuple[nn.ModuleList, dict]:
+def load_prompt_aware_layers(adapter_dir: str | Path, d: Dims, fingerprint: str) -> tuple[nn.ModuleList, dict]:
     """The per-layer adapter modules of a prompt-aware adapter, checked and loaded.
 
     Needs no base model object: a server passes its model's dimensions and
@@ -191,7 +191,7 @@ def load_prompt_aware_layers(adapter_dir: str | Path, d: Dims, base_fingerprint:
     spec: Method = METHODS[manifest["method"]]
     if spec.family != "prompt-aware":
         raise AdapterError(f"{adapter_dir}: {spec.name} is a LoRA adapter, not a prompt-aware one")
-    check_base(manifest, base_fingerprint, adapter_dir)
+    check_base(manifest, fingerprint, adapter_dir)
     weights = _read_weights(adapter_dir, manifest)
     try:
         layers = nn.ModuleList(spec.layers(d, spec.config_from_dict(manifest["config"])))

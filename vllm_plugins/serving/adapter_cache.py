@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from torch import nn
@@ -27,10 +28,16 @@ class AdapterCache:
     def __init__(self, model_dir: str | Path, d: Dims, capacity: int):
         if capacity < 1:
             raise ValueError(f"the adapter capacity must be >= 1, got {capacity}")
+        self.model_dir = model_dir
         self.dims = d
         self.capacity = capacity
-        self.fingerprint = checkpoint_fingerprint(model_dir)
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """The served checkpoint's fingerprint, read on the first adapter load only, so a
+        server that never sees a prompt-aware request never reads its weights twice."""
+        return checkpoint_fingerprint(self.model_dir)
 
     def get(self, name: str, path: str) -> LoadedAdapter:
         key = f"{name}@{path}"

@@ -1,7 +1,7 @@
 """Prompt-aware adapters inside a vLLM model: per-request state at prefill, applied per token.
 
 Data flow of one step (the runner calls :meth:`PromptAwareHooks.begin_step` with the
-step's :class:`~vllm_plugins.serving.batch.PromptAwareBatch`):
+step's :class:`~vllm_plugins.serving.batch.RequestSlice` list and adapter directories):
 
     input_layernorm of layer l (normalised H_l, flat tokens)
         -> pool the prompt tokens scheduled now into each request's running PoolStats
@@ -49,12 +49,6 @@ class RequestState:
         return cls(adapter=adapter, pooling=[None] * num_layers, states=[None] * num_layers)
 
 
-def _submodule(module: nn.Module, path: str) -> nn.Module:
-    for name in path.split("."):
-        module = getattr(module, name)
-    return module
-
-
 class PromptAwareHooks:
     def __init__(self, model: nn.Module, cache: AdapterCache):
         self.cache = cache
@@ -67,7 +61,7 @@ class PromptAwareHooks:
         for modules, layer in zip(self.layers, decoder_layers):
             layer.input_layernorm.register_forward_hook(self._layer_input_hook(modules))
             for site, path in SITES.items():
-                _submodule(layer, path).register_forward_hook(self._site_hook(site, modules))
+                layer.get_submodule(path).register_forward_hook(self._site_hook(site, modules))
 
     # -- per step ---------------------------------------------------------------------
     def begin_step(self, slices: list[RequestSlice], adapter_paths: dict[str, str]) -> None:
