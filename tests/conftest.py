@@ -34,3 +34,36 @@ def tiny_qwen2(plugins_home) -> Path:
 def tiny_model(request) -> Path:
     """Each tiny model in turn: every adapter must work on Llama and on Qwen2."""
     return request.getfixturevalue(request.param)
+
+
+SERVED_ADAPTERS = {  # name -> (method, seed): 8 prompt-aware adapters of all kinds, 2 stock LoRA
+    "iapt-1": ("iapt", 1), "iapt-2": ("iapt", 2), "iapt-3": ("iapt", 3),
+    "para-1": ("para", 4), "para-2": ("para", 5), "para-3": ("para", 6),
+    "milora-1": ("milora", 7), "milora-2": ("milora", 8),
+    "lora-1": ("lora", 9), "lora-2": ("lora", 10),
+}
+
+
+@pytest.fixture(scope="session")
+def served_adapter_dir(tiny_llama, tmp_path_factory) -> Path:
+    from serving_fixtures import save_random_adapter
+
+    root = tmp_path_factory.mktemp("served-adapters")
+    for name, (method, seed) in SERVED_ADAPTERS.items():
+        save_random_adapter(method, tiny_llama, root / name, seed)
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(tiny_llama, served_adapter_dir, tmp_path_factory):
+    """One real server for the HTTP tests, as vLLM runs by default (prefix caching on)
+    except for a 64-token scheduler chunk, shorter than the long test prompts."""
+    from serving_fixtures import running_server
+
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    args = (
+        "--runtime-loading", "--served-model-name", "demo", "--max-model-len", "512",
+        "--enforce-eager", "--dtype", "float32", "--max-num-batched-tokens", "64",
+    )
+    with running_server(tiny_llama, served_adapter_dir, log, *args) as url:
+        yield url

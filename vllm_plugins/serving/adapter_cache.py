@@ -32,6 +32,7 @@ class AdapterCache:
         self.dims = d
         self.capacity = capacity
         self._loaded: OrderedDict[str, LoadedAdapter] = OrderedDict()
+        self.loads = 0  # weight loads so far; more than the adapters named means reloads
 
     @cached_property
     def fingerprint(self) -> str:
@@ -46,6 +47,7 @@ class AdapterCache:
             return self._loaded[key]
         layers, manifest = load_prompt_aware_layers(path, self.dims, self.fingerprint)
         adapter = LoadedAdapter(name=name, method=manifest["method"], layers=layers)
+        self.loads += 1
         self._loaded[key] = adapter
         while len(self._loaded) > self.capacity:
             self._loaded.popitem(last=False)

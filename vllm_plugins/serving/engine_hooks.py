@@ -56,6 +56,7 @@ class PromptAwareHooks:
         self.requests: dict[str, RequestState] = {}
         self.batch: PromptAwareBatch | None = None
         self.compute_state_calls = 0  # how many (request, layer) states were finalised
+        self.most_adapters_in_a_step = 0
         decoder_layers = model.model.layers
         self.layers = [LayerModules(i, layer.self_attn.qkv_proj, self.dims) for i, layer in enumerate(decoder_layers)]
         for modules, layer in zip(self.layers, decoder_layers):
@@ -70,6 +71,7 @@ class PromptAwareHooks:
                 adapter = self.cache.get(s.adapter, adapter_paths[s.req_id])
                 self.requests[s.req_id] = RequestState.fresh(adapter, len(self.layers))
         methods = {s.adapter: self.requests[s.req_id].adapter.method for s in slices}
+        self.most_adapters_in_a_step = max(self.most_adapters_in_a_step, len(methods))
         self.batch = PromptAwareBatch(slices, methods) if slices else None
 
     def end_step(self) -> None:

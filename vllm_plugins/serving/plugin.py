@@ -1,14 +1,16 @@
 """The ``vllm.general_plugins`` entry point: vLLM loads it in every process it starts.
 
 It checks the vLLM version first, so an unsupported vLLM fails at start-up with a clear
-message instead of serving wrong. The worker, scheduler and middleware are selected with
-vLLM's own flags (see ``launcher.py``).
+message instead of serving wrong, then applies :mod:`.vllm_fixes`. The worker, scheduler
+and middleware are selected with vLLM's own flags (see ``launcher.py``).
 """
 
 from __future__ import annotations
 
+from vllm_plugins.serving.vllm_fixes import skip_lora_for_tokens_without_adapter
 from vllm_plugins.vllm_version import require_supported_vllm
 
 
 def register() -> None:
     require_supported_vllm()
+    skip_lora_for_tokens_without_adapter()

@@ -19,7 +19,13 @@ class PromptAwareCPUWorker(CPUWorker):
         self.model_runner = PromptAwareCPUModelRunner(self.vllm_config, torch.device("cpu"))
 
     def prompt_adapter_stats(self) -> dict[str, int]:
-        """Counters for ``collective_rpc("prompt_adapter_stats")``: how many per-layer
-        request states were computed, and how many requests hold one now."""
+        """Counters for ``collective_rpc("prompt_adapter_stats")``: per-layer request states
+        computed, requests holding one now, the most distinct adapters one step has served,
+        and adapter weight loads."""
         hooks = self.model_runner.prompt_aware
-        return {"state_computations": hooks.compute_state_calls, "requests_with_state": len(hooks.requests)}
+        return {
+            "state_computations": hooks.compute_state_calls,
+            "requests_with_state": len(hooks.requests),
+            "most_adapters_in_a_step": hooks.most_adapters_in_a_step,
+            "adapter_loads": hooks.cache.loads,
+        }

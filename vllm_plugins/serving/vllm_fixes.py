@@ -1,0 +1,46 @@
+"""Fixes for vLLM 0.32.0 bugs that multi-tenant serving runs into, applied in every vLLM
+process by the plugin entry point (:mod:`.plugin`).
+
+**Tokens without a LoRA get the last LoRA slot's weights (CPU).** vLLM's PyTorch LoRA ops
+(``vllm.lora.ops.torch_ops``, used by ``PunicaWrapperCPU``) gather each token's weights
+with ``weights[index]``. A token of a request without a LoRA has index -1, which PyTorch
+reads as the last slot: once all ``--max-loras`` slots hold adapters, base-model and
+prompt-aware requests batched with LoRA requests get the last slot's LoRA added to every
+linear layer. The fix zeroes the shrink result (x A^T) of tokens with a negative index,
+so the expand step (which adds B h) adds nothing to them. The GPU kernels skip such tokens
+and need no fix.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def _zero_rows_without_lora(shrink, index_of):
+    @functools.wraps(shrink)
+    def wrapped(inputs, lora_a_weights, output_tensor, *args, **kwargs):
+        shrink(inputs, lora_a_weights, output_tensor, *args, **kwargs)
+        output_tensor[index_of(*args) < 0] = 0
+
+    return wrapped
+
+
+def _bgmv_token_indices(lora_indices_tensor: torch.Tensor, *rest) -> torch.Tensor:
+    return lora_indices_tensor
+
+
+def _sgmv_token_indices(
+    b_seq_start_loc: torch.Tensor, seq_len_tensor: torch.Tensor, lora_indices_tensor: torch.Tensor, *rest
+) -> torch.Tensor:
+    return torch.repeat_interleave(lora_indices_tensor, seq_len_tensor)
+
+
+def skip_lora_for_tokens_without_adapter() -> None:
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    if getattr(punica_cpu.bgmv_shrink, "__wrapped__", None) is not None:
+        return  # already applied in this process
+    punica_cpu.bgmv_shrink = _zero_rows_without_lora(punica_cpu.bgmv_shrink, _bgmv_token_indices)
+    punica_cpu.sgmv_shrink = _zero_rows_without_lora(punica_cpu.sgmv_shrink, _sgmv_token_indices)
