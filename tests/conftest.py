@@ -58,7 +58,7 @@ def served_adapter_dir(tiny_llama, tmp_path_factory) -> Path:
 def server(tiny_llama, served_adapter_dir, tmp_path_factory):
     """One real server for the HTTP tests, as vLLM runs by default (prefix caching on)
     except for a 64-token scheduler chunk, shorter than the long test prompts."""
-    from serving_fixtures import running_server
+    from vllm_plugins.serving.process import running_server
 
     log = tmp_path_factory.mktemp("server") / "server.log"
     args = (

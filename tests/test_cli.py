@@ -31,3 +31,20 @@ def test_train_refuses_an_unknown_method(tmp_path):
     result = _cli("train", "--method", "prefix-magic", "--task", "reverse", "--out", str(tmp_path))
     assert result.returncode == 2
     assert "invalid choice: 'prefix-magic'" in result.stderr
+
+
+def test_bench_adapters_writes_figures_and_ratios(plugins_home, tmp_path):
+    """The benchmark's machinery on a tiny random model: base plus one prompt-aware and
+    one stock-LoRA method, each through its own engine (figures are not judged here)."""
+    out = tmp_path / "bench.json"
+    result = _cli("bench", "adapters", "--preset", "tiny", "--methods", "iapt", "lora", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["methods"]) == ["base", "iapt", "lora"]
+    for figures in report["methods"].values():
+        assert figures["requests"] == 8
+        assert 0 < figures["ttft_p50_ms"] <= figures["ttft_p99_ms"]
+        assert 0 < figures["tpot_p50_ms"] <= figures["tpot_p99_ms"]
+        assert figures["output_tokens_per_s"] > 0
+    assert report["methods"]["base"]["ratio_to_base"]["tpot_p50_ms"] == 1.0
+    assert "TPOT p50/base" in result.stdout

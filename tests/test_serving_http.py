@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from serving_fixtures import request_json as _request
+from vllm_plugins.serving.process import request_json as _request
 from serving_fixtures import save_random_adapter
 from vllm_plugins.tasks import load_task
 

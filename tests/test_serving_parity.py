@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import SERVED_ADAPTERS
-from serving_fixtures import reference_answers, request_json
+from serving_fixtures import reference_answers
+from vllm_plugins.serving.process import request_json
 from vllm_plugins.tasks import load_task
 from vllm_plugins.tasks.retrieval import make_retrieval_example
 

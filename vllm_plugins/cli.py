@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from vllm_plugins.adapters.registry import METHODS
+from vllm_plugins.bench.adapters import BENCH_METHODS
 from vllm_plugins.tasks import task_names
 
 
@@ -49,6 +50,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from vllm_plugins.demo import run_demo
 
     run_demo(args.preset)
+
+
+def cmd_bench_adapters(args: argparse.Namespace) -> None:
+    from vllm_plugins.bench.adapters import PRESETS, format_table, run_adapter_bench, write_report
+
+    report = run_adapter_bench(PRESETS[args.preset], tuple(args.methods))
+    write_report(report, args.json)
+    print(format_table(report))
+    print(f"written: {args.json}")
 
 
 def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
@@ -97,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-active", type=int, default=16, help="adapters a worker holds at once")
     p.add_argument("--runtime-loading", action="store_true", help="enable /v1/load_prompt_adapter")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="benchmark", required=True)
+    p = bench.add_parser("adapters", help="TTFT/TPOT of each adapter method against the base model")
+    p.add_argument("--json", required=True, type=Path, help="where to write the results")
+    p.add_argument("--preset", default="default", choices=["default", "tiny"], help="model and load size")
+    p.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=BENCH_METHODS)
+    p.set_defaults(func=cmd_bench_adapters)
 
     p = sub.add_parser("demo", help="the main job: model, adapters, vLLM, report")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))

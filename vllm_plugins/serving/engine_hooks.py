@@ -1,7 +1,8 @@
 """Prompt-aware adapters inside a vLLM model: per-request state at prefill, applied per token.
 
 Data flow of one step (the runner calls :meth:`PromptAwareHooks.begin_step` with the
-step's :class:`~vllm_plugins.serving.batch.RequestSlice` list and adapter directories):
+step's :class:`~vllm_plugins.serving.batch.RequestSlice` list and each request's
+``extra_args``: its adapter's directory and, for IAPT, its soft tokens' KV slots):
 
     input_layernorm of layer l (normalised H_l, flat tokens)
         -> pool the prompt tokens scheduled now into each request's running PoolStats
@@ -24,7 +25,7 @@ from torch import nn
 from vllm_plugins.adapters.common.model_parts import Dims
 from vllm_plugins.adapters.common.pooling import PoolStats
 from vllm_plugins.serving.adapter_cache import AdapterCache, LoadedAdapter
-from vllm_plugins.serving.batch import PromptAwareBatch, RequestSlice
+from vllm_plugins.serving.batch import ADAPTER_PATH_ARG, PromptAwareBatch, RequestSlice
 from vllm_plugins.serving.methods import APPLIERS, LayerModules
 from vllm_plugins.serving.methods.base import SiteCall
 
@@ -41,12 +42,13 @@ SITES = {
 @dataclass
 class RequestState:
     adapter: LoadedAdapter
+    args: dict  # the request's extra_args
     pooling: list[PoolStats | None]
     states: list[Any] = field(default_factory=list)
 
     @classmethod
-    def fresh(cls, adapter: LoadedAdapter, num_layers: int) -> RequestState:
-        return cls(adapter=adapter, pooling=[None] * num_layers, states=[None] * num_layers)
+    def fresh(cls, adapter: LoadedAdapter, args: dict, num_layers: int) -> RequestState:
+        return cls(adapter=adapter, args=args, pooling=[None] * num_layers, states=[None] * num_layers)
 
 
 class PromptAwareHooks:
@@ -58,18 +60,22 @@ class PromptAwareHooks:
         self.compute_state_calls = 0  # how many (request, layer) states were finalised
         self.most_adapters_in_a_step = 0
         decoder_layers = model.model.layers
-        self.layers = [LayerModules(i, layer.self_attn.qkv_proj, self.dims) for i, layer in enumerate(decoder_layers)]
+        self.layers = [
+            LayerModules(i, layer.self_attn.qkv_proj, layer.self_attn.attn, self.dims)
+            for i, layer in enumerate(decoder_layers)
+        ]
         for modules, layer in zip(self.layers, decoder_layers):
             layer.input_layernorm.register_forward_hook(self._layer_input_hook(modules))
             for site, path in SITES.items():
                 layer.get_submodule(path).register_forward_hook(self._site_hook(site, modules))
 
     # -- per step ---------------------------------------------------------------------
-    def begin_step(self, slices: list[RequestSlice], adapter_paths: dict[str, str]) -> None:
+    def begin_step(self, slices: list[RequestSlice], request_args: dict[str, dict]) -> None:
         for s in slices:
             if s.restarts or s.req_id not in self.requests:
-                adapter = self.cache.get(s.adapter, adapter_paths[s.req_id])
-                self.requests[s.req_id] = RequestState.fresh(adapter, len(self.layers))
+                args = request_args[s.req_id]
+                adapter = self.cache.get(s.adapter, args[ADAPTER_PATH_ARG])
+                self.requests[s.req_id] = RequestState.fresh(adapter, args, len(self.layers))
         methods = {s.adapter: self.requests[s.req_id].adapter.method for s in slices}
         self.most_adapters_in_a_step = max(self.most_adapters_in_a_step, len(methods))
         self.batch = PromptAwareBatch(slices, methods) if slices else None
@@ -102,7 +108,7 @@ class PromptAwareHooks:
             req.pooling[modules.index] = part if prev is None else prev.merge(part)
         if s.completes_prompt:
             pooled = req.pooling[modules.index].pooled().unsqueeze(0)
-            req.states[modules.index] = APPLIERS[req.adapter.method].finalize(layer, pooled, modules)
+            req.states[modules.index] = APPLIERS[req.adapter.method].finalize(layer, pooled, modules, req.args)
             req.pooling[modules.index] = None
             self.compute_state_calls += 1
 

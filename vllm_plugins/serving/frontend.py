@@ -25,9 +25,10 @@ from vllm_plugins.adapters.storage import AdapterError
 from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.registry import PromptAdapterRegistry
+from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-RESERVED_XARGS = (ADAPTER_ARG, ADAPTER_PATH_ARG)
+RESERVED_XARGS = (ADAPTER_ARG, ADAPTER_PATH_ARG, SOFT_KV_SLOT_ARG)
 
 
 def error_body(status: int, message: str, kind: str) -> bytes:

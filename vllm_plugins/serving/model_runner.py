@@ -12,7 +12,7 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from vllm_plugins.adapters.common.model_parts import dims
 from vllm_plugins.serving.adapter_cache import AdapterCache
-from vllm_plugins.serving.batch import ADAPTER_PATH_ARG, RequestSlice, requested_adapter
+from vllm_plugins.serving.batch import RequestSlice, requested_adapter
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.engine_hooks import PromptAwareHooks
 
@@ -31,7 +31,7 @@ class PromptAwareCPUModelRunner(CPUModelRunner):
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         slices: list[RequestSlice] = []
-        paths: dict[str, str] = {}
+        request_args: dict[str, dict] = {}
         start = 0
         num_reqs = self.input_batch.num_reqs
         for i, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
@@ -49,9 +49,9 @@ class PromptAwareCPUModelRunner(CPUModelRunner):
                         num_prompt=state.num_prompt_tokens,
                     )
                 )
-                paths[req_id] = state.sampling_params.extra_args[ADAPTER_PATH_ARG]
+                request_args[req_id] = state.sampling_params.extra_args
             start += count
-        self.prompt_aware.begin_step(slices, paths)
+        self.prompt_aware.begin_step(slices, request_args)
         return result
 
     def _model_forward(self, *args, **kwargs):

@@ -1,6 +1,6 @@
 """``--scheduler-cls vllm_plugins.serving.scheduler.PromptAwareScheduler``.
 
-Two rules on top of vLLM's scheduler, both for requests that name a prompt-aware adapter:
+Three rules on top of vLLM's scheduler, for requests that name a prompt-aware adapter:
 
 * **No prefix-cache reads.** A request's state is computed from the hidden states of its
   whole prompt, so it must not skip prompt tokens found in the prefix cache. Its blocks
@@ -11,20 +11,27 @@ Two rules on top of vLLM's scheduler, both for requests that name a prompt-aware
   distinct adapters run; otherwise it waits, as vLLM makes LoRA requests wait beyond
   ``--max-loras``. Workers hold ``max_active`` adapters' weights, so a running batch never
   reloads weights.
+* **IAPT's soft tokens get KV slots** from the block pool when the request is first
+  admitted (it waits while the pool is empty) and give them back when it finishes
+  (:mod:`.soft_kv`).
 """
 
 from __future__ import annotations
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_plugins.serving.batch import requested_adapter
+from vllm_plugins.adapters.storage import read_manifest
+from vllm_plugins.serving.batch import ADAPTER_PATH_ARG, requested_adapter
 from vllm_plugins.serving.config import PromptAdapterSettings
+from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG, SoftTokenSlots
 
 
 class PromptAwareScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs) -> None:
         super().__init__(vllm_config, *args, **kwargs)
         self.max_active_adapters = PromptAdapterSettings.from_additional_config(vllm_config.additional_config).max_active
+        self.soft_kv = SoftTokenSlots(self.kv_cache_manager.block_pool, self.block_size)
+        self._soft_tokens: dict[str, int] = {}  # adapter directory -> soft tokens per layer
 
     def add_request(self, request) -> None:
         if requested_adapter(request.sampling_params) is not None:
@@ -41,4 +48,29 @@ class PromptAwareScheduler(Scheduler):
         if adapter is None:
             return True
         running = self.running_adapters()
-        return adapter in running or len(running) < self.max_active_adapters
+        if adapter not in running and len(running) >= self.max_active_adapters:
+            return False
+        return self._reserve_soft_tokens(request)
+
+    def _soft_tokens_of(self, adapter_dir: str) -> int:
+        if adapter_dir not in self._soft_tokens:
+            manifest = read_manifest(adapter_dir)
+            self._soft_tokens[adapter_dir] = manifest["config"]["num_soft_tokens"] if manifest["method"] == "iapt" else 0
+        return self._soft_tokens[adapter_dir]
+
+    def _reserve_soft_tokens(self, request) -> bool:
+        extra = request.sampling_params.extra_args
+        width = self._soft_tokens_of(extra[ADAPTER_PATH_ARG])
+        if width == 0 or SOFT_KV_SLOT_ARG in extra:
+            return True
+        run = self.soft_kv.allocate(width)
+        if run is None:
+            return False  # the block pool is empty: wait, like any request short of blocks
+        extra[SOFT_KV_SLOT_ARG] = run
+        return True
+
+    def _free_request(self, request, *args, **kwargs):
+        extra = request.sampling_params.extra_args if request.sampling_params else None
+        if extra and SOFT_KV_SLOT_ARG in extra:
+            self.soft_kv.free(extra.pop(SOFT_KV_SLOT_ARG))
+        return super()._free_request(request, *args, **kwargs)

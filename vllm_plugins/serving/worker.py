@@ -16,6 +16,11 @@ class PromptAwareCPUWorker(CPUWorker):
         super().init_device()
         if self.use_v2_model_runner:
             raise RuntimeError("prompt-aware adapters need vLLM's V1 model runner (CPU builds without Triton use it)")
+        if self.cache_config.cache_dtype != "auto":
+            raise RuntimeError(
+                f"prompt-aware adapters keep IAPT's soft keys/values in the KV cache in the model's dtype; "
+                f"--kv-cache-dtype {self.cache_config.cache_dtype} is not supported (use auto)"
+            )
         self.model_runner = PromptAwareCPUModelRunner(self.vllm_config, torch.device("cpu"))
 
     def prompt_adapter_stats(self) -> dict[str, int]:

@@ -27,6 +27,7 @@ class LayerModules:
 
     index: int
     qkv_proj: nn.Module
+    attn: nn.Module  # vLLM's Attention; ``attn.kv_cache`` is the layer's paged KV cache
     dims: Dims
 
 
@@ -44,8 +45,9 @@ class Applier:
     method: str
     sites: frozenset[str]
 
-    def finalize(self, layer: PromptAwareLayer, pooled: torch.Tensor, modules: LayerModules) -> Any:
-        """A request's state for one layer from its pooled prompt (1, queries, dim)."""
+    def finalize(self, layer: PromptAwareLayer, pooled: torch.Tensor, modules: LayerModules, request_args: dict) -> Any:
+        """A request's state for one layer from its pooled prompt (1, queries, dim);
+        ``request_args`` are the request's ``extra_args``."""
         return layer.state_from_pooled(pooled)
 
     def apply(self, call: SiteCall, tokens: AdaptedTokens, states: list[Any], adapters: list[PromptAwareLayer]) -> None:
