@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -55,7 +56,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_bench_adapters(args: argparse.Namespace) -> None:
     from vllm_plugins.bench.adapters import PRESETS, format_table, run_adapter_bench, write_report
 
-    report = run_adapter_bench(PRESETS[args.preset], tuple(args.methods))
+    bench = PRESETS[args.preset]
+    if args.requests:
+        bench = dataclasses.replace(bench, requests=args.requests)
+    report = run_adapter_bench(bench, tuple(args.methods))
     write_report(report, args.json)
     print(format_table(report))
     print(f"written: {args.json}")
@@ -114,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="model and load size")
     p.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=BENCH_METHODS)
+    p.add_argument("--requests", type=int, help="timed requests per method (default: the preset's, 64)")
     p.set_defaults(func=cmd_bench_adapters)
 
     p = sub.add_parser("demo", help="the main job: model, adapters, vLLM, report")
