@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# The Triton kernels are checked on the CPU in Triton's interpreter, which must be chosen
+# before a kernel is defined. (On a GPU, `vllm-plugins bench kernels` checks them at
+# serving shapes.) The plugins themselves run the torch references on the CPU.
+os.environ["TRITON_INTERPRET"] = "1"
+
 
 @pytest.fixture(scope="session", autouse=True)
 def plugins_home(tmp_path_factory) -> Path:

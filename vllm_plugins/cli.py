@@ -65,6 +65,23 @@ def cmd_bench_adapters(args: argparse.Namespace) -> None:
     print(f"written: {args.json}")
 
 
+def cmd_bench_kernels(args: argparse.Namespace) -> None:
+    from vllm_plugins.bench.kernels import format_report, run_kernel_bench, write_report
+
+    report = run_kernel_bench(check=not args.no_check)
+    write_report(report, args.json)
+    print(format_report(report))
+    print(f"written: {args.json}")
+    if not all(check["ok"] for check in report.get("checks", [])):
+        raise SystemExit("a kernel does not match its reference")
+
+
+def cmd_bench_carry_vllm_lora_ops(args: argparse.Namespace) -> None:
+    from vllm_plugins.bench.vllm_lora import carry_vllm_lora_ops
+
+    print(carry_vllm_lora_ops(args.dest))
+
+
 def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     import os
 
@@ -120,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=BENCH_METHODS)
     p.add_argument("--requests", type=int, help="timed requests per method (default: the preset's, 64)")
     p.set_defaults(func=cmd_bench_adapters)
+    p = bench.add_parser("kernels", help="the Triton kernels at serving shapes on a GPU, beside vLLM's LoRA kernels")
+    p.add_argument("--json", required=True, type=Path, help="where to write the results")
+    p.add_argument("--no-check", action="store_true", help="skip comparing each kernel with its torch reference")
+    p.set_defaults(func=cmd_bench_kernels)
+    p = bench.add_parser(
+        "carry-vllm-lora-ops",
+        help="copy vLLM's LoRA Triton kernels (plus shims) to time them where vLLM is not installed",
+    )
+    p.add_argument("--dest", type=Path, default=Path(".vllm_lora_ops"), help="where to write (ignored by git)")
+    p.set_defaults(func=cmd_bench_carry_vllm_lora_ops)
 
     p = sub.add_parser("demo", help="the main job: model, adapters, vLLM, report")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))

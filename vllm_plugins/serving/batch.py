@@ -13,7 +13,7 @@ its first scheduled token and its prompt length. From those follow, per request:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -64,12 +64,14 @@ class RequestSlice:
 class AdaptedTokens:
     """The adapted tokens of one method's requests in a step.
 
-    ``index`` (A,): flat token indices; ``rows`` (A,): each token's request in ``requests``.
+    ``index`` (A,): flat token indices; ``rows`` (A,): each token's request in ``requests``;
+    ``per_step``: what an applier derives from them once and reuses in every layer.
     """
 
     index: torch.Tensor
     rows: torch.Tensor
     requests: list[RequestSlice]
+    per_step: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 class PromptAwareBatch:

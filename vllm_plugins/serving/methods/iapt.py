@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_plugins.adapters.iapt.layer import IaptLayer, soft_attention
+from vllm_plugins.adapters.iapt.layer import IaptLayer
 from vllm_plugins.serving.batch import AdaptedTokens
 from vllm_plugins.serving.methods.base import Applier, LayerModules, SiteCall, linear_without_bias
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG, paged_key_value
+from vllm_plugins_kernels import soft_attention_paged_, write_soft_kv
 
 
 @dataclass(frozen=True)
@@ -40,19 +41,26 @@ class IaptApplier(Applier):
         keys = qkv[:, d.q_size : d.q_size + d.kv_size].reshape(shape)
         values = qkv[:, d.q_size + d.kv_size :].reshape(shape)
         key_cache, value_cache = paged_key_value(modules.attn.kv_cache)
-        slots = slice(run.first, run.first + run.count)
-        key_cache[run.block, :, slots] = keys.transpose(0, 1).to(key_cache.dtype)
-        value_cache[run.block, :, slots] = values.transpose(0, 1).to(value_cache.dtype)
+        write_soft_kv(key_cache, value_cache, keys[None], values[None], torch.tensor([run.block]), torch.tensor([run.first]))
         return run
 
     def apply(self, call: SiteCall, tokens: AdaptedTokens, states: list[SoftTokenRun], adapters) -> None:
-        d = call.layer.dims
-        idx, rows = tokens.index, tokens.rows
         key_cache, value_cache = paged_key_value(call.layer.attn.kv_cache)
-        blocks = torch.tensor([run.block for run in states])[:, None]
-        slots = torch.stack([torch.arange(run.first, run.first + run.count) for run in states])
-        keys = key_cache[blocks, :, slots][rows].to(call.x.dtype)  # (A, n, kv_heads, hd)
-        values = value_cache[blocks, :, slots][rows].to(call.x.dtype)
-        q = call.x[idx].view(-1, 1, d.num_heads, d.head_dim)
-        extra = soft_attention(q, keys, values, d.head_dim**-0.5)[:, 0]
-        call.out[idx] += extra.reshape(len(idx), -1)
+        scale = call.layer.dims.head_dim**-0.5
+        for count, index, blocks, first in self._token_slots(tokens, states):
+            soft_attention_paged_(call.out, call.x, index, blocks, first, key_cache, value_cache, count, scale)
+
+    @staticmethod
+    def _token_slots(tokens: AdaptedTokens, states: list[SoftTokenRun]) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(soft tokens, adapted tokens, their block, their first slot) for each soft-token
+        count among the requests; the same in every layer, so built once per step."""
+        if "iapt_slots" not in tokens.per_step:
+            blocks = torch.tensor([run.block for run in states])[tokens.rows]
+            first = torch.tensor([run.first for run in states])[tokens.rows]
+            counts = torch.tensor([run.count for run in states])[tokens.rows]
+            groups = []
+            for count in counts.unique().tolist():
+                chosen = counts == count
+                groups.append((count, tokens.index[chosen], blocks[chosen], first[chosen]))
+            tokens.per_step["iapt_slots"] = groups
+        return tokens.per_step["iapt_slots"]

@@ -1,0 +1,249 @@
+"""Each Triton kernel against its torch reference, in Triton's interpreter (see conftest),
+on fresh random inputs of several small shapes, in float32 and bfloat16; and each torch
+reference against a direct statement of what it computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_plugins.adapters.iapt.layer import soft_attention
+from vllm_plugins_kernels import eviction, expert_lora, rescale, soft_kv
+
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
+DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    assert not out.isnan().any()
+    return float((out - ref).norm() / ref.norm())
+
+
+def paged_cache(num_blocks: int, kv_heads: int, block_size: int, head_dim: int, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values as vLLM's CPU backend views one layer's cache (strided, interleaved)."""
+    cache = torch.randn(num_blocks, kv_heads, 2 * block_size, head_dim).to(dtype)
+    return cache.chunk(2, dim=2)
+
+
+def adapted_tokens(tokens: int, requests: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random subset of a step's tokens and the request each belongs to."""
+    index = torch.randperm(tokens)[: max(1, tokens * 2 // 3)].sort().values
+    return index, torch.randint(0, requests, (len(index),))
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens,requests,segments", [(5, 2, ((0, 24), (40, 8))), (17, 5, ((16, 48),)), (1, 1, ((3, 1000), (1100, 30)))])
+def test_rescale_matches_reference(dtype, tokens, requests, segments):
+    columns = max(start + width for start, width in segments) + 7
+    out = torch.randn(tokens, columns).to(dtype)
+    index, rows = adapted_tokens(tokens, requests)
+    scales = torch.rand(requests, sum(w for _, w in segments)).to(dtype) + 0.5
+    ref, got = out.clone(), out.clone()
+    rescale.rescale_columns_torch(ref, index, rows, scales, segments)
+    rescale.rescale_columns_triton(got, index, rows, scales, segments)
+    assert relative_error(got, ref) < TOLERANCE[dtype]
+    untouched = torch.ones(tokens, columns, dtype=torch.bool)
+    for start, width in segments:
+        untouched[index, start : start + width] = False
+    assert torch.equal(got[untouched], out[untouched])
+
+
+def test_rescale_reference_is_per_request_product():
+    out = torch.randn(4, 10)
+    scales = torch.randn(2, 5)
+    ref = out.clone()
+    rescale.rescale_columns_torch(ref, torch.tensor([1, 3]), torch.tensor([1, 0]), scales, ((0, 2), (7, 3)))
+    expected = out.clone()
+    expected[1, [0, 1, 7, 8, 9]] *= scales[1]
+    expected[3, [0, 1, 7, 8, 9]] *= scales[0]
+    assert torch.equal(ref, expected)
+
+
+@DTYPES
+@pytest.mark.parametrize("requests,num_soft,kv_heads,head_dim,block_size", [(3, 4, 2, 32, 16), (1, 4, 4, 64, 8), (5, 3, 1, 48, 12)])
+def test_write_soft_kv_matches_reference(dtype, requests, num_soft, kv_heads, head_dim, block_size):
+    key_cache, value_cache = paged_cache(6, kv_heads, block_size, head_dim, dtype)
+    keys, values = torch.randn(2, requests, num_soft, kv_heads, head_dim).to(dtype)
+    blocks = torch.arange(requests) % 6  # distinct (block, run) per request
+    first = (torch.arange(requests) // 6) * num_soft
+    ref_k, ref_v, got_k, got_v = key_cache.clone(), value_cache.clone(), key_cache.clone(), value_cache.clone()
+    soft_kv.write_soft_kv_torch(ref_k, ref_v, keys, values, blocks, first)
+    soft_kv.write_soft_kv_triton(got_k, got_v, keys, values, blocks, first)
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+    assert torch.equal(ref_k[blocks[0], :, first[0] : first[0] + num_soft], keys[0].transpose(0, 1).to(dtype))
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens,requests,heads,kv_heads,head_dim,num_soft", [(6, 3, 4, 2, 32, 4), (9, 4, 8, 8, 16, 4), (3, 1, 6, 2, 64, 3)])
+def test_soft_attention_matches_reference(dtype, tokens, requests, heads, kv_heads, head_dim, num_soft):
+    block_size = 8
+    key_cache, value_cache = paged_cache(requests + 2, kv_heads, block_size, head_dim, dtype)
+    request_block = torch.randperm(requests + 2)[:requests]
+    request_first = torch.randint(0, block_size - num_soft + 1, (requests,))
+    index, rows = adapted_tokens(tokens, requests)
+    queries = torch.randn(tokens, heads * head_dim).to(dtype)
+    out = torch.randn(tokens, heads * head_dim).to(dtype)
+    args = (queries, index, request_block[rows], request_first[rows], key_cache, value_cache, num_soft, head_dim**-0.5)
+    ref, got = out.clone(), out.clone()
+    soft_kv.soft_attention_paged_torch(ref, *args)
+    soft_kv.soft_attention_paged_triton(got, *args)
+    assert relative_error(got - out.float(), ref - out.float()) < TOLERANCE[dtype]
+    others = torch.ones(tokens, dtype=torch.bool)
+    others[index] = False
+    assert torch.equal(got[others], out[others])
+
+
+def test_soft_attention_reference_reads_the_request_slots():
+    heads, head_dim, num_soft = 2, 16, 4
+    key_cache, value_cache = paged_cache(3, 1, 8, head_dim, torch.float32)
+    q = torch.randn(1, heads * head_dim)
+    out = torch.zeros(1, heads * head_dim)
+    soft_kv.soft_attention_paged_torch(out, q, torch.tensor([0]), torch.tensor([2]), torch.tensor([4]), key_cache, value_cache, num_soft, 0.25)
+    keys, values = key_cache[2, :, 4:8].transpose(0, 1)[None], value_cache[2, :, 4:8].transpose(0, 1)[None]
+    assert torch.allclose(out, soft_attention(q.view(1, 1, heads, head_dim), keys, values, 0.25).reshape(1, -1))
+
+
+@DTYPES
+@pytest.mark.parametrize("tokens,slots,rank,in_features,out_features,start", [(7, 3, 8, 96, 40, 16), (4, 1, 4, 600, 300, 0), (10, 5, 16, 64, 520, 8)])
+def test_expert_lora_matches_reference(dtype, tokens, slots, rank, in_features, out_features, start):
+    out = torch.randn(tokens, start + out_features + 5).to(dtype)
+    x = torch.randn(tokens, in_features).to(dtype)
+    index, _ = adapted_tokens(tokens, 1)
+    token_slots = torch.randint(-1, slots, (len(index),))
+    token_slots[0] = 0  # at least one token with an expert
+    scales = torch.rand(len(index)) + 0.5
+    lora_a = torch.randn(slots, rank, in_features).to(dtype) / in_features**0.5
+    lora_b = torch.randn(slots, out_features, rank).to(dtype)
+    ref, got = out.clone(), out.clone()
+    args = (x, index, token_slots, scales, lora_a, lora_b, start)
+    expert_lora.expert_lora_torch(ref, *args)
+    expert_lora.expert_lora_triton(got, *args)
+    assert relative_error(got.float() - out.float(), ref.float() - out.float()) < TOLERANCE[dtype]
+    untouched = torch.ones_like(out, dtype=torch.bool)
+    untouched[index[token_slots >= 0], start : start + out_features] = False
+    assert torch.equal(got[untouched], out[untouched])
+
+
+def test_expert_lora_reference_is_per_token_lora():
+    x, out = torch.randn(3, 8), torch.zeros(3, 6)
+    lora_a, lora_b = torch.randn(2, 2, 8), torch.randn(2, 4, 2)
+    expert_lora.expert_lora_torch(out, x, torch.tensor([0, 2]), torch.tensor([1, -1]), torch.tensor([0.5, 9.0]), lora_a, lora_b, 1)
+    expected = torch.zeros(3, 6)
+    expected[0, 1:5] = 0.5 * lora_b[1] @ (lora_a[1] @ x[0])
+    assert torch.allclose(out, expected)
+
+
+def random_block_tables(seq_lens: list[int], block_size: int) -> tuple[torch.Tensor, int]:
+    """Each request's blocks, drawn without overlap from a shuffled pool."""
+    needed = [-(-n // block_size) for n in seq_lens]
+    pool = torch.randperm(sum(needed) + 3)
+    table = torch.zeros(len(seq_lens), max(needed), dtype=torch.int32)
+    used = 0
+    for r, count in enumerate(needed):
+        table[r, :count] = pool[used : used + count]
+        used += count
+    return table, len(pool)
+
+
+@DTYPES
+@pytest.mark.parametrize("seq_lens,num_proxy,heads,kv_heads,head_dim,block_size", [([40, 75], 5, 4, 2, 32, 16), ([130], 16, 2, 2, 16, 32), ([20, 9, 64], 3, 6, 3, 64, 8), ([1100, 600], 4, 2, 1, 16, 64)])
+def test_proxy_scores_match_reference(dtype, seq_lens, num_proxy, heads, kv_heads, head_dim, block_size):
+    table, num_blocks = random_block_tables(seq_lens, block_size)
+    key_cache, _ = paged_cache(num_blocks, kv_heads, block_size, head_dim, dtype)
+    queries = torch.randn(len(seq_lens), num_proxy, heads, head_dim).to(dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32)
+    ref = eviction.proxy_attention_scores_torch(queries, key_cache, table, lens, head_dim**-0.5)
+    got = eviction.proxy_attention_scores_triton(queries, key_cache, table, lens, head_dim**-0.5)
+    assert relative_error(got, ref) < TOLERANCE[dtype]
+    # every query's softmax sums to one, so a request's scores sum to P * heads
+    assert torch.allclose(got.sum(dim=(1, 2)), torch.full((len(seq_lens),), float(num_proxy * heads)), rtol=1e-3)
+
+
+def test_proxy_scores_reference_is_causal_attention_column_sum():
+    torch.manual_seed(0)
+    n, num_proxy, heads, head_dim, block_size = 12, 3, 2, 16, 4
+    table, num_blocks = random_block_tables([n], block_size)
+    key_cache, _ = paged_cache(num_blocks, 1, block_size, head_dim, torch.float32)
+    queries = torch.randn(1, num_proxy, heads, head_dim)
+    keys = torch.stack([key_cache[table[0, j // block_size], 0, j % block_size] for j in range(n)])
+    expected = torch.zeros(n)
+    for p in range(num_proxy):
+        for h in range(heads):
+            seen = n - num_proxy + p + 1
+            expected[:seen] += torch.softmax(keys[:seen] @ queries[0, p, h] * 0.5, dim=0)
+    scores = eviction.proxy_attention_scores_torch(queries, key_cache, table, torch.tensor([n]), 0.5)
+    assert torch.allclose(scores[0, 0], expected, atol=1e-6)
+
+
+def random_keep(requests: int, kv_heads: int, seq_len: int, kept: int) -> torch.Tensor:
+    return torch.stack([torch.stack([torch.randperm(seq_len)[:kept].sort().values for _ in range(kv_heads)]) for _ in range(requests)])
+
+
+@DTYPES
+@pytest.mark.parametrize("requests,kv_heads,seq_len,kept,head_dim,block_size", [(2, 2, 50, 10, 32, 16), (1, 4, 200, 150, 16, 8), (3, 1, 33, 33, 64, 32)])
+def test_compaction_matches_reference(dtype, requests, kv_heads, seq_len, kept, head_dim, block_size):
+    table, num_blocks = random_block_tables([seq_len] * requests, block_size)
+    key_cache, value_cache = paged_cache(num_blocks, kv_heads, block_size, head_dim, dtype)
+    keep = random_keep(requests, kv_heads, seq_len, kept)
+    ref_k, ref_v, got_k, got_v = (c.clone() for c in (key_cache, value_cache, key_cache, value_cache))
+    eviction.compact_kept_torch(ref_k, ref_v, table, keep)
+    eviction.compact_kept_triton(got_k, got_v, table, keep)
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+
+
+def test_compaction_reference_moves_kept_tokens_to_leading_slots():
+    block_size, seq_len = 4, 10
+    table, num_blocks = random_block_tables([seq_len], block_size)
+    key_cache, value_cache = paged_cache(num_blocks, 2, block_size, 16, torch.float32)
+
+    def token(cache, head, j):
+        return cache[table[0, j // block_size], head, j % block_size].clone()
+
+    keep = torch.tensor([[[1, 5, 6, 9]], [[0, 2, 3, 8]]]).view(1, 2, 4)
+    before = {(h, j): (token(key_cache, h, j), token(value_cache, h, j)) for h in range(2) for j in range(seq_len)}
+    eviction.compact_kept_torch(key_cache, value_cache, table, keep)
+    for h in range(2):
+        for i, j in enumerate(keep[0, h].tolist()):
+            assert torch.equal(token(key_cache, h, i), before[h, j][0])
+            assert torch.equal(token(value_cache, h, i), before[h, j][1])
+
+
+def test_public_ops_run_the_references_off_cuda(monkeypatch):
+    """On CPU tensors the plugins' ops never launch a Triton kernel."""
+
+    def no_triton(*args, **kwargs):
+        raise AssertionError("a Triton kernel was launched for CPU tensors")
+
+    for module, launcher in [
+        (rescale, "rescale_columns_triton"), (soft_kv, "write_soft_kv_triton"), (soft_kv, "soft_attention_paged_triton"),
+        (expert_lora, "expert_lora_triton"), (eviction, "proxy_attention_scores_triton"), (eviction, "compact_kept_triton"),
+    ]:
+        monkeypatch.setattr(module, launcher, no_triton)
+    out = torch.randn(3, 8)
+    expected = out.clone()
+    expected[1, 2:4] *= 2.0
+    rescale.rescale_columns_(out, torch.tensor([1]), torch.tensor([0]), torch.full((1, 2), 2.0), ((2, 2),))
+    assert torch.equal(out, expected)
+    key_cache, value_cache = paged_cache(2, 1, 8, 16, torch.float32)
+    keys = torch.randn(1, 4, 1, 16)
+    soft_kv.write_soft_kv(key_cache, value_cache, keys, keys, torch.tensor([1]), torch.tensor([4]))
+    assert torch.equal(key_cache[1, 0, 4:8], keys[0, :, 0])
+    out = torch.zeros(1, 16)
+    soft_kv.soft_attention_paged_(out, torch.randn(1, 16), torch.tensor([0]), torch.tensor([1]), torch.tensor([4]), key_cache, value_cache, 4, 0.25)
+    assert out.abs().sum() > 0
+    out = torch.zeros(1, 4)
+    expert_lora.expert_lora_(out, torch.randn(1, 8), torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]), torch.randn(1, 2, 8), torch.randn(1, 4, 2), 0)
+    assert out.abs().sum() > 0
+    table = torch.tensor([[0, 1]])
+    scores = eviction.proxy_attention_scores(torch.randn(1, 2, 1, 16), key_cache, table, torch.tensor([10]), 0.25)
+    assert torch.allclose(scores.sum(), torch.tensor(2.0))
+    eviction.compact_kept_(key_cache, value_cache, table, torch.tensor([[[3, 9]]]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")
+def test_bench_kernels_needs_a_gpu():
+    from vllm_plugins.bench.kernels import run_kernel_bench
+
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        run_kernel_bench()
