@@ -59,6 +59,12 @@ def served_adapter_dir(tiny_llama, tmp_path_factory) -> Path:
     return root
 
 
+SERVER_ARGS = (
+    "--runtime-loading", "--served-model-name", "demo", "--max-model-len", "512",
+    "--enforce-eager", "--dtype", "float32", "--max-num-batched-tokens", "64",
+)
+
+
 @pytest.fixture(scope="session")
 def server(tiny_llama, served_adapter_dir, tmp_path_factory):
     """One real server for the HTTP tests, as vLLM runs by default (prefix caching on)
@@ -66,9 +72,5 @@ def server(tiny_llama, served_adapter_dir, tmp_path_factory):
     from vllm_plugins.serving.process import running_server
 
     log = tmp_path_factory.mktemp("server") / "server.log"
-    args = (
-        "--runtime-loading", "--served-model-name", "demo", "--max-model-len", "512",
-        "--enforce-eager", "--dtype", "float32", "--max-num-batched-tokens", "64",
-    )
-    with running_server(tiny_llama, served_adapter_dir, log, *args) as url:
+    with running_server(tiny_llama, served_adapter_dir, log, *SERVER_ARGS) as url:
         yield url

@@ -76,10 +76,28 @@ def cmd_bench_kernels(args: argparse.Namespace) -> None:
         raise SystemExit("a kernel does not match its reference")
 
 
+def cmd_bench_ray_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
+    import json
+
+    from vllm_plugins.bench.ray_serve import format_report, run_ray_serve_bench
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = run_ray_serve_bench(args.config, _base_path(args), args.adapter_dir, vllm_args, args.out)
+    (args.out / "ray-serve-bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"written: {args.out / 'ray-serve-bench.json'}")
+
+
 def cmd_bench_carry_vllm_lora_ops(args: argparse.Namespace) -> None:
     from vllm_plugins.bench.vllm_lora import carry_vllm_lora_ops
 
     print(carry_vllm_lora_ops(args.dest))
+
+
+def cmd_loadtest(args: argparse.Namespace) -> None:
+    from vllm_plugins.loadtest.runner import run_loadtest
+
+    print(f"report: {run_loadtest(args.config, args.host, args.out)}")
 
 
 def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
@@ -127,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-dir", required=True, help="directory of adapter directories (one per tenant)")
     p.add_argument("--max-active", type=int, default=16, help="adapters a worker holds at once")
     p.add_argument("--runtime-loading", action="store_true", help="enable /v1/load_prompt_adapter")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, passes_vllm_args=True)
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="benchmark", required=True)
@@ -142,11 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check", action="store_true", help="skip comparing each kernel with its torch reference")
     p.set_defaults(func=cmd_bench_kernels)
     p = bench.add_parser(
+        "ray-serve",
+        help="the same load test against a plain server and through Ray Serve (one replica); unknown arguments go to vllm serve",
+    )
+    p.add_argument("--config", required=True, type=Path, help="load-test TOML (see configs/loadtest-demo.toml)")
+    p.add_argument("--adapter-dir", required=True, type=Path, help="directory of adapter directories")
+    p.add_argument("--out", required=True, type=Path, help="folder for the runs and ray-serve-bench.json")
+    _add_base_args(p)
+    p.set_defaults(func=cmd_bench_ray_serve, passes_vllm_args=True)
+    p = bench.add_parser(
         "carry-vllm-lora-ops",
         help="copy vLLM's LoRA Triton kernels (plus shims) to time them where vLLM is not installed",
     )
     p.add_argument("--dest", type=Path, default=Path(".vllm_lora_ops"), help="where to write (ignored by git)")
     p.set_defaults(func=cmd_bench_carry_vllm_lora_ops)
+
+    p = sub.add_parser("loadtest", help="Locust, headless: every method's tenants against one server, with a report")
+    p.add_argument("--config", required=True, type=Path, help="load-test TOML (see configs/loadtest-demo.toml)")
+    p.add_argument("--host", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--out", required=True, type=Path, help="folder for requests.csv, summary.json and report.html")
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("demo", help="the main job: model, adapters, vLLM, report")
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS))
@@ -157,10 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if args.command != "serve" and rest:
+    passes_vllm_args = getattr(args, "passes_vllm_args", False)  # unknown arguments go to vllm serve
+    if not passes_vllm_args and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        if args.command == "serve":
+        if passes_vllm_args:
             args.func(args, rest)
         else:
             args.func(args)

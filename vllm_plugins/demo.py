@@ -7,7 +7,9 @@
 4. serve them all from one ``vllm-plugins serve`` (vLLM's OpenAI server) and send real
    mixed traffic over HTTP: every tenant's held-out prompts and plain base-model prompts,
    all in flight together;
-5. report per tenant: accuracy through the server, agreement with the reference, latency.
+5. report per tenant: accuracy through the server, agreement with the reference, latency;
+6. end with a short Locust load test of every method's tenants against the same server
+   (``configs/loadtest-demo.toml``) and its HTML report.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from vllm_plugins import paths
 from vllm_plugins.adapters.common.lm import PlainLM
 from vllm_plugins.adapters.storage import load_adapter
 from vllm_plugins.demo_model import build_demo_model
+from vllm_plugins.loadtest.report import HEADLINE, headline_rows
+from vllm_plugins.loadtest.runner import DEMO_CONFIG, run_loadtest
 from vllm_plugins.progress import log
 from vllm_plugins.serving.process import request_json, running_server
 from vllm_plugins.tasks import OPS, load_task
@@ -118,7 +122,8 @@ def _send(url: str, request: Request) -> Served:
     return Served(request, reply["choices"][0]["text"].strip(), time.monotonic() - started)
 
 
-def _serve_traffic(model_path: Path, adapter_dir: Path, requests: list[Request], log_file: Path) -> dict:
+def _serve_traffic(model_path: Path, adapter_dir: Path, requests: list[Request], out: Path) -> dict:
+    log_file = out / "server.log"
     args = ("--served-model-name", BASE_NAME, "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048")
     log("demo", f"starting vllm-plugins serve with {len(TENANTS)} tenants' adapters (log: {log_file})")
     with running_server(model_path, adapter_dir, log_file, *args) as url:
@@ -129,7 +134,10 @@ def _serve_traffic(model_path: Path, adapter_dir: Path, requests: list[Request],
         with ThreadPoolExecutor(CLIENTS) as pool:
             served = list(pool.map(lambda r: _send(url, r), traffic))
         seconds = time.monotonic() - started
+        log("demo", f"load test: {DEMO_CONFIG.name}")
+        page = run_loadtest(DEMO_CONFIG, url, out / "loadtest", title="vllm-plugins demo: load test of every method")
     return {
+        "loadtest": {"report": str(page), "summary": json.loads((page.parent / "summary.json").read_text())},
         "url": url,
         "models": [{"id": m["id"], "method": m.get("method", "stock LoRA" if m.get("parent") else "base")} for m in models["data"]],
         "seconds": round(seconds, 1),
@@ -156,7 +164,7 @@ def run_demo(preset: str = "demo") -> Path:
     shutil.rmtree(adapter_dir, ignore_errors=True)
     adapter_dir.mkdir(parents=True)
     rows, requests = _train_and_score(model_path, adapter_dir)
-    traffic = _serve_traffic(model_path, adapter_dir, requests, out / "server.log")
+    traffic = _serve_traffic(model_path, adapter_dir, requests, out)
     for row in rows:
         row.update(_per_model(traffic["served"], row["tenant"]))
     report = {
@@ -164,12 +172,14 @@ def run_demo(preset: str = "demo") -> Path:
         "server": {"models": traffic["models"], "requests": len(requests), "clients": CLIENTS, "seconds": traffic["seconds"]},
         "base": _per_model(traffic["served"], BASE_NAME),
         "tenants": rows,
+        "loadtest": traffic["loadtest"],
         "seconds": round(time.monotonic() - started, 1),
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(format_report(report))
     print(format_report(report))
     print(f"report: {out / 'report.md'}")
+    print(f"load-test report: {report['loadtest']['report']}")
     return out / "report.md"
 
 
@@ -204,6 +214,17 @@ def format_report(report: dict) -> str:
         f"Base model (`{BASE_NAME}`, instructed prompts): served EM {base['served_exact_match']:.2f}, "
         f"{base['served_equals_reference']}/{base['served']} identical to transformers, "
         f"mean latency {base['mean_latency_ms']:.0f} ms.",
+        "",
+        "## Load test",
+        "",
+        f"Locust, {report['loadtest']['summary']['requests']} streamed requests from every method's tenants "
+        f"against the same server (`configs/loadtest-demo.toml`); TPOT is the mean inter-token latency.",
+        "",
+        "| " + " | ".join(HEADLINE) + " |",
+        "|" + "---|" * len(HEADLINE),
+        *("| " + " | ".join(row) + " |" for row in headline_rows(report["loadtest"]["summary"])),
+        "",
+        f"Load-test report: {report['loadtest']['report']}",
         "",
         f"Total time: {report['seconds']}s",
     ]

@@ -38,33 +38,70 @@ def request_json(url: str, body: dict | bytes | None = None, method: str | None 
         return err.code, json.loads(err.read())
 
 
-@contextlib.contextmanager
-def running_server(model: Path, adapter_dir: Path, log: Path, *vllm_args: str) -> Iterator[str]:
-    """``vllm-plugins serve MODEL --adapter-dir DIR`` on 127.0.0.1; yields its base URL
-    once ``/health`` answers, and stops the server (and its engine processes) after."""
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "vllm_plugins.cli", "serve", str(model), "--adapter-dir", str(adapter_dir),
-        "--host", "127.0.0.1", "--port", str(port), *vllm_args,
-    ]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGTERM when the parent dies (Linux), so a server
+    never outlives a killed owner such as a Ray Serve replica."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ServerProcess:
+    """``vllm-plugins serve MODEL --adapter-dir DIR`` on 127.0.0.1, in its own process
+    group; :meth:`start` returns once ``/health`` answers."""
+
+    def __init__(self, proc: subprocess.Popen, url: str, log: Path):
+        self.proc, self.url, self.log = proc, url, log
+
+    @classmethod
+    def start(cls, model: Path, adapter_dir: Path, log: Path, *vllm_args: str) -> ServerProcess:
+        port = free_port()
+        cmd = [
+            sys.executable, "-m", "vllm_plugins.cli", "serve", str(model), "--adapter-dir", str(adapter_dir),
+            "--host", "127.0.0.1", "--port", str(port), *vllm_args,
+        ]
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ}
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                    preexec_fn=_die_with_parent)
+        server = cls(proc, f"http://127.0.0.1:{port}", log)
+        try:
+            server._wait_until_healthy()
+        except BaseException:
+            server.stop()
+            raise
+        return server
+
+    def _wait_until_healthy(self) -> None:
         deadline = time.monotonic() + STARTUP_SECONDS
         while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not start in {STARTUP_SECONDS}s:\n{log.read_text()[-3000:]}")
+                raise RuntimeError(f"server did not start in {STARTUP_SECONDS}s:\n{self.log.read_text()[-3000:]}")
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2):
+                    return
             except OSError:
                 time.sleep(1)
-        yield url
-    finally:
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Stop the server and its engine processes."""
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, 15)
-        proc.wait(timeout=60)
+            os.killpg(self.proc.pid, 15)
+        self.proc.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def running_server(model: Path, adapter_dir: Path, log: Path, *vllm_args: str) -> Iterator[str]:
+    """A :class:`ServerProcess` for the ``with`` block; yields its base URL."""
+    server = ServerProcess.start(model, adapter_dir, log, *vllm_args)
+    try:
+        yield server.url
+    finally:
+        server.stop()

@@ -1,0 +1,106 @@
+"""The multi-tenant load test: its spec and report logic, and a bounded Locust run against
+a real server with tenants of every served method."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+
+import pytest
+from conftest import SERVED_ADAPTERS
+
+from vllm_plugins.loadtest.report import read_records, summarize
+from vllm_plugins.loadtest.spec import LengthDistribution, LoadTestSpec, Slo, Tenant, load_spec, zipf_weights
+
+
+def test_zipf_weights_follow_the_law():
+    weights = zipf_weights(4, 1.0)
+    assert sum(weights) == pytest.approx(1.0)
+    assert weights[0] / weights[1] == pytest.approx(2.0) and weights[0] / weights[3] == pytest.approx(4.0)
+
+
+def test_zipf_popularity_of_sampled_tenants():
+    rng = random.Random(0)
+    counts = Counter(rng.choices(range(3), zipf_weights(3, 1.1), k=20000))
+    assert counts[0] > counts[1] > counts[2]
+    assert counts[0] / 20000 == pytest.approx(zipf_weights(3, 1.1)[0], abs=0.02)
+
+
+@pytest.mark.parametrize("kind", ["lognormal", "uniform", "fixed"])
+def test_lengths_stay_in_bounds(kind):
+    dist = LengthDistribution(kind=kind, median=20, sigma=1.5, low=5, high=40)
+    values = [dist.sample(random.Random(i)) for i in range(500)]
+    assert min(values) >= 5 and max(values) <= 40
+    if kind == "fixed":
+        assert set(values) == {20}
+    else:
+        assert len(set(values)) > 10
+
+
+def test_bad_specs_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        LoadTestSpec(tenants=(Tenant("a", "prefix-tuning", "a"),), prompt=LengthDistribution(), output=LengthDistribution(), slo=Slo(1, 1))
+    with pytest.raises(ValueError, match="unknown length distribution"):
+        LengthDistribution(kind="pareto")
+    config = tmp_path / "bad.toml"
+    config.write_text('[slo]\nttft_ms = 1\ntpot_ms = 1\n')
+    with pytest.raises(ValueError, match="malformed"):
+        load_spec(config)
+
+
+def _row(method, tenant, ttft, itl, status=200, start=0.0, tokens=10):
+    return {"start_s": start, "method": method, "tenant": tenant, "model": tenant, "status": status, "error": "" if status == 200 else "boom",
+            "ttft_ms": ttft if status == 200 else None, "itl_ms": itl if status == 200 else None,
+            "e2e_ms": ttft + itl * (tokens - 1) if status == 200 else None, "prompt_tokens": 5, "output_tokens": tokens, "requested_tokens": tokens}
+
+
+def test_summary_percentiles_goodput_and_ratios():
+    spec = LoadTestSpec(tenants=(Tenant("b", "base", "m"), Tenant("t", "para", "t")), prompt=LengthDistribution(),
+                        output=LengthDistribution(), slo=Slo(ttft_ms=100, tpot_ms=10))
+    rows = [_row("base", "b", 50, 5, start=i) for i in range(4)] + [_row("para", "t", 100 + 100 * i, 5, start=i) for i in range(4)]
+    rows.append(_row("para", "t", 0, 0, status=500, start=1))
+    summary = summarize(rows, spec)
+    para = summary["by_method"]["para"]
+    assert para["requests"] == 5 and para["failed"] == 1
+    assert para["ttft_ms_p50"] == pytest.approx(250.0)
+    assert para["ttft_ms_p50_over_base"] == pytest.approx(5.0)
+    assert para["slo_attainment"] == pytest.approx(1 / 5)  # only the 100 ms request meets the SLO
+    assert summary["by_method"]["base"]["slo_attainment"] == 1.0
+    assert summary["failures"] == {"500 boom": 1}
+    assert summary["by_tenant"]["t"]["method"] == "para"
+
+
+def test_load_test_against_a_real_server(server, tmp_path):
+    from vllm_plugins.loadtest.runner import run_loadtest
+
+    tenants = [("base", "base", "demo")] + [(name, method, name) for name, (method, _) in SERVED_ADAPTERS.items()]
+    lines = [
+        "[load]", "users = 6", "spawn_rate = 6", "max_requests = 30", "run_time_s = 120", "request_timeout_s = 60", "seed = 1",
+        "[slo]", "ttft_ms = 60000", "tpot_ms = 60000",
+        "[prompt_tokens]", 'kind = "uniform"', "low = 8", "high = 24",
+        "[output_tokens]", 'kind = "uniform"', "low = 3", "high = 8",
+    ]
+    for name, method, model in tenants:
+        lines += ["[[tenant]]", f'name = "{name}"', f'method = "{method}"', f'model = "{model}"']
+    config = tmp_path / "loadtest.toml"
+    config.write_text("\n".join(lines) + "\n")
+
+    page = run_loadtest(config, server, tmp_path / "run")
+
+    rows = read_records(tmp_path / "run" / "requests.csv")
+    assert len(rows) == 30
+    assert {r["method"] for r in rows} == {"base", "lora", "iapt", "para", "milora"}
+    assert all(r["status"] == 200 and not r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
+    for r in rows:
+        assert (r["tenant"], r["method"]) in {(n, m) for n, m, _ in tenants}
+        assert r["output_tokens"] == r["requested_tokens"]
+        assert 0 < r["ttft_ms"] <= r["e2e_ms"]
+        assert r["itl_ms"] > 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["by_method"]) == {"base", "lora", "iapt", "para", "milora"}
+    assert summary["by_method"]["base"]["ttft_ms_p50_over_base"] == pytest.approx(1.0)
+    text = page.read_text()
+    assert text.count("<img ") == 5 and "data:image/png;base64," in text
+    for method in summary["by_method"]:
+        assert f"<td>{method}</td>" in text

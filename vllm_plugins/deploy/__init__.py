@@ -1,0 +1,1 @@
+"""Deploying the plugins' server: Ray Serve (:mod:`.ray_serve`)."""

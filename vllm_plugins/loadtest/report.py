@@ -1,0 +1,220 @@
+"""The load test's report: percentiles per method and per tenant, throughput over time,
+failures and goodput against the SLOs, as JSON and as one self-contained HTML page."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+from vllm_plugins.bench.latency import percentile
+from vllm_plugins.loadtest.spec import METHODS, LoadTestSpec
+
+QUANTILES = (50, 90, 99)
+METRICS = {"ttft_ms": "TTFT", "itl_ms": "inter-token latency", "e2e_ms": "end-to-end latency"}
+NUMERIC = ("start_s", "ttft_ms", "itl_ms", "e2e_ms", "prompt_tokens", "output_tokens", "requested_tokens")
+
+
+def read_records(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row["status"] = int(row["status"])
+        for key in NUMERIC:
+            row[key] = float(row[key]) if row[key] not in ("", None) else None
+    return rows
+
+
+def succeeded(row: dict) -> bool:
+    return row["status"] == 200 and not row["error"] and row["ttft_ms"] is not None
+
+
+def meets_slo(row: dict, spec: LoadTestSpec) -> bool:
+    itl = row["itl_ms"] if row["itl_ms"] is not None else 0.0
+    return succeeded(row) and row["ttft_ms"] <= spec.slo.ttft_ms and itl <= spec.slo.tpot_ms
+
+
+def _group(rows: list[dict], spec: LoadTestSpec, seconds: float) -> dict:
+    ok = [r for r in rows if succeeded(r)]
+    stats: dict = {"requests": len(rows), "failed": len(rows) - len(ok)}
+    for key in METRICS:
+        values = [r[key] for r in ok if r[key] is not None]
+        for q in QUANTILES:
+            stats[f"{key}_p{q}"] = percentile(values, q) if values else None
+    stats["output_tokens_per_s"] = sum(r["output_tokens"] for r in ok) / seconds
+    good = sum(meets_slo(r, spec) for r in rows)
+    stats["goodput_per_s"] = good / seconds
+    stats["slo_attainment"] = good / len(rows) if rows else None
+    return stats
+
+
+def summarize(rows: list[dict], spec: LoadTestSpec) -> dict:
+    """Figures per method and per tenant over the run's wall time."""
+    if not rows:
+        raise ValueError("the load test recorded no requests")
+    begin = min(r["start_s"] for r in rows)
+    end = max(r["start_s"] + (r["e2e_ms"] or 0.0) / 1e3 for r in rows)
+    seconds = max(end - begin, 1e-9)
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    by_method = {m: _group([r for r in rows if r["method"] == m], spec, seconds) for m in methods}
+    base = by_method.get("base")
+    for stats in by_method.values():
+        for key in ("ttft_ms", "itl_ms"):
+            for q in (50, 99):
+                ours, theirs = stats[f"{key}_p{q}"], base and base[f"{key}_p{q}"]
+                stats[f"{key}_p{q}_over_base"] = ours / theirs if ours is not None and theirs else None
+    tenants = sorted({(r["method"], r["tenant"]) for r in rows}, key=lambda mt: (METHODS.index(mt[0]), mt[1]))
+    by_tenant = {t: {"method": m, **_group([r for r in rows if r["tenant"] == t], spec, seconds)} for m, t in tenants}
+    failures = Counter(f"{r['status']} {r['error'][:80]}".strip() for r in rows if not succeeded(r))
+    return {
+        "seconds": seconds, "requests": len(rows), "failed": sum(not succeeded(r) for r in rows),
+        "slo": {"ttft_ms": spec.slo.ttft_ms, "tpot_ms": spec.slo.tpot_ms},
+        "by_method": by_method, "by_tenant": by_tenant, "failures": dict(failures.most_common()),
+    }
+
+
+def _figure_png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _plots(rows: list[dict], summary: dict) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    plots = {}
+    methods = list(summary["by_method"])
+    for key, label in METRICS.items():
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        width = 0.8 / len(QUANTILES)
+        for i, q in enumerate(QUANTILES):
+            values = [summary["by_method"][m][f"{key}_p{q}"] or 0.0 for m in methods]
+            ax.bar([x + i * width for x in range(len(methods))], values, width, label=f"p{q}")
+        ax.set_xticks([x + width for x in range(len(methods))], methods)
+        ax.set_ylabel("ms")
+        ax.set_title(f"{label} per method")
+        ax.legend()
+        plots[f"{label} per method"] = _figure_png(fig)
+        plt.close(fig)
+
+    begin = min(r["start_s"] for r in rows)
+    horizon = summary["seconds"]
+    bucket = max(1.0, horizon / 60)
+    count = int(horizon // bucket) + 1
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for m in methods:
+        tokens = [0.0] * count
+        for r in rows:
+            if r["method"] == m and succeeded(r):
+                tokens[min(count - 1, int((r["start_s"] - begin + r["e2e_ms"] / 1e3) // bucket))] += r["output_tokens"]
+        ax.plot([i * bucket for i in range(count)], [t / bucket for t in tokens], label=m)
+    failed_at = [r["start_s"] - begin + (r["e2e_ms"] or 0.0) / 1e3 for r in rows if not succeeded(r)]
+    for i, t in enumerate(failed_at):
+        ax.axvline(t, color="red", alpha=0.4, linewidth=1, label="a request failed" if i == 0 else None)
+    ax.set_xlabel("seconds into the run")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("Throughput over time (by completion time) and failures")
+    ax.legend()
+    plots["Throughput over time and failures"] = _figure_png(fig)
+    plt.close(fig)
+
+    tenants = list(summary["by_tenant"])
+    fig, ax = plt.subplots(figsize=(max(7, 0.45 * len(tenants)), 3.4))
+    for i, q in enumerate((50, 99)):
+        values = [summary["by_tenant"][t][f"ttft_ms_p{q}"] or 0.0 for t in tenants]
+        ax.bar([x + i * 0.4 for x in range(len(tenants))], values, 0.4, label=f"p{q}")
+    ax.set_xticks([x + 0.2 for x in range(len(tenants))], tenants, rotation=45, ha="right")
+    ax.set_ylabel("ms")
+    ax.set_title("TTFT per tenant")
+    ax.legend()
+    plots["TTFT per tenant"] = _figure_png(fig)
+    plt.close(fig)
+    return plots
+
+
+def _ms(value) -> str:
+    return "" if value is None else f"{value:.1f}"
+
+
+def _ratio(value) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def headline_rows(summary: dict) -> list[list[str]]:
+    """Per method: TTFT and TPOT p50/p99 and their ratios to the base model."""
+    return [
+        [m, str(s["requests"]), str(s["failed"]), _ms(s["ttft_ms_p50"]), _ms(s["ttft_ms_p99"]), _ms(s["itl_ms_p50"]),
+         _ms(s["itl_ms_p99"]), _ratio(s["ttft_ms_p50_over_base"]), _ratio(s["ttft_ms_p99_over_base"]),
+         _ratio(s["itl_ms_p50_over_base"]), _ratio(s["itl_ms_p99_over_base"])]
+        for m, s in summary["by_method"].items()
+    ]
+
+
+HEADLINE = ["method", "requests", "failed", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms",
+            "TTFT p50 / base", "TTFT p99 / base", "TPOT p50 / base", "TPOT p99 / base"]
+
+
+def render_html(rows: list[dict], summary: dict, spec: LoadTestSpec, title: str) -> str:
+    detail = ["requests", "failed"] + [f"{METRICS[k]} p{q} ms" for k in METRICS for q in QUANTILES] + ["output tok/s", "goodput req/s", "within SLO"]
+
+    def detail_row(name: str, s: dict) -> list[str]:
+        return ([name, str(s["requests"]), str(s["failed"])] + [_ms(s[f"{k}_p{q}"]) for k in METRICS for q in QUANTILES]
+                + [f"{s['output_tokens_per_s']:.1f}", f"{s['goodput_per_s']:.2f}", f"{s['slo_attainment']:.0%}"])
+
+    plots = "".join(
+        f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{png}'><figcaption>{html.escape(name)}</figcaption></figure>"
+        for name, png in _plots(rows, summary).items()
+    )
+    failures = _table(["status and error", "requests"], [[k, str(v)] for k, v in summary["failures"].items()]) if summary["failures"] else "<p>No failed requests.</p>"
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.8em 0 1.6em; font-size: 0.9em; display: block; overflow-x: auto; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+th {{ background: #f3f3f3; }}
+figure {{ display: inline-block; margin: 0.5em 1em 1em 0; }}
+figcaption {{ font-size: 0.85em; color: #555; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{summary['requests']} requests in {summary['seconds']:.1f} s from {spec.users} concurrent users, {summary['failed']} failed.
+TPOT is a request's mean inter-token latency.
+SLO: TTFT at most {spec.slo.ttft_ms:g} ms and TPOT at most {spec.slo.tpot_ms:g} ms.
+Tenants per method follow a Zipf law (exponent {spec.zipf_exponent:g}); prompts of {spec.prompt.kind} length
+(median {spec.prompt.median:g}, {spec.prompt.low}&ndash;{spec.prompt.high} words), outputs of {spec.output.kind} length
+(median {spec.output.median:g}, {spec.output.low}&ndash;{spec.output.high} tokens).</p>
+<h2>Per method</h2>
+{_table(HEADLINE, headline_rows(summary))}
+{_table(["method"] + detail, [detail_row(m, s) for m, s in summary["by_method"].items()])}
+<h2>Plots</h2>
+{plots}
+<h2>Per tenant</h2>
+{_table(["tenant", "method"] + detail, [[t, s["method"]] + detail_row(t, s)[1:] for t, s in summary["by_tenant"].items()])}
+<h2>Failures</h2>
+{failures}
+<p>Raw data: requests.csv (one row per request) beside this page.</p>
+</body></html>
+"""
+
+
+def write_report(records: Path, spec: LoadTestSpec, out: Path, title: str) -> Path:
+    rows = read_records(records)
+    summary = summarize(rows, spec)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    page = out / "report.html"
+    page.write_text(render_html(rows, summary, spec, title))
+    return page
