@@ -37,6 +37,7 @@ from ray.serve.handle import DeploymentHandle
 from vllm_plugins.serving.process import ServerProcess
 
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions")
+ROUTER_MAX_ONGOING = 4096
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,9 @@ def build_app(config: RayServeConfig):
         health_check_timeout_s=30,
         **scaling,
     )
-    router = serve.deployment(OpenAIRouter, name="OpenAIRouter", ray_actor_options={"num_cpus": 0})
+    # The router only relays, so it never queues: Serve's default (5 requests in flight per
+    # replica) would hold clients back in front of idle servers. Back-pressure is at the servers.
+    router = serve.deployment(OpenAIRouter, name="OpenAIRouter", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=ROUTER_MAX_ONGOING)
     return router.bind(replica.bind(config))
 
 
