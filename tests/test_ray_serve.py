@@ -49,7 +49,8 @@ def ray_service(ray_cluster, tiny_llama, served_adapter_dir):
     port = free_port()
     # One HTTP proxy: both nodes are this machine, so a proxy per node would share a port.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    config = RayServeConfig(model=str(tiny_llama), adapter_dir=str(served_adapter_dir), serve_args=list(SERVER_ARGS), num_replicas=2)
+    config = RayServeConfig(model=str(tiny_llama), adapter_dir=str(served_adapter_dir), serve_args=list(SERVER_ARGS), num_replicas=2,
+                            max_replicas_per_node=1)
     serve.run(build_app(config), name="vllm-plugins", route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import string
 import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from vllm_plugins import paths as plugin_paths
 from vllm_plugins.serving.process import ServerProcess
 
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions")
@@ -52,15 +54,20 @@ class RayServeConfig:
     max_adapters_per_replica: int = 16  # adapters a replica is preferred for (multiplexing LRU)
     max_ongoing_requests: int = 64
     num_cpus_per_replica: float = 1
-    max_replicas_per_node: int | None = 1
+    max_replicas_per_node: int | None = None  # 1: at most one replica per node
 
     @classmethod
     def from_args(cls, args: dict) -> RayServeConfig:
-        """From a config file's ``args``; ``~`` and ``$VARS`` in paths are expanded."""
+        """From a config file's ``args``. In paths, ``~`` and ``${VARS}`` are expanded, and
+        ``${VLLM_PLUGINS_HOME}`` defaults to the project's cache (``~/.cache/vllm-plugins``)."""
         unknown = sorted(set(args) - set(cls.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown Ray Serve application args: {unknown}")
-        paths = {k: os.path.expandvars(os.path.expanduser(args[k])) for k in ("model", "adapter_dir") if k in args}
+        variables = {"VLLM_PLUGINS_HOME": str(plugin_paths.home()), **os.environ}
+        paths = {
+            k: os.path.expanduser(string.Template(args[k]).safe_substitute(variables))
+            for k in ("model", "adapter_dir") if k in args
+        }
         if paths.get("model", "").startswith("demo:"):
             from vllm_plugins.demo_model import PRESETS, demo_model_path
 
