@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,16 +27,29 @@ PROMPTS = ("c a b = reverse", "x y z w = upper", "d e f g h = count")
 MAX_TOKENS = 8
 
 
+def _ray(*args: str) -> None:
+    done = subprocess.run([RAY, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"ray {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(tmp_path_factory):
+    """A head and a second node; token authentication with a token of the cluster's own,
+    so that a token a local ray.init() left in ~/.ray does not get in the way."""
+    token = tmp_path_factory.mktemp("ray") / "auth_token"
+    token.write_text(secrets.token_hex(32))
     port = free_port()
     common = ["--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    subprocess.run([RAY, "start", "--head", "--port", str(port), "--include-dashboard", "false", *common], check=True, capture_output=True)
-    try:
-        subprocess.run([RAY, "start", "--address", f"127.0.0.1:{port}", *common], check=True, capture_output=True)
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "token")
+        env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+        try:
+            _ray("start", "--head", "--port", str(port), "--include-dashboard", "false", *common)
+            _ray("start", "--address", f"127.0.0.1:{port}", *common)
+            yield f"127.0.0.1:{port}"
+        finally:
+            subprocess.run([RAY, "stop", "--force"], capture_output=True)
 
 
 @pytest.fixture(scope="module")
