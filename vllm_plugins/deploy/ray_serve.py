@@ -49,8 +49,8 @@ class RayServeConfig:
     model: str  # a model directory, or "demo:<preset>" for the embedded demo model (built by `make demo`)
     adapter_dir: str
     serve_args: list[str] = field(default_factory=list)  # more `vllm-plugins serve` / `vllm serve` flags
-    num_replicas: int | str = 2  # or "auto" with `autoscaling`
-    autoscaling: dict | None = None  # Ray Serve's autoscaling_config
+    num_replicas: int = 2  # a fixed count, unless `autoscaling` is given
+    autoscaling: dict | None = None  # Ray Serve's autoscaling_config, replacing num_replicas
     max_adapters_per_replica: int = 16  # adapters a replica is preferred for (multiplexing LRU)
     max_ongoing_requests: int = 64
     num_cpus_per_replica: float = 1
