@@ -33,6 +33,12 @@ def test_train_refuses_an_unknown_method(tmp_path):
     assert "invalid choice: 'prefix-magic'" in result.stderr
 
 
+def test_bench_adapters_refuses_a_request_count_below_one(tmp_path):
+    result = _cli("bench", "adapters", "--json", str(tmp_path / "b.json"), "--requests", "0")
+    assert result.returncode == 2
+    assert "--requests: must be at least 1, got 0" in result.stderr
+
+
 def test_bench_adapters_writes_figures_and_ratios(plugins_home, tmp_path):
     """The benchmark's machinery on a tiny random model: base plus one prompt-aware and
     one stock-LoRA method, each through its own engine (figures are not judged here)."""

@@ -20,6 +20,13 @@ def _base_path(args: argparse.Namespace) -> Path:
     return build_demo_model(args.preset)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model directory (default: the demo model)")
     p.add_argument("--preset", default="demo", help="demo model preset when --base is not given")
@@ -57,7 +64,7 @@ def cmd_bench_adapters(args: argparse.Namespace) -> None:
     from vllm_plugins.bench.adapters import PRESETS, format_table, run_adapter_bench, write_report
 
     bench = PRESETS[args.preset]
-    if args.requests:
+    if args.requests is not None:
         bench = dataclasses.replace(bench, requests=args.requests)
     report = run_adapter_bench(bench, tuple(args.methods))
     write_report(report, args.json)
@@ -153,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="model and load size")
     p.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=BENCH_METHODS)
-    p.add_argument("--requests", type=int, help="timed requests per method (default: the preset's, 64)")
+    p.add_argument("--requests", type=_positive_int, help="timed requests per method (default: the preset's, 64)")
     p.set_defaults(func=cmd_bench_adapters)
     p = bench.add_parser("kernels", help="the Triton kernels at serving shapes on a GPU, beside vLLM's LoRA kernels")
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
