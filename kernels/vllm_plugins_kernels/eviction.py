@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_plugins_kernels.paged import check_paged_cache
+
 
 def _gather_tokens(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
     """One request's first ``length`` tokens, (length, kv_heads, head_dim)."""
@@ -228,8 +230,9 @@ def _compact_kernel(
 
 
 def compact_kept_triton(key_cache, value_cache, block_table, keep) -> None:
-    if key_cache.stride() != value_cache.stride() or key_cache.stride(3) != 1 or keep.stride(2) != 1:
-        raise ValueError("key and value caches need the same strides and a contiguous head_dim")
+    check_paged_cache(key_cache, value_cache)
+    if keep.stride(2) != 1:
+        raise ValueError("keep needs contiguous rows")
     requests, kv_heads, num_kept = keep.shape
     if requests == 0 or num_kept == 0:
         return

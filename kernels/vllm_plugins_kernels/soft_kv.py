@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from vllm_plugins.adapters.iapt.layer import soft_attention
+from vllm_plugins_kernels.paged import check_paged_cache
 
 
 def _soft_slots(first: torch.Tensor, num_soft: int) -> torch.Tensor:
@@ -50,7 +51,7 @@ def _write_soft_kv_kernel(
 
 
 def write_soft_kv_triton(key_cache, value_cache, keys, values, blocks, first) -> None:
-    _check_cache(key_cache, value_cache)
+    check_paged_cache(key_cache, value_cache)
     keys, values = keys.contiguous(), values.contiguous()
     requests, num_soft, kv_heads, head_dim = keys.shape
     if requests == 0:
@@ -119,7 +120,7 @@ def _soft_attention_kernel(
 
 
 def soft_attention_paged_triton(out, queries, index, blocks, first, key_cache, value_cache, num_soft, scale) -> None:
-    _check_cache(key_cache, value_cache)
+    check_paged_cache(key_cache, value_cache)
     if out.stride(1) != 1 or queries.stride(1) != 1:
         raise ValueError("out and queries need contiguous rows")
     if index.numel() == 0:
@@ -145,8 +146,3 @@ def soft_attention_paged_(out, queries, index, blocks, first, key_cache, value_c
     """
     impl = soft_attention_paged_triton if out.is_cuda else soft_attention_paged_torch
     impl(out, queries, index, blocks, first, key_cache, value_cache, num_soft, scale)
-
-
-def _check_cache(key_cache: torch.Tensor, value_cache: torch.Tensor) -> None:
-    if key_cache.stride() != value_cache.stride() or key_cache.stride(3) != 1:
-        raise ValueError("key and value caches need the same strides and contiguous head_dim")
