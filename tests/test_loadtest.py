@@ -47,6 +47,8 @@ def test_bad_specs_are_refused(tmp_path):
     config.write_text('[slo]\nttft_ms = 1\ntpot_ms = 1\n')
     with pytest.raises(ValueError, match="malformed"):
         load_spec(config)
+    with pytest.raises(ValueError, match="cannot read load-test config"):
+        load_spec(tmp_path / "missing.toml")
 
 
 def _row(method, tenant, ttft, itl, status=200, start=0.0, tokens=10):

@@ -126,7 +126,10 @@ def load_spec(path: Path) -> LoadTestSpec:
     """A load test from TOML: ``[load]`` (users, rates, bounds, seed), ``[slo]``,
     ``[prompt_tokens]``, ``[output_tokens]``, ``[method_weights]`` and one ``[[tenant]]``
     table per tenant (name, method, model)."""
-    raw = tomllib.loads(Path(path).read_text())
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read load-test config {path}: {err.strerror}") from err
     try:
         return LoadTestSpec(
             tenants=tuple(Tenant(**t) for t in raw["tenant"]),
