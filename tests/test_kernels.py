@@ -176,23 +176,24 @@ def test_proxy_scores_reference_is_causal_attention_column_sum():
     assert torch.allclose(scores[0, 0], expected, atol=1e-6)
 
 
-def random_keep(requests: int, kv_heads: int, seq_len: int, kept: int) -> torch.Tensor:
-    return torch.stack([torch.stack([torch.randperm(seq_len)[:kept].sort().values for _ in range(kv_heads)]) for _ in range(requests)])
+def random_keep(seq_lens: list[int], kv_heads: int, kept: int) -> torch.Tensor:
+    return torch.stack([torch.stack([torch.randperm(n)[:kept].sort().values for _ in range(kv_heads)]) for n in seq_lens])
 
 
 @DTYPES
-@pytest.mark.parametrize("requests,kv_heads,seq_len,kept,head_dim,block_size", [(2, 2, 50, 10, 32, 16), (1, 4, 200, 150, 16, 8), (3, 1, 33, 33, 64, 32)])
+@pytest.mark.parametrize("requests,kv_heads,seq_len,kept,head_dim,block_size", [(2, 2, 50, 10, 32, 16), (1, 4, 200, 150, 16, 8), (3, 1, 33, 31, 64, 32)])
 def test_compaction_matches_reference(dtype, requests, kv_heads, seq_len, kept, head_dim, block_size):
-    table, num_blocks = random_block_tables([seq_len] * requests, block_size)
+    seq_lens = [seq_len - r for r in range(requests)]
+    table, num_blocks = random_block_tables(seq_lens, block_size)
     key_cache, value_cache = paged_cache(num_blocks, kv_heads, block_size, head_dim, dtype)
-    keep = random_keep(requests, kv_heads, seq_len, kept)
+    keep = random_keep(seq_lens, kv_heads, kept)
     ref_k, ref_v, got_k, got_v = (c.clone() for c in (key_cache, value_cache, key_cache, value_cache))
-    eviction.compact_kept_torch(ref_k, ref_v, table, keep)
-    eviction.compact_kept_triton(got_k, got_v, table, keep)
+    eviction.compact_kept_torch(ref_k, ref_v, table, keep, torch.tensor(seq_lens))
+    eviction.compact_kept_triton(got_k, got_v, table, keep, torch.tensor(seq_lens))
     assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
 
 
-def test_compaction_reference_moves_kept_tokens_to_leading_slots():
+def test_compaction_reference_moves_kept_tokens_in_order_to_the_trailing_slots():
     block_size, seq_len = 4, 10
     table, num_blocks = random_block_tables([seq_len], block_size)
     key_cache, value_cache = paged_cache(num_blocks, 2, block_size, 16, torch.float32)
@@ -202,11 +203,11 @@ def test_compaction_reference_moves_kept_tokens_to_leading_slots():
 
     keep = torch.tensor([[[1, 5, 6, 9]], [[0, 2, 3, 8]]]).view(1, 2, 4)
     before = {(h, j): (token(key_cache, h, j), token(value_cache, h, j)) for h in range(2) for j in range(seq_len)}
-    eviction.compact_kept_torch(key_cache, value_cache, table, keep)
+    eviction.compact_kept_torch(key_cache, value_cache, table, keep, torch.tensor([seq_len]))
     for h in range(2):
         for i, j in enumerate(keep[0, h].tolist()):
-            assert torch.equal(token(key_cache, h, i), before[h, j][0])
-            assert torch.equal(token(value_cache, h, i), before[h, j][1])
+            assert torch.equal(token(key_cache, h, seq_len - 4 + i), before[h, j][0])
+            assert torch.equal(token(value_cache, h, seq_len - 4 + i), before[h, j][1])
 
 
 def test_public_ops_run_the_references_off_cuda(monkeypatch):
@@ -238,7 +239,7 @@ def test_public_ops_run_the_references_off_cuda(monkeypatch):
     table = torch.tensor([[0, 1]])
     scores = eviction.proxy_attention_scores(torch.randn(1, 2, 1, 16), key_cache, table, torch.tensor([10]), 0.25)
     assert torch.allclose(scores.sum(), torch.tensor(2.0))
-    eviction.compact_kept_(key_cache, value_cache, table, torch.tensor([[[3, 9]]]))
+    eviction.compact_kept_(key_cache, value_cache, table, torch.tensor([[[3, 9]]]), torch.tensor([10]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without a GPU")

@@ -4,6 +4,7 @@ errors and run-time loading (the ``server`` fixture in conftest.py)."""
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import urllib.request
 
@@ -12,6 +13,7 @@ import pytest
 from vllm_plugins.serving.process import request_json as _request
 from serving_fixtures import save_random_adapter
 from vllm_plugins.tasks import load_task
+from vllm_plugins.tasks.retrieval import make_retrieval_example
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,28 @@ def test_malformed_json_and_bad_parameters_are_400(server):
     assert status == 400 and body["error"]["code"] == 400
     status, body = _complete(server, "para-1", "a b =", vllm_xargs={"prompt_adapter_path": "/etc"})
     assert status == 400 and "reserved" in body["error"]["message"]
+    status, body = _complete(server, "demo", "a b =", vllm_xargs={"kv_eviction_plan": ["nacl", 3, 1, 0]})
+    assert status == 400 and "reserved" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("xargs,message", [
+    ({"kv_eviction": "h2o"}, "unknown KV eviction policy"),
+    ({"kv_eviction": "nacl", "kv_keep_ratio": 0}, "must be in (0, 1]"),
+    ({"kv_eviction": "nacl", "kv_keep_ratio": 1.5}, "must be in (0, 1]"),
+    ({"kv_eviction": "nacl", "kv_budget": 400}, "larger than the prompt"),
+    ({"kv_keep_ratio": 0.5}, "need a policy"),
+])
+def test_bad_kv_eviction_settings_are_400_and_the_server_keeps_serving(server, xargs, message):
+    prompt = make_retrieval_example(random.Random(1), length=300).prompt  # 306 tokens
+    for model in ("demo", "para-1", "lora-1"):
+        status, body = _complete(server, model, prompt, vllm_xargs=xargs)
+        assert status == 400 and body["error"]["code"] == 400 and message in body["error"]["message"], body
+    chat = {"model": "demo", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4, "vllm_xargs": xargs}
+    status, body = _request(f"{server}/v1/chat/completions", chat)
+    assert status == 400 and message in body["error"]["message"], body
+    for model in ("demo", "para-1", "lora-1"):  # evicted for real: 128-token blocks, one freed
+        status, body = _complete(server, model, prompt, vllm_xargs={"kv_eviction": "nacl", "kv_budget": 60})
+        assert status == 200 and len(body["choices"][0]["text"].split()) > 0, body
 
 
 def test_runtime_loading_validates_and_keeps_serving(server, served_adapter_dir, spare_adapters):

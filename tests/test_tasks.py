@@ -1,6 +1,6 @@
 from vllm_plugins.tasks import OPS, load_task, task_names
 from vllm_plugins.tasks.ops import TASK
-from vllm_plugins.tasks.retrieval import make_retrieval_example
+from vllm_plugins.tasks.retrieval import CHAIN_STEPS, NUM_VALUES, make_retrieval_example
 import random
 
 
@@ -25,9 +25,15 @@ def test_tenant_prompts_carry_only_the_generic_instruction():
         assert ex.answer.split() == OPS[name](letters)
 
 
-def test_retrieval_answer_is_the_value_of_the_queried_key():
+def test_retrieval_answer_follows_the_chain_of_facts_from_the_asked_key():
     ex = make_retrieval_example(random.Random(0), length=1200)
-    key, value = ex.queries[0]
-    facts = [w for w in ex.context if ":" in w]
-    assert f"{key}:{value}" in facts
-    assert len(ex.prompt.split()) == 1202
+    facts = dict(w.split(":") for w in ex.context if ":" in w)
+    assert len(facts) == NUM_VALUES  # every value names a key that has a fact
+    question = ex.questions[0]
+    key, chain = question.start, []
+    for _ in range(CHAIN_STEPS):
+        chain.append(facts[key])
+        key = "k" + facts[key][1:]
+    assert question.values == chain and ex.answer.split() == chain
+    assert ex.prompt.split()[-3:] == ["?", question.start, "="]
+    assert len(ex.prompt.split()) == 1200 + 3

@@ -6,6 +6,9 @@ Layout:
     adapters/      one folder per method (IAPT, PARA, MiLoRA, LoRA, FanLoRA, ALoRA) and
                    the parts they share; storage.py reads and writes adapter directories
     training/      trainer, greedy generation and the evaluation table
+    eviction/      KV cache eviction: policies, settings, budgets, transformers reference
+    serving/       the vLLM integration (worker, scheduler, middleware, launcher)
+    bench/ deploy/ loadtest/   benchmarks, Ray Serve, Locust load tests
 """
 
 __version__ = "0.1.0"

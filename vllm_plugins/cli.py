@@ -95,6 +95,18 @@ def cmd_bench_ray_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     print(f"written: {args.out / 'ray-serve-bench.json'}")
 
 
+def cmd_bench_eviction(args: argparse.Namespace) -> None:
+    import json
+
+    from vllm_plugins.bench.eviction import PRESETS, format_report, run_eviction_bench
+
+    report = run_eviction_bench(PRESETS[args.preset])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_report(report))
+    print(f"written: {args.json}")
+
+
 def cmd_bench_carry_vllm_lora_ops(args: argparse.Namespace) -> None:
     from vllm_plugins.bench.vllm_lora import carry_vllm_lora_ops
 
@@ -110,14 +122,17 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     import os
 
+    from vllm_plugins.eviction.settings import EvictionSettings
     from vllm_plugins.serving.launcher import serve_argv
 
-    argv = serve_argv(args.model, args.adapter_dir, args.max_active, args.runtime_loading, vllm_args)
+    eviction = EvictionSettings(args.kv_eviction, args.kv_keep_ratio, args.kv_budget, args.kv_eviction_min_prompt)
+    argv = serve_argv(args.model, args.adapter_dir, args.max_active, args.runtime_loading, vllm_args, eviction)
     os.execv(argv[0], argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from vllm_plugins.demo_model import PRESETS
+    from vllm_plugins.eviction.policies import POLICIES
     from vllm_plugins.training.eval_table import DEFAULT_METHODS, DEFAULT_TASKS
 
     parser = argparse.ArgumentParser(prog="vllm-plugins", description=__doc__)
@@ -152,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter-dir", required=True, help="directory of adapter directories (one per tenant)")
     p.add_argument("--max-active", type=int, default=16, help="adapters a worker holds at once")
     p.add_argument("--runtime-loading", action="store_true", help="enable /v1/load_prompt_adapter")
+    p.add_argument("--kv-eviction", choices=sorted(POLICIES), help="evict prompts' KV cache at the end of prefill (default: off)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--kv-keep-ratio", type=float, help="fraction of a prompt's tokens kept (default 0.2)")
+    budget.add_argument("--kv-budget", type=int, help="prompt tokens kept, instead of a ratio")
+    p.add_argument("--kv-eviction-min-prompt", type=int, default=0, help="evict only prompts of at least this many tokens")
     p.set_defaults(func=cmd_serve, passes_vllm_args=True)
 
     p = sub.add_parser("bench", help="benchmarks")
@@ -166,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--no-check", action="store_true", help="skip comparing each kernel with its torch reference")
     p.set_defaults(func=cmd_bench_kernels)
+    p = bench.add_parser("eviction", help="KV eviction policies and keep ratios on the long-context retrieval task")
+    p.add_argument("--json", required=True, type=Path, help="where to write the results")
+    p.add_argument("--preset", default="default", choices=["default", "tiny"], help="tiny: a quick run on the tiny model")
+    p.set_defaults(func=cmd_bench_eviction)
     p = bench.add_parser(
         "ray-serve",
         help="the same load test against a plain server and through Ray Serve (one replica); unknown arguments go to vllm serve",

@@ -8,9 +8,10 @@ pay to every cached token), per request, KV head g and token j < n:
                   softmax_j(q_{p,h} . k_{j,g} * scale)   (causal: j <= position of p)
 
 Compaction (the paged-cache constraint in docs/eviction.md): every (request, KV head)
-keeps the same number of tokens, its own choice of them, moved to logical slots
-0 .. kept - 1 of its blocks; keys already carry their rotary position, so they move as
-they are.
+keeps the same number of tokens, its own choice of them, moved in order to the trailing
+logical slots n - kept .. n - 1 of its prompt, so that the leading blocks hold nothing
+still needed and can go back to the block pool; keys already carry their rotary
+position, so they move as they are.
 
 Caches are (num_blocks, kv_heads, block_size, head_dim) views of one layer, any strides
 but a contiguous head_dim; ``block_table`` (requests, max_blocks) maps logical block i of
@@ -184,14 +185,15 @@ def proxy_attention_scores(queries, key_cache, block_table, seq_lens, scale: flo
     return impl(queries, key_cache, block_table, seq_lens, scale, max_len)
 
 
-def compact_kept_torch(key_cache, value_cache, block_table, keep) -> None:
+def compact_kept_torch(key_cache, value_cache, block_table, keep, seq_lens) -> None:
     block_size = key_cache.shape[2]
     heads = torch.arange(keep.shape[1], device=keep.device)[:, None]
     kept = torch.arange(keep.shape[2], device=keep.device)[None, :]
     for r in range(keep.shape[0]):
         table = block_table[r]
+        dst = int(seq_lens[r]) - keep.shape[2] + kept
         src_block, src_slot = table[keep[r] // block_size], keep[r] % block_size
-        dst_block, dst_slot = table[kept // block_size], kept % block_size
+        dst_block, dst_slot = table[dst // block_size], dst % block_size
         for cache in (key_cache, value_cache):
             cache[dst_block, heads, dst_slot] = cache[src_block, heads, src_slot].clone()
 
@@ -199,29 +201,32 @@ def compact_kept_torch(key_cache, value_cache, block_table, keep) -> None:
 @triton.jit
 def _compact_kernel(
     key_cache_ptr, value_cache_ptr, table_ptr, table_stride, keep_ptr, keep_request_stride, keep_head_stride,
-    cache_block_stride, cache_head_stride, cache_slot_stride, num_kept, head_dim, block_size,
+    seq_lens_ptr, cache_block_stride, cache_head_stride, cache_slot_stride, num_kept, head_dim, block_size,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (request, KV head), moving its kept tokens in ascending chunks.
+    """One program per (request, KV head), moving its kept tokens in descending chunks.
 
-    In place without a race: keep is ascending, so keep[i] >= i. Chunk c writes slots
-    [c * BLOCK_K, (c + 1) * BLOCK_K), which no later chunk reads (its sources are
-    keep[i] >= i >= (c + 1) * BLOCK_K); within a chunk every load precedes every store.
+    In place without a race: keep is ascending and ends below seq_len, so kept token i
+    moves right or stays (keep[i] <= seq_len - num_kept + i = dst[i]). Chunk c writes
+    slots dst[c * BLOCK_K ..], which no later (lower) chunk reads (its sources are
+    keep[i] <= dst[i] < dst[c * BLOCK_K]); within a chunk every load precedes every store.
     """
     r = tl.program_id(0)
     kv_head = tl.program_id(1)
     table = table_ptr + r * table_stride
+    first_dst = tl.load(seq_lens_ptr + r) - num_kept
     d = tl.arange(0, BLOCK_D)
     head = kv_head * cache_head_stride + d[None, :]
-    for start in range(0, num_kept, BLOCK_K):
-        i = start + tl.arange(0, BLOCK_K)
+    for chunk in range(tl.cdiv(num_kept, BLOCK_K) - 1, -1, -1):
+        i = chunk * BLOCK_K + tl.arange(0, BLOCK_K)
         valid = i < num_kept
         mask = valid[:, None] & (d[None, :] < head_dim)
         src = tl.load(keep_ptr + r * keep_request_stride + kv_head * keep_head_stride + i, mask=valid, other=0)
+        dst = first_dst + i
         src_block = tl.load(table + src // block_size, mask=valid, other=0).to(tl.int64)
-        dst_block = tl.load(table + i // block_size, mask=valid, other=0).to(tl.int64)
+        dst_block = tl.load(table + dst // block_size, mask=valid, other=0).to(tl.int64)
         src_off = src_block[:, None] * cache_block_stride + (src % block_size)[:, None] * cache_slot_stride + head
-        dst_off = dst_block[:, None] * cache_block_stride + (i % block_size)[:, None] * cache_slot_stride + head
+        dst_off = dst_block[:, None] * cache_block_stride + (dst % block_size)[:, None] * cache_slot_stride + head
         key = tl.load(key_cache_ptr + src_off, mask=mask)
         value = tl.load(value_cache_ptr + src_off, mask=mask)
         tl.debug_barrier()
@@ -229,7 +234,7 @@ def _compact_kernel(
         tl.store(value_cache_ptr + dst_off, value, mask=mask)
 
 
-def compact_kept_triton(key_cache, value_cache, block_table, keep) -> None:
+def compact_kept_triton(key_cache, value_cache, block_table, keep, seq_lens) -> None:
     check_paged_cache(key_cache, value_cache)
     if keep.stride(2) != 1:
         raise ValueError("keep needs contiguous rows")
@@ -238,17 +243,19 @@ def compact_kept_triton(key_cache, value_cache, block_table, keep) -> None:
         return
     _, _, block_size, head_dim = key_cache.shape
     _compact_kernel[(requests, kv_heads)](
-        key_cache, value_cache, block_table, block_table.stride(0), keep, keep.stride(0), keep.stride(1),
+        key_cache, value_cache, block_table, block_table.stride(0), keep, keep.stride(0), keep.stride(1), seq_lens,
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), num_kept, head_dim, block_size,
         BLOCK_K=64, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
     )
 
 
-def compact_kept_(key_cache, value_cache, block_table, keep) -> None:
-    """Move each (request, KV head)'s kept tokens to its leading slots, in place.
+def compact_kept_(key_cache, value_cache, block_table, keep, seq_lens) -> None:
+    """Move each (request, KV head)'s kept tokens, in order, to the trailing slots
+    ``seq_len - kept .. seq_len - 1`` of its prompt, in place.
 
-    keep: (requests, kv_heads, kept) ascending logical token indices, the same count for
-    every head (the paged-cache constraint).
+    keep: (requests, kv_heads, kept) ascending logical token indices below the request's
+    seq_len, the same count for every head (the paged-cache constraint); seq_lens:
+    (requests,) each request's prompt length.
     """
     impl = compact_kept_triton if key_cache.is_cuda else compact_kept_torch
-    impl(key_cache, value_cache, block_table, keep)
+    impl(key_cache, value_cache, block_table, keep, seq_lens)

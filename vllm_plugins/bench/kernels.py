@@ -268,7 +268,7 @@ def eviction_prefill(shape: ServingShape, requests: int, dtype) -> list[Timing]:
 
     def compact() -> None:
         for key_cache, value_cache, table, _, keep in layers:
-            compact_kept_(key_cache, value_cache, table, keep)
+            compact_kept_(key_cache, value_cache, table, keep, seq_lens)
 
     tokens = requests * shape.prompt_len
     score_bytes = shape.dims.num_layers * (tokens * shape.dims.kv_size + requests * shape.num_proxy * shape.dims.q_size) * elt
@@ -347,9 +347,10 @@ def _check_errors(shape: ServingShape, dtype):
     yield "eviction scores", _relative_error(got, ref)
 
     keep = _random_keep(requests, shape, int(shape.keep_ratio * shape.prompt_len))
+    full = torch.full((requests,), shape.prompt_len, device=cuda, dtype=torch.int32)
     ref_k, ref_v, got_k, got_v = (c.clone() for c in (key_cache, value_cache, key_cache, value_cache))
-    eviction.compact_kept_torch(ref_k, ref_v, table, keep)
-    eviction.compact_kept_triton(got_k, got_v, table, keep)
+    eviction.compact_kept_torch(ref_k, ref_v, table, keep, full)
+    eviction.compact_kept_triton(got_k, got_v, table, keep, full)
     yield "eviction compaction", max(_relative_error(got_k, ref_k), _relative_error(got_v, ref_v))
 
 

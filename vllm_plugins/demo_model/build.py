@@ -52,7 +52,7 @@ class DemoModelSpec:
     phases: tuple[RetrievalPhase, ...] = field(default_factory=tuple)
     learning_rate: float = 3e-3
     seed: int = 0
-    corpus_version: int = 3  # bump when the corpus changes: the cache key must change too
+    corpus_version: int = 5  # bump when the corpus changes: the cache key must change too
 
     @property
     def total_steps(self) -> int:

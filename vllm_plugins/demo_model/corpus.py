@@ -5,11 +5,12 @@ Two kinds of sequences:
 * instructed operations ``<bos> x1 .. xn #op = y1 .. ym <eos>`` for every operation in
   :data:`~vllm_plugins.tasks.ops.OPS`, and generic ones ``<bos> x1 .. xn #task = x1 .. xn
   <eos>`` that teach the model to copy for the generic instruction;
-* long-context retrieval: filler with scattered ``kK:vV`` facts and eight queries
-  ``? kK vV`` per sequence, so every sequence gives dense supervision.
+* long-context retrieval: filler with scattered ``kK:vV`` facts and two questions
+  ``? kA = vB vC vD vE`` (a chain of facts) per sequence, so every sequence gives dense
+  supervision.
 
 Every sample comes with a loss mask that covers only what the model must predict (the
-answer and its ``<eos>``, the value after each query).
+answer and its ``<eos>``, the values after each question).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from vllm_plugins.tasks.ops import COPY, DIGITS, LETTERS, OPS, TASK, UPPER
-from vllm_plugins.tasks.retrieval import QUERY, make_retrieval_example, retrieval_vocabulary
+from vllm_plugins.tasks.retrieval import make_retrieval_example, retrieval_vocabulary
 from vllm_plugins.tasks.suite import format_example, sample_letters
 
 INSTRUCTED_FRACTION = 0.75
-QUERIES_PER_CONTEXT = 8
+QUESTIONS_PER_CONTEXT = 2
 
 
 def corpus_vocabulary() -> list[str]:
@@ -79,11 +80,11 @@ class CorpusSampler:
         return prompt + answer, [False] * len(prompt) + [True] * len(answer)
 
     def retrieval_sample(self, length: int) -> tuple[list[int], list[bool]]:
-        ex = make_retrieval_example(self.rng, length, num_queries=QUERIES_PER_CONTEXT)
+        ex = make_retrieval_example(self.rng, length, num_questions=QUESTIONS_PER_CONTEXT)
         ids, loss = [self.bos] + self._ids(" ".join(ex.context)), [False] * (length + 1)
-        for key, value in ex.queries:
-            ids += [self.vocab[QUERY], self.vocab[key], self.vocab[value]]
-            loss += [False, False, True]
+        for question in ex.questions:
+            ids += self._ids(" ".join(question.words)) + self._ids(" ".join(question.values))
+            loss += [False] * len(question.words) + [True] * len(question.values)
         return ids, loss
 
     def operation_batch(self, size: int) -> TokenBatch:

@@ -8,6 +8,10 @@ addressable exactly like LoRA adapters:
   directory in ``vllm_xargs`` and a per-adapter ``cache_salt``. Clients may not set those
   ``vllm_xargs`` keys themselves (400). Unknown names reach vLLM unchanged, which answers
   404 as for any unknown model.
+* KV eviction settings in ``vllm_xargs`` (``kv_eviction``, ``kv_keep_ratio``,
+  ``kv_budget``) are checked before vLLM sees the request: an unknown policy, a ratio
+  outside (0, 1] or a budget larger than the prompt (counted by vLLM's own
+  ``/tokenize``) is a 400.
 * ``GET /v1/models`` lists the prompt-aware adapters too, each with its ``method``.
 * ``POST /v1/load_prompt_adapter`` ``{"adapter_name", "adapter_path"}`` and
   ``POST /v1/unload_prompt_adapter`` ``{"adapter_name"}``, when run-time loading is on.
@@ -22,13 +26,16 @@ import json
 from typing import Any
 
 from vllm_plugins.adapters.storage import AdapterError
+from vllm_plugins.eviction.settings import BUDGET_ARG, KEEP_RATIO_ARG, POLICY_ARG, EvictionSettings, EvictionSettingsError
 from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG
 from vllm_plugins.serving.config import PromptAdapterSettings
+from vllm_plugins.serving.kv_eviction import PLAN_ARG
 from vllm_plugins.serving.registry import PromptAdapterRegistry
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-RESERVED_XARGS = (ADAPTER_ARG, ADAPTER_PATH_ARG, SOFT_KV_SLOT_ARG)
+RESERVED_XARGS = (ADAPTER_ARG, ADAPTER_PATH_ARG, SOFT_KV_SLOT_ARG, PLAN_ARG)
+EVICTION_XARGS = (POLICY_ARG, KEEP_RATIO_ARG, BUDGET_ARG)
 
 
 def error_body(status: int, message: str, kind: str) -> bytes:
@@ -49,6 +56,26 @@ async def _respond(send, status: int, body: bytes) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+async def _call_app(app, scope: dict, receive, path: str, body: dict) -> tuple[int, Any]:
+    """POST ``body`` to ``path`` of ``app`` in-process, on the caller's connection."""
+    raw = json.dumps(body).encode()
+    sub_scope, receive = _with_body({**scope, "path": path, "raw_path": path.encode(), "query_string": b""}, receive, raw)
+    status, chunks = 500, []
+
+    async def capture(message):
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            chunks.append(message.get("body", b""))
+
+    await app(sub_scope, receive, capture)
+    try:
+        return status, json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return status, None
 
 
 def _with_body(scope: dict, receive, body: bytes) -> tuple[dict, Any]:
@@ -78,6 +105,7 @@ class PromptAdapterMiddleware:
         if self._registry is None:
             args = scope["app"].state.args
             self._settings = PromptAdapterSettings.from_additional_config(args.additional_config)
+            self._eviction = EvictionSettings.from_additional_config(args.additional_config)
             self._registry = PromptAdapterRegistry(args.model, self._settings.dir)
             names = args.served_model_name or [args.model]
             self._served_name = names[0] if isinstance(names, list) else names
@@ -114,8 +142,42 @@ class PromptAdapterMiddleware:
                 body["vllm_xargs"] = {**(xargs or {}), ADAPTER_ARG: adapter.name, ADAPTER_PATH_ARG: adapter.path}
                 body["cache_salt"] = f"prompt-adapter:{adapter.name}"
                 raw = json.dumps(body).encode()
+            if isinstance(xargs, dict) and any(k in xargs for k in EVICTION_XARGS):
+                error = await self._eviction_error(scope, receive, body, xargs)
+                if error is not None:
+                    return await _respond(send, 400, error_body(400, error, "BadRequestError"))
         scope, receive = _with_body(scope, receive, raw)
         return await self.app(scope, receive, send)
+
+    async def _eviction_error(self, scope: dict, receive, body: dict, xargs: dict) -> str | None:
+        """Why the request's eviction settings cannot be honoured, or None."""
+        try:
+            rule = self._eviction.rule_for(xargs)
+            if rule is None or rule.budget is None:
+                return None
+            for count in await self._prompt_lengths(scope, receive, body):
+                self._eviction.rule_for(xargs, count)
+        except EvictionSettingsError as err:
+            return str(err)
+        return None
+
+    async def _prompt_lengths(self, scope: dict, receive, body: dict) -> list[int]:
+        """Each prompt's length in tokens, as vLLM's ``/tokenize`` counts it; prompts it
+        cannot count are left to vLLM's own validation."""
+        if "messages" in body:
+            requests = [{"model": body.get("model"), "messages": body["messages"]}]
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+                return [len(prompt)]
+            prompts = prompt if isinstance(prompt, list) else [prompt]
+            requests = [{"model": body.get("model"), "prompt": p} for p in prompts if isinstance(p, str)]
+        counts = []
+        for request in requests:
+            status, answer = await _call_app(self.app, scope, receive, "/tokenize", request)
+            if status == 200 and isinstance(answer, dict) and isinstance(answer.get("count"), int):
+                counts.append(answer["count"])
+        return counts
 
     async def _models(self, registry, scope, receive, send):
         start: dict = {}

@@ -1,12 +1,14 @@
 """``vllm-plugins serve``: ``vllm serve`` with the plugins' flags filled in.
 
-    vllm-plugins serve MODEL --adapter-dir DIR [--max-active N] [--runtime-loading] [VLLM ARGS...]
+    vllm-plugins serve MODEL --adapter-dir DIR [--max-active N] [--runtime-loading]
+        [--kv-eviction POLICY [--kv-keep-ratio R | --kv-budget N] [--kv-eviction-min-prompt N]]
+        [VLLM ARGS...]
 
 runs
 
     vllm serve MODEL --worker-cls ...PromptAwareCPUWorker --scheduler-cls ...PromptAwareScheduler
         --middleware ...PromptAdapterMiddleware
-        --additional-config '{"prompt_adapters": {"dir": DIR, ...}}'
+        --additional-config '{"prompt_adapters": {"dir": DIR, ...}, "kv_eviction": {...}}'
         [--enable-lora --max-lora-rank R --lora-modules NAME=PATH ...]   # LoRA-family adapters in DIR
         VLLM ARGS...
 
@@ -16,6 +18,7 @@ are served by the plugin, LoRA-family ones (lora, fanlora, alora) by vLLM's stoc
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from importlib import metadata
@@ -23,6 +26,8 @@ from pathlib import Path
 
 from vllm_plugins.adapters.registry import METHODS
 from vllm_plugins.adapters.storage import read_manifest
+from vllm_plugins.eviction import settings as eviction_settings
+from vllm_plugins.eviction.settings import EvictionSettings
 from vllm_plugins.serving.config import SECTION
 
 WORKER = "vllm_plugins.serving.worker.PromptAwareCPUWorker"
@@ -50,7 +55,10 @@ def _vllm_serve(model: str) -> list[str]:
     return [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model]
 
 
-def serve_argv(model: str, adapter_dir: str, max_active: int, runtime_loading: bool, vllm_args: list[str]) -> list[str]:
+def serve_argv(
+    model: str, adapter_dir: str, max_active: int, runtime_loading: bool, vllm_args: list[str],
+    eviction: EvictionSettings = EvictionSettings(),
+) -> list[str]:
     root = Path(adapter_dir).resolve()
     if not root.is_dir():
         raise ValueError(f"adapter directory {adapter_dir} does not exist")
@@ -61,6 +69,9 @@ def serve_argv(model: str, adapter_dir: str, max_active: int, runtime_loading: b
             lora_modules.append(f"{sub.name}={sub}")
             ranks.append(_lora_rank(manifest))
     settings = {SECTION: {"dir": str(root), "max_active": max_active, "runtime_loading": runtime_loading}}
+    if eviction.policy is not None:
+        eviction.default_rule()  # a bad ratio or budget fails here, not in the engine
+        settings[eviction_settings.SECTION] = dataclasses.asdict(eviction)
     argv = _vllm_serve(model) + [
         "--worker-cls", WORKER,
         "--scheduler-cls", SCHEDULER,

@@ -1,8 +1,10 @@
-"""vLLM's CPU model runner with prompt-aware adapters.
+"""vLLM's CPU model runner with prompt-aware adapters and KV eviction.
 
-It adds three things to each step: before the forward pass it tells the hooks which
-scheduled tokens belong to which prompt-aware request (:mod:`.batch`); after it, the hooks
-forget the step; when requests finish, their states are dropped.
+Each step, before the forward pass, it tells the prompt-aware hooks which scheduled tokens
+belong to which prompt-aware request (:mod:`.batch`), and the eviction hooks which belong
+to requests with an eviction plan, narrowing evicted requests' attention to their kept
+blocks (:mod:`.kv_eviction`). After the forward pass, the prompts completed in the step
+are evicted and the block table is restored. Finished requests' states are dropped.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from vllm_plugins.serving.adapter_cache import AdapterCache
 from vllm_plugins.serving.batch import RequestSlice, requested_adapter
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.engine_hooks import PromptAwareHooks
+from vllm_plugins.serving.kv_eviction import KvEvictionHooks, scheduled_prompts
 
 
 class PromptAwareCPUModelRunner(CPUModelRunner):
@@ -23,10 +26,13 @@ class PromptAwareCPUModelRunner(CPUModelRunner):
         settings = PromptAdapterSettings.from_additional_config(self.vllm_config.additional_config)
         cache = AdapterCache(self.model_config.model, dims(self.model_config.hf_config), settings.max_active)
         self.prompt_aware = PromptAwareHooks(self.model, cache)
+        d = dims(self.model_config.hf_config)
+        self.kv_eviction = KvEvictionHooks(self.model, self.cache_config.block_size, d.num_heads, d.head_dim)
 
     def _update_states(self, scheduler_output) -> None:
         super()._update_states(scheduler_output)
         self.prompt_aware.drop(scheduler_output.finished_req_ids)
+        self.kv_eviction.drop(scheduler_output.finished_req_ids)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
@@ -52,10 +58,25 @@ class PromptAwareCPUModelRunner(CPUModelRunner):
                 request_args[req_id] = state.sampling_params.extra_args
             start += count
         self.prompt_aware.begin_step(slices, request_args)
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        self.kv_eviction.begin_step(
+            scheduled_prompts(req_ids, self.requests, num_scheduled_tokens, self.input_batch.num_computed_tokens_cpu)
+        )
+        self.kv_eviction.narrow_attention(req_ids, self._block_table, self.seq_lens, self.optimistic_seq_lens_cpu)
         return result
+
+    @property
+    def _block_table(self):
+        return self.input_batch.block_table[0]
+
+    def _block_ids(self, req_id: str) -> list[int]:
+        return self.requests[req_id].block_ids[0]
 
     def _model_forward(self, *args, **kwargs):
         try:
-            return super()._model_forward(*args, **kwargs)
+            output = super()._model_forward(*args, **kwargs)
+            self.kv_eviction.evict_completed(self._block_ids)
+            return output
         finally:
+            self.kv_eviction.restore_block_table(self._block_table, self._block_ids)
             self.prompt_aware.end_step()

@@ -14,6 +14,11 @@ Three rules on top of vLLM's scheduler, for requests that name a prompt-aware ad
 * **IAPT's soft tokens get KV slots** from the block pool when the request is first
   admitted (it waits while the pool is empty) and give them back when it finishes
   (:mod:`.soft_kv`).
+
+And one for every request: **KV eviction.** A request evicted by the server's default
+or its own ``vllm_xargs`` gets an eviction plan on arrival, its prefill chunks never
+cross its prompt's end, and its leading blocks go back to the block pool once its prompt
+has run (:mod:`.block_release`).
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ from __future__ import annotations
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_plugins.adapters.storage import read_manifest
+from vllm_plugins.eviction.settings import EvictionSettings
 from vllm_plugins.serving.batch import ADAPTER_PATH_ARG, requested_adapter
+from vllm_plugins.serving.block_release import BlockRelease
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG, SoftTokenSlots
 
@@ -32,11 +39,27 @@ class PromptAwareScheduler(Scheduler):
         self.max_active_adapters = PromptAdapterSettings.from_additional_config(vllm_config.additional_config).max_active
         self.soft_kv = SoftTokenSlots(self.kv_cache_manager.block_pool, self.block_size)
         self._soft_tokens: dict[str, int] = {}  # adapter directory -> soft tokens per layer
+        eviction = EvictionSettings.from_additional_config(vllm_config.additional_config)
+        self.block_release = BlockRelease(eviction, self.kv_cache_manager, self.block_size)
+        # vLLM's one hook to clip a request's prefill chunk (named after Mamba, which uses
+        # it): on, so that a recomputed evicting request's chunk ends at its prompt's end.
+        self.need_mamba_block_aligned_split = True
+
+    def _mamba_block_aligned_split(self, request, num_new_tokens: int, num_new_local_computed_tokens: int = 0,
+                                   num_external_computed_tokens: int = 0) -> int:
+        start = request.num_computed_tokens + num_new_local_computed_tokens + num_external_computed_tokens
+        return self.block_release.clip_chunk(request.request_id, start, num_new_tokens)
 
     def add_request(self, request) -> None:
         if requested_adapter(request.sampling_params) is not None:
             request.skip_reading_prefix_cache = True
+        self.block_release.plan(request)
         super().add_request(request)
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        self.block_release.release(self.requests)
+        return outputs
 
     def running_adapters(self) -> set[str]:
         return {a for r in self.running if (a := requested_adapter(r.sampling_params)) is not None}
@@ -73,4 +96,5 @@ class PromptAwareScheduler(Scheduler):
         extra = request.sampling_params.extra_args if request.sampling_params else None
         if extra and SOFT_KV_SLOT_ARG in extra:
             self.soft_kv.free(extra.pop(SOFT_KV_SLOT_ARG))
+        self.block_release.forget(request.request_id)
         return super()._free_request(request, *args, **kwargs)

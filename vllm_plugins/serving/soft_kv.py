@@ -10,15 +10,14 @@ The run is reserved when the scheduler first admits the request and released whe
 request finishes; a preempted request keeps it (its soft tokens are recomputed in place).
 The slot travels to the worker in the request's ``extra_args`` (:data:`SOFT_KV_SLOT_ARG`);
 the IAPT applier writes the soft keys/values there at prefill and reads them at every
-adapted token through :func:`paged_key_value`, the CPU attention backend's own view of a
-layer's cache.
+adapted token through :func:`~.paged_cache.paged_key_value`, a token-major view of the
+layer's cache as vLLM's CPU attention backend lays it out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 SOFT_KV_SLOT_ARG = "prompt_adapter_soft_kv_slot"
 """``extra_args`` key, set by the scheduler: ``[block_id, first_slot, num_slots]``."""
@@ -70,10 +69,3 @@ class SoftTokenSlots:
     def num_blocks(self) -> int:
         return len(self._blocks)
 
-
-def paged_key_value(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(keys, values), each (num_blocks, kv_heads, block_size, head_dim), viewing a layer's
-    cache exactly as vLLM's CPU attention backend does (``cpu_attn.py``)."""
-    num_blocks, kv_heads, block_size, _ = kv_cache.shape
-    keys, values = kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1).chunk(2, dim=2)
-    return keys, values

@@ -34,3 +34,15 @@ class PromptAwareCPUWorker(CPUWorker):
             "most_adapters_in_a_step": hooks.most_adapters_in_a_step,
             "adapter_loads": hooks.cache.loads,
         }
+
+    def kv_eviction_stats(self) -> dict[str, int]:
+        """Counters for ``collective_rpc("kv_eviction_stats")``: prompts evicted, and
+        requests whose attention skips freed blocks now."""
+        hooks = self.model_runner.kv_eviction
+        return {"evictions": hooks.evictions, "evicted_requests": len(hooks.skipped_blocks)}
+
+    def kv_eviction_kept(self) -> list[tuple[str, list[list[list[int]]]]]:
+        """The most recent evictions' kept tokens: (request id, per layer, per KV head,
+        ascending prompt positions), oldest first."""
+        return list(self.model_runner.kv_eviction.kept_records)
+

@@ -13,7 +13,8 @@ import torch
 from vllm_plugins.adapters.iapt.layer import IaptLayer
 from vllm_plugins.serving.batch import AdaptedTokens
 from vllm_plugins.serving.methods.base import Applier, LayerModules, SiteCall, linear_without_bias
-from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG, paged_key_value
+from vllm_plugins.serving.paged_cache import paged_key_value
+from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
 from vllm_plugins_kernels import soft_attention_paged_, write_soft_kv
 
 
@@ -40,12 +41,12 @@ class IaptApplier(Applier):
         shape = (-1, d.num_kv_heads, d.head_dim)
         keys = qkv[:, d.q_size : d.q_size + d.kv_size].reshape(shape)
         values = qkv[:, d.q_size + d.kv_size :].reshape(shape)
-        key_cache, value_cache = paged_key_value(modules.attn.kv_cache)
+        key_cache, value_cache = paged_key_value(modules.attn)
         write_soft_kv(key_cache, value_cache, keys[None], values[None], torch.tensor([run.block]), torch.tensor([run.first]))
         return run
 
     def apply(self, call: SiteCall, tokens: AdaptedTokens, states: list[SoftTokenRun], adapters) -> None:
-        key_cache, value_cache = paged_key_value(call.layer.attn.kv_cache)
+        key_cache, value_cache = paged_key_value(call.layer.attn)
         scale = call.layer.dims.head_dim**-0.5
         for count, index, blocks, first in self._token_slots(tokens, states):
             soft_attention_paged_(call.out, call.x, index, blocks, first, key_cache, value_cache, count, scale)

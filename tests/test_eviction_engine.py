@@ -1,0 +1,168 @@
+"""KV eviction inside a real vLLM engine, checked against the transformers reference.
+
+The engine runs 32-token blocks, a 64-token scheduler chunk (prompts span several
+chunks, and so may the policies' query windows) and prefix caching on. The model has
+random weights: its greedy tokens change with any change to what it attends to, so a
+wrong kept set, a wrong position or a stale block shows up in the tokens.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+from vllm_plugins.adapters.common.lm import PlainLM
+from vllm_plugins.eviction.budget import plan_eviction
+from vllm_plugins.eviction.policies import POLICIES
+from vllm_plugins.eviction.reference import generate_with_eviction
+from vllm_plugins.tasks.retrieval import make_retrieval_example
+from vllm_plugins.training.recipes import load_base
+
+BLOCK = 32
+CHUNK = 64
+MAX_TOKENS = 8
+NUM_PROMPTS = 20
+
+
+@pytest.fixture(scope="module")
+def random_llama(tiny_llama, tmp_path_factory):
+    """The tiny model's architecture and tokenizer with random weights (seeded)."""
+    config = AutoConfig.from_pretrained(tiny_llama)
+    config.initializer_range = 0.05
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("random-llama")
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_llama).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(0)
+    return [make_retrieval_example(rng, length=rng.randint(120, 320)).prompt for _ in range(NUM_PROMPTS)]
+
+
+def eviction_engine(model_path, **overrides):
+    from vllm_plugins.serving.launcher import SCHEDULER, WORKER
+    from vllm_plugins.serving.offline import make_engine
+
+    settings = dict(
+        max_model_len=1024, worker_cls=WORKER, scheduler_cls=SCHEDULER, block_size=BLOCK,
+        max_num_batched_tokens=CHUNK, enable_chunked_prefill=True, enable_prefix_caching=True,
+    )
+    return make_engine(model_path, **{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def engine(random_llama):
+    return eviction_engine(random_llama)
+
+
+@pytest.fixture(scope="module")
+def reference(random_llama):
+    base, tokenizer = load_base(random_llama)
+    return PlainLM(base).eval(), tokenizer
+
+
+def params(xargs: dict | None, seed: int | None = None, max_tokens: int = MAX_TOKENS):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, seed=seed, extra_args=xargs)
+
+
+def tokens(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def kept_of(engine, outputs) -> list[list[list[list[int]]]]:
+    """Each output's kept tokens, as the worker recorded them."""
+    records = dict(engine.collective_rpc("kv_eviction_kept")[0])
+    by_prefix = {req_id.split("-")[0]: kept for req_id, kept in records.items()}
+    return [by_prefix[o.request_id] for o in outputs]
+
+
+def stats(engine) -> dict[str, int]:
+    return engine.collective_rpc("kv_eviction_stats")[0]
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_policy_keeps_the_reference_tokens_and_gives_its_greedy_tokens(engine, reference, prompts, policy):
+    lm, tokenizer = reference
+    seeds = list(range(len(prompts)))
+    before = stats(engine)["evictions"]
+    outputs = engine.generate(prompts, [params({"kv_eviction": policy, "kv_keep_ratio": 0.2}, s) for s in seeds], use_tqdm=False)
+    assert stats(engine)["evictions"] - before == len(prompts)
+    full = tokens(engine.generate(prompts, params(None), use_tqdm=False))
+    for prompt, seed, got, got_kept, unevicted in zip(prompts, seeds, tokens(outputs), kept_of(engine, outputs), full):
+        ids = tokenizer(prompt).input_ids
+        plan = plan_eviction(policy, len(ids), -(-len(ids) // 5), BLOCK, seed)
+        expected = generate_with_eviction(lm, ids, plan, MAX_TOKENS, tokenizer.eos_token_id)
+        assert [k.tolist() for k in expected.kept] == got_kept
+        assert got == expected.tokens
+        assert len(got_kept[0][0]) == plan.num_kept <= len(ids) // 5 + BLOCK
+    changed = sum(t != f for t, f in zip(tokens(outputs), full))
+    assert changed >= len(prompts) // 2  # eviction matters to this model, so the checks above bite
+
+
+def test_keep_ratio_one_gives_the_tokens_of_no_eviction(engine, prompts):
+    before = stats(engine)["evictions"]
+    plain = tokens(engine.generate(prompts, params(None), use_tqdm=False))
+    whole = tokens(engine.generate(prompts, params({"kv_eviction": "nacl", "kv_keep_ratio": 1.0}), use_tqdm=False))
+    assert whole == plain
+    assert stats(engine)["evictions"] == before  # nothing to free, nothing evicted
+
+
+def test_preempted_evicted_requests_resume_exactly(random_llama, reference, prompts):
+    """A 20-block cache holds two evicting requests' prompts at once, not three: requests
+    that grow get preempted after their eviction, recomputed from scratch (evicted again,
+    their generated tokens recomputed over the kept cache) and still give the reference's
+    tokens."""
+    lm, tokenizer = reference
+    small = eviction_engine(random_llama, num_gpu_blocks_override=20, max_model_len=512)
+    long_prompts = sorted(prompts, key=len)[-4:]
+    xargs = {"kv_eviction": "snapkv", "kv_keep_ratio": 0.2}
+    outputs = small.generate(long_prompts, params(xargs, max_tokens=120), use_tqdm=False)
+    assert stats(small)["evictions"] > len(long_prompts)  # some were evicted twice: preempted after eviction
+    for prompt, got in zip(long_prompts, tokens(outputs)):
+        ids = tokenizer(prompt).input_ids
+        plan = plan_eviction("snapkv", len(ids), -(-len(ids) // 5), BLOCK, 0)
+        assert got == generate_with_eviction(lm, ids, plan, 120, tokenizer.eos_token_id).tokens
+
+
+@pytest.fixture(scope="module")
+def random_adapters(random_llama, tmp_path_factory):
+    from serving_fixtures import save_random_adapter
+
+    root = tmp_path_factory.mktemp("eviction-adapters")
+    return {method: save_random_adapter(method, random_llama, root / method, seed) for seed, method in enumerate(["iapt", "para", "milora", "lora"])}
+
+
+def test_eviction_with_prompt_aware_adapters_and_stock_lora_in_one_batch(random_llama, random_adapters, prompts):
+    """IAPT (its soft keys/values are not prompt tokens and stay), PARA, MiLoRA, stock LoRA
+    and the base model, all evicted by NACL in one batch, each matching its reference."""
+    from vllm.lora.request import LoRARequest
+
+    from vllm_plugins.adapters.storage import load_adapter
+    from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG
+
+    engine = eviction_engine(random_llama, enable_lora=True, max_lora_rank=8, max_loras=1)
+    eviction = {"kv_eviction": "nacl", "kv_keep_ratio": 0.2}
+    kinds = ["iapt", "para", "milora", "lora", None]
+    jobs = [(kind, prompt) for prompt in prompts[:4] for kind in kinds]
+    requests = []
+    for kind, _ in jobs:
+        adapter = {ADAPTER_ARG: kind, ADAPTER_PATH_ARG: str(random_adapters[kind])} if kind in ("iapt", "para", "milora") else {}
+        requests.append(params({**eviction, **adapter}))
+    lora = LoRARequest("lora", 1, str(random_adapters["lora"]))
+    outputs = engine.generate([p for _, p in jobs], requests, lora_request=[lora if k == "lora" else None for k, _ in jobs], use_tqdm=False)
+    assert stats(engine)["evictions"] == len(jobs)
+    tokenizer = load_base(random_llama)[1]
+    models = {kind: load_adapter(random_adapters[kind], load_base(random_llama)[0])[0].eval() for kind in kinds if kind}
+    models[None] = PlainLM(load_base(random_llama)[0]).eval()
+    for (kind, prompt), got in zip(jobs, tokens(outputs)):
+        ids = tokenizer(prompt).input_ids
+        plan = plan_eviction("nacl", len(ids), -(-len(ids) // 5), BLOCK, 0)
+        assert got == generate_with_eviction(models[kind], ids, plan, MAX_TOKENS, tokenizer.eos_token_id).tokens, kind

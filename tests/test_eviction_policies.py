@@ -1,0 +1,168 @@
+"""The eviction policies, budgets and settings as plain functions (no engine)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from vllm_plugins.eviction.budget import EvictionPlan, plan_eviction
+from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
+from vllm_plugins.eviction.policies.base import keep_best, window_attention
+from vllm_plugins.eviction.policies.nacl import NaclPolicy
+from vllm_plugins.eviction.settings import EvictionRule, EvictionSettings, EvictionSettingsError
+
+
+def cached_prompt(n: int = 120, rows: int = 2, group: int = 2, window: int = 8, seed: int = 0, keys=None) -> CachedPrompt:
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(rows, n, 16, generator=gen) if keys is None else keys
+    queries = torch.randn(rows * group, window, 16, generator=gen)
+    return CachedPrompt(keys, queries, 0.25, torch.Generator().manual_seed(seed))
+
+
+def prompt_for(policy_name: str, n: int = 120, seed: int = 0) -> CachedPrompt:
+    return cached_prompt(n, window=POLICIES[policy_name]().query_window(n), seed=seed)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_keeps_the_same_number_of_distinct_tokens_per_head(name):
+    kept = POLICIES[name]().select(prompt_for(name), 30)
+    assert kept.shape == (2, 30)
+    for row in kept:
+        assert row.tolist() == sorted(set(row.tolist())) and 0 <= row.min() and row.max() < 120
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_is_reproducible_from_its_seed(name):
+    policy = POLICIES[name]()
+    assert torch.equal(policy.select(prompt_for(name, seed=3), 30), policy.select(prompt_for(name, seed=3), 30))
+
+
+def test_random_choices_depend_on_the_seed():
+    for name in ("random", "nacl"):
+        a = POLICIES[name]().select(prompt_for(name, seed=1), 30)
+        b = POLICIES[name]().select(prompt_for(name, seed=2), 30)
+        assert not torch.equal(a, b), name
+
+
+def test_keep_best_breaks_ties_towards_the_earlier_token():
+    scores = torch.tensor([[1.0, 3.0, 3.0, 0.0, 3.0]])
+    assert keep_best(scores, 2).tolist() == [[1, 2]]
+
+
+def test_window_attention_sums_causal_softmax_over_the_group_and_window():
+    prompt = cached_prompt(n=10, rows=1, group=2, window=3)
+    expected = torch.zeros(10)
+    for h in range(2):
+        for p in range(3):
+            seen = 10 - 3 + p + 1
+            expected[:seen] += torch.softmax(prompt.keys[0, :seen] @ prompt.queries[h, p] * 0.25, dim=0)
+    assert torch.allclose(window_attention(prompt)[0], expected, atol=1e-6)
+
+
+def test_streaming_llm_keeps_the_sinks_and_the_most_recent_tokens():
+    kept = POLICIES["streaming_llm"]().select(cached_prompt(n=50, window=0), 10)
+    assert kept.tolist() == [[0, 1, 2, 3, 44, 45, 46, 47, 48, 49]] * 2
+
+
+def test_snapkv_keeps_its_window_and_the_neighbours_of_what_the_window_attends_to():
+    n, window = 200, 32
+    keys = torch.randn(1, n, 16) * 0.1
+    prompt = cached_prompt(n=n, rows=1, group=1, window=window, keys=keys)
+    keys[0, 60] = prompt.queries[0].mean(dim=0) * 40  # one token the whole window attends to
+    kept = POLICIES["snapkv"]().select(prompt, window + 7)[0].tolist()
+    assert kept == list(range(57, 64)) + list(range(n - window, n))
+
+
+def test_nacl_keeps_sinks_proxy_tokens_the_top_third_and_samples_the_rest():
+    n, num_kept = 400, 80
+    policy = NaclPolicy()
+    prompt = prompt_for("nacl", n=n)
+    window = policy.query_window(n)
+    assert window == 8  # max(8, 1% of 400)
+    scores = window_attention(prompt)
+    kept = policy.select(prompt, num_kept)
+    protected = set(range(4)) | set(range(n - window, n))
+    unprotected = num_kept - len(protected)
+    top = round(unprotected / 3)
+    for head in range(2):
+        chosen = set(kept[head].tolist())
+        assert protected <= chosen
+        ranked = [j for j in scores[head].argsort(descending=True).tolist() if j not in protected]
+        assert set(ranked[:top]) <= chosen
+        assert chosen - protected - set(ranked[:top])  # the sampled part
+
+
+def test_nacl_samples_in_proportion_to_the_scores():
+    """A token holding most of the attention mass is sampled far more often than one
+    holding little, over many seeds."""
+    n = 300
+    counts = torch.zeros(n)
+    for seed in range(60):
+        prompt = prompt_for("nacl", n=n, seed=0)
+        prompt = CachedPrompt(prompt.keys, prompt.queries, prompt.scale, torch.Generator().manual_seed(seed))
+        for j in NaclPolicy().select(prompt, 40)[0].tolist():
+            counts[j] += 1
+    scores = window_attention(prompt_for("nacl", n=n))[0]
+    middle = torch.arange(4, n - 8)
+    by_score = middle[scores[middle].argsort(descending=True)]
+    assert counts[by_score[20:60]].mean() > 2 * counts[by_score[-40:]].mean()  # uniform sampling: about equal
+
+
+def test_sca_keeps_one_of_each_group_of_near_duplicate_keys():
+    """Keys that are copies of 6 prototypes: after the sinks and recent tokens, SCA adds
+    one token of every prototype not yet kept before any duplicate."""
+    gen = torch.Generator().manual_seed(0)
+    prototypes = torch.nn.functional.normalize(torch.randn(6, 16, generator=gen), dim=-1)
+    which = torch.randint(0, 6, (100,), generator=gen)
+    keys = (prototypes[which] + 1e-3 * torch.randn(100, 16, generator=gen))[None]
+    kept = POLICIES["sca"]().select(cached_prompt(n=100, rows=1, window=0, keys=keys), 12 + 6)[0]
+    assert set(which[kept].tolist()) == set(range(6))
+
+
+def test_plans_free_whole_blocks_and_keep_at_most_a_block_more_than_the_budget():
+    plan = plan_eviction("nacl", 1000, 200, 32, 0)
+    assert plan.num_evicted % 32 == 0 and 200 <= plan.num_kept < 200 + 32
+    assert plan.evicted_blocks(32) == 25 and plan.num_kept == 200
+    assert plan_eviction("nacl", 1000, 990, 32, 0) is None  # no whole block to free
+    assert EvictionPlan.from_args(plan.as_args()) == plan
+
+
+def test_rules_keep_a_ratio_or_a_budget():
+    assert EvictionRule("nacl", keep_ratio=0.2).tokens_to_keep(1001) == math.ceil(0.2 * 1001)
+    assert EvictionRule("nacl", budget=64).tokens_to_keep(1001) == 64
+    assert EvictionRule("nacl").tokens_to_keep(100) == 20  # the default ratio
+
+
+@pytest.mark.parametrize("xargs,message", [
+    ({"kv_eviction": "h2o"}, "unknown KV eviction policy"),
+    ({"kv_eviction": "nacl", "kv_keep_ratio": 0}, "must be in (0, 1]"),
+    ({"kv_eviction": "nacl", "kv_keep_ratio": 1.5}, "must be in (0, 1]"),
+    ({"kv_eviction": "nacl", "kv_keep_ratio": "half"}, "must be in (0, 1]"),
+    ({"kv_eviction": "nacl", "kv_budget": 0}, "positive number of tokens"),
+    ({"kv_eviction": "nacl", "kv_budget": 64, "kv_keep_ratio": 0.5}, "not both"),
+    ({"kv_keep_ratio": 0.5}, "need a policy"),
+    ({"kv_eviction": "nacl", "kv_budget": 500}, "larger than the prompt"),
+])
+def test_bad_request_settings_are_errors(xargs, message):
+    with pytest.raises(EvictionSettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        EvictionSettings().rule_for(xargs, num_prompt=400)
+
+
+def test_server_default_applies_from_min_prompt_and_requests_override_it():
+    server = EvictionSettings(policy="snapkv", keep_ratio=0.5, min_prompt=100)
+    assert server.rule_for(None, num_prompt=99) is None
+    assert server.rule_for(None, num_prompt=100) == EvictionRule("snapkv", keep_ratio=0.5)
+    assert server.rule_for({"kv_eviction": "none"}, num_prompt=500) is None
+    assert server.rule_for({"kv_budget": 64}, num_prompt=500) == EvictionRule("snapkv", budget=64)
+    assert server.rule_for({"kv_eviction": "nacl"}, num_prompt=50) == EvictionRule("nacl")
+    assert EvictionSettings().rule_for(None, num_prompt=5000) is None  # off by default
+
+
+def test_server_settings_are_checked_at_start_up():
+    with pytest.raises(EvictionSettingsError):
+        EvictionSettings.from_additional_config({"kv_eviction": {"policy": "nacl", "keep_ratio": 2}})
+    with pytest.raises(ValueError, match="unknown kv_eviction settings"):
+        EvictionSettings.from_additional_config({"kv_eviction": {"polcy": "nacl"}})
+    assert EvictionSettings.from_additional_config('{"kv_eviction": {"policy": "sca"}}').policy == "sca"

@@ -1,0 +1,209 @@
+"""``vllm-plugins bench eviction``: KV eviction on the demo model's long-context retrieval
+task, every policy at several keep ratios against eviction off, in one run and one engine.
+
+The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that its
+scheduler and block pool can be read directly. It has a fixed KV cache of
+``cache_blocks`` blocks of ``block_size`` tokens, a scheduler budget of four whole
+prompts per step, and prefix caching off (the same prompts are sent under every configuration; a
+prefix hit would flatter eviction off). For each configuration:
+
+* **accuracy**: greedy answers to ``accuracy_prompts`` questions (four values each): the
+  share of answer values right, and of answers entirely right;
+* **blocks after prefill**: the KV blocks one request holds in vLLM's block pool once its
+  prefill step has run (its first token sampled, its cache evicted);
+* **most running**: ``concurrency_requests`` requests sent at once, each decoding
+  ``decode_tokens`` tokens: the largest number the scheduler ran in one step;
+* **prefill and TPOT**: ``timing_prompts`` requests one at a time, stepped by hand: the
+  prefill step's time (eviction included) and the mean decode step's time. Prompts are
+  interleaved across configurations so that machine drift hits all alike.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from vllm_plugins.demo_model import build_demo_model
+from vllm_plugins.eviction.policies import POLICIES
+from vllm_plugins.progress import log
+from vllm_plugins.tasks.retrieval import make_retrieval_example
+
+OFF = ("off", None)
+IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the engine core runs in this process
+
+
+@dataclass(frozen=True)
+class EvictionBench:
+    preset: str = "demo"
+    prompt_words: int = 1000  # plus the question and <bos>: 1,007 tokens
+    ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
+    accuracy_prompts: int = 100
+    timing_prompts: int = 8
+    concurrency_requests: int = 64
+    decode_tokens: int = 32
+    block_size: int = 32
+    cache_blocks: int = 256
+    seed: int = 0
+
+
+PRESETS = {
+    "default": EvictionBench(),
+    "tiny": EvictionBench(preset="tiny", prompt_words=300, ratios=(0.2,), accuracy_prompts=4, timing_prompts=2,
+                          concurrency_requests=12, decode_tokens=16, cache_blocks=64),
+}
+
+
+def _configs(bench: EvictionBench) -> list[tuple[str, float | None]]:
+    return [OFF] + [(policy, ratio) for policy in sorted(POLICIES) for ratio in bench.ratios]
+
+
+def _params(config: tuple[str, float | None], max_tokens: int, seed: int = 0):
+    from vllm import SamplingParams
+
+    policy, ratio = config
+    xargs = None if ratio is None else {"kv_eviction": policy, "kv_keep_ratio": ratio}
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, seed=seed, extra_args=xargs)
+
+
+def _engine(bench: EvictionBench):
+    from vllm_plugins.serving.launcher import SCHEDULER, WORKER
+    from vllm_plugins.serving.offline import make_engine
+
+    tokens = bench.prompt_words + 16 + bench.decode_tokens
+    previous = os.environ.get(IN_PROCESS)
+    os.environ[IN_PROCESS] = "0"
+    try:
+        return make_engine(
+            build_demo_model(bench.preset), worker_cls=WORKER, scheduler_cls=SCHEDULER, block_size=bench.block_size,
+            num_gpu_blocks_override=bench.cache_blocks, max_model_len=tokens, max_num_batched_tokens=4 * tokens,
+            enable_chunked_prefill=True, enable_prefix_caching=False,
+        )
+    finally:
+        if previous is None:
+            os.environ.pop(IN_PROCESS)
+        else:
+            os.environ[IN_PROCESS] = previous
+
+
+class _Stepper:
+    """Requests added to the in-process engine and stepped by hand."""
+
+    def __init__(self, llm):
+        self.engine = llm.llm_engine
+        self.scheduler = self.engine.engine_core.engine_core.scheduler
+        self._next = 0
+
+    def add(self, prompt: str, params) -> str:
+        req_id = f"bench-{self._next}"
+        self._next += 1
+        self.engine.add_request(req_id, prompt, params)
+        return req_id
+
+    def internal_id(self, req_id: str) -> str:
+        return next(r for r in self.scheduler.requests if r.startswith(req_id + "-") or r == req_id)
+
+    def step(self) -> tuple[float, list]:
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        return time.perf_counter() - start, outputs
+
+    def drain(self) -> int:
+        """Steps until nothing is left; the most requests running in one step."""
+        most = 0
+        while self.engine.has_unfinished_requests():
+            self.step()
+            most = max(most, len(self.scheduler.running))
+        return most
+
+
+def _value_accuracy(answers: list[str], expected: list[str]) -> tuple[float, float]:
+    right = whole = 0
+    for got, want in zip(answers, expected):
+        got_values, want_values = got.split(), want.split()
+        hits = sum(g == w for g, w in zip(got_values, want_values))
+        right += hits
+        whole += hits == len(want_values)
+    total = sum(len(w.split()) for w in expected)
+    return right / total, whole / len(expected)
+
+
+def _blocks_after_prefill(stepper: _Stepper, prompt: str, config) -> int:
+    req_id = stepper.add(prompt, _params(config, max_tokens=2))
+    internal = stepper.internal_id(req_id)
+    request = stepper.scheduler.requests[internal]
+    while request.num_computed_tokens < request.num_prompt_tokens:
+        stepper.step()
+    held = stepper.scheduler.block_release.blocks_held(internal)
+    stepper.drain()
+    return held
+
+
+def _timed_request(stepper: _Stepper, prompt: str, config, decode_tokens: int) -> tuple[float, float]:
+    """(prefill step seconds, mean decode step seconds) of one request alone."""
+    stepper.add(prompt, _params(config, max_tokens=decode_tokens))
+    prefill, _ = stepper.step()
+    decode = []
+    while stepper.engine.has_unfinished_requests():
+        seconds, _ = stepper.step()
+        decode.append(seconds)
+    return prefill, statistics.mean(decode)
+
+
+def run_eviction_bench(bench: EvictionBench) -> dict:
+    rng = random.Random(bench.seed)
+    examples = [make_retrieval_example(rng, bench.prompt_words) for _ in range(bench.accuracy_prompts)]
+    prompts = [e.prompt for e in examples]
+    llm = _engine(bench)
+    stepper = _Stepper(llm)
+    configs = _configs(bench)
+    rows = {config: {"policy": config[0], "keep_ratio": config[1]} for config in configs}
+
+    for config in configs:
+        outputs = llm.generate(prompts, _params(config, max_tokens=len(examples[0].questions[0].values)), use_tqdm=False)
+        values, whole = _value_accuracy([o.outputs[0].text for o in outputs], [e.answer for e in examples])
+        rows[config].update(value_accuracy=round(values, 4), answer_accuracy=round(whole, 4))
+        rows[config]["blocks_after_prefill"] = _blocks_after_prefill(stepper, prompts[0], config)
+        for i in range(bench.concurrency_requests):
+            stepper.add(prompts[i % len(prompts)], _params(config, max_tokens=bench.decode_tokens))
+        rows[config]["most_running"] = stepper.drain()
+        log("bench-eviction", f"{config[0]} {config[1]}: {rows[config]}")
+
+    timings: dict = {config: ([], []) for config in configs}
+    _timed_request(stepper, prompts[0], OFF, bench.decode_tokens)  # warm-up
+    for prompt in prompts[: bench.timing_prompts]:
+        for config in configs:
+            prefill, tpot = _timed_request(stepper, prompt, config, bench.decode_tokens)
+            timings[config][0].append(prefill)
+            timings[config][1].append(tpot)
+    for config in configs:
+        prefill, tpot = timings[config]
+        rows[config].update(prefill_ms=round(1000 * statistics.median(prefill), 2), tpot_ms=round(1000 * statistics.median(tpot), 2))
+
+    off = rows[OFF]
+    for row in rows.values():
+        row["blocks_vs_off"] = round(row["blocks_after_prefill"] / off["blocks_after_prefill"], 3)
+        row["running_vs_off"] = round(row["most_running"] / off["most_running"], 2)
+        row["prefill_vs_off"] = round(row["prefill_ms"] / off["prefill_ms"], 3)
+        row["tpot_vs_off"] = round(row["tpot_ms"] / off["tpot_ms"], 3)
+    prompt_tokens = len(llm.get_tokenizer()(prompts[0]).input_ids)
+    return {"bench": asdict(bench), "prompt_tokens": prompt_tokens, "results": list(rows.values())}
+
+
+def format_report(report: dict) -> str:
+    lines = [
+        f"KV eviction on the retrieval task: {report['prompt_tokens']}-token prompts, "
+        f"{report['bench']['cache_blocks']} blocks of {report['bench']['block_size']} tokens",
+        f"{'policy':<14}{'ratio':>6}{'values':>8}{'answers':>8}{'blocks':>8}{'x off':>7}{'running':>8}{'x off':>7}"
+        f"{'prefill ms':>11}{'x off':>7}{'TPOT ms':>9}{'x off':>7}",
+    ]
+    for r in report["results"]:
+        ratio = "-" if r["keep_ratio"] is None else f"{r['keep_ratio']:.1f}"
+        lines.append(
+            f"{r['policy']:<14}{ratio:>6}{r['value_accuracy']:>8.3f}{r['answer_accuracy']:>8.3f}"
+            f"{r['blocks_after_prefill']:>8}{r['blocks_vs_off']:>7.2f}{r['most_running']:>8}{r['running_vs_off']:>7.2f}"
+            f"{r['prefill_ms']:>11.1f}{r['prefill_vs_off']:>7.2f}{r['tpot_ms']:>9.2f}{r['tpot_vs_off']:>7.2f}"
+        )
+    return "\n".join(lines)

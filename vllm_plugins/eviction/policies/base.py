@@ -1,0 +1,102 @@
+"""What an eviction policy sees of a prompt, and what it decides.
+
+A policy's job is to choose which of a prompt's cached tokens each (layer, KV head) keeps,
+given how many it may keep: the same number for all (one block table serves every layer
+and head), its own choice for each. How many, where the kept tokens go and which blocks are freed is
+decided elsewhere (:mod:`vllm_plugins.eviction.budget`, :mod:`vllm_plugins.serving.kv_eviction`,
+:mod:`vllm_plugins.serving.block_release`).
+
+Most policies only score tokens and keep the best ones (:meth:`EvictionPolicy.scores`);
+NACL (random sampling) and SCA (greedy selection) choose differently and override
+:meth:`EvictionPolicy.select`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+PROTECTED = float("inf")
+"""The score of a token a policy always keeps (sinks, the proxy or observation window)."""
+
+
+@dataclass(frozen=True)
+class CachedPrompt:
+    """One request's prompt as cached at the end of its prefill, one row per (layer, KV
+    head), layer-major.
+
+    ``keys``: (rows, n, head_dim), rotated, exactly as attention cached them.
+    ``queries``: (rows * group, w, head_dim), the rotated queries of the prompt's last
+    ``w`` tokens, ``w = policy.query_window(n)`` (zero for policies that read none), a
+    row's ``group`` query heads next to each other (grouped-query attention).
+    ``generator``: the request's seeded randomness.
+    """
+
+    keys: torch.Tensor
+    queries: torch.Tensor
+    scale: float
+    generator: torch.Generator
+
+    @property
+    def num_tokens(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def num_rows(self) -> int:
+        return self.keys.shape[0]
+
+
+class EvictionPolicy:
+    """Chooses the tokens each row (layer, KV head) keeps. Subclasses set ``name`` and implement
+    :meth:`scores`, or :meth:`select` when keeping the best-scored tokens is not the rule."""
+
+    name: ClassVar[str]
+    sinks: ClassVar[int] = 4  # leading "attention sink" tokens (StreamingLLM), kept by every policy that protects them
+
+    def query_window(self, num_tokens: int) -> int:
+        """How many of the prompt's last queries the policy reads."""
+        return 0
+
+    def scores(self, prompt: CachedPrompt) -> torch.Tensor:
+        """(rows, n) float scores; the highest are kept, :data:`PROTECTED` always."""
+        raise NotImplementedError
+
+    def select(self, prompt: CachedPrompt, num_kept: int) -> torch.Tensor:
+        """(rows, num_kept) ascending indices of the tokens each row keeps."""
+        return keep_best(self.scores(prompt), num_kept)
+
+
+def keep_best(scores: torch.Tensor, num_kept: int) -> torch.Tensor:
+    """Per row, the ``num_kept`` highest scores' indices, ascending. Equal scores go to the
+    earlier token (a stable sort), so the choice does not depend on the sort's internals."""
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[:, :num_kept].sort(dim=-1).values
+
+
+def window_attention(prompt: CachedPrompt) -> torch.Tensor:
+    """(rows, n): the attention the window's queries pay to each cached token.
+
+    For row (layer, KV head) g and token j, the sum over the query heads h of g's group
+    and the window's queries p of softmax_j(q_{p,h} . k_{j,g} * scale), causal (query p, at
+    position n - w + p, sees tokens j <= n - w + p): NACL's proxy-token score (Sec. 3.2)
+    and SnapKV's observation-window vote (Sec. 4.2) before pooling.
+    """
+    keys, queries = prompt.keys.float(), prompt.queries.float()
+    heads, window, _ = queries.shape
+    rows, n, _ = keys.shape
+    group = heads // rows
+    logits = queries.reshape(rows, group * window, -1) @ keys.transpose(1, 2) * prompt.scale
+    position = (n - window + torch.arange(window)).repeat(group)
+    logits = logits.masked_fill(torch.arange(n)[None, :] > position[:, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).sum(dim=1)
+
+
+def protect_edges(scores: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
+    """``scores`` with the first ``sinks`` and the last ``window`` tokens protected."""
+    scores = scores.clone()
+    scores[:, :sinks] = PROTECTED
+    if window:
+        scores[:, -window:] = PROTECTED
+    return scores

@@ -1,0 +1,106 @@
+"""KV eviction on the transformers model: the reference the serving path is checked against.
+
+One prompt at a time: prefill the whole prompt (its first generated token sees the whole
+cache, as in vLLM), capture each layer's rotated queries of the prompt's last tokens,
+let the policy choose each (layer, KV head)'s kept tokens, keep only those keys and
+values, in order, and decode on. Positions continue from the prompt's length (RoPE); the
+cache holds the kept tokens only.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from vllm_plugins.eviction.budget import EvictionPlan
+from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
+
+CAPTURE = "vllm_plugins_query_capture"
+
+
+@dataclass
+class EvictedGeneration:
+    tokens: list[int]
+    kept: list[torch.Tensor]  # per layer, (kv_heads, num_kept) token indices; empty without eviction
+
+
+@contextmanager
+def _capture_queries(model, window: int, captured: dict[int, torch.Tensor]):
+    """While active, each attention layer's last ``window`` rotated queries (heads, w, d)
+    land in ``captured[layer_idx]``; attention itself runs unchanged."""
+    original = model.config._attn_implementation
+    inner = ALL_ATTENTION_FUNCTIONS[original]
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        captured[module.layer_idx] = query[0, :, query.shape[2] - window :].detach().clone()
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register(CAPTURE, attention)
+    model.config._attn_implementation = CAPTURE
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = original
+
+
+def _base_model(lm) -> PreTrainedModel:
+    """The transformers causal LM inside an adapter wrapper (PlainLM, PEFT, prompt-aware)."""
+    for module in lm.modules():
+        if isinstance(module, PreTrainedModel) and hasattr(getattr(module, "model", None), "layers"):
+            return module
+    raise ValueError("no transformers causal LM found inside the model")
+
+
+def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: EvictionPlan, scale: float) -> list[torch.Tensor]:
+    """Keep each layer's chosen tokens in ``cache`` (batch 1), in order; their indices,
+    (kv_heads, num_kept) per layer."""
+    layers = cache.layers
+    keys = torch.cat([layer.keys[0] for layer in layers])
+    window = torch.cat([queries[i] for i in range(len(layers))]) if queries else keys.new_empty(0, 0, keys.shape[-1])
+    keep = POLICIES[plan.policy]().select(CachedPrompt(keys, window, scale, plan.generator()), plan.num_kept)
+    kept = list(keep.chunk(len(layers)))
+    for layer, chosen in zip(layers, kept):
+        rows = chosen[:, :, None].expand(-1, -1, layer.keys.shape[-1])
+        layer.keys = layer.keys[0].gather(1, rows)[None]
+        layer.values = layer.values[0].gather(1, rows)[None]
+    return kept
+
+
+@torch.no_grad()
+def generate_with_eviction(lm, prompt: list[int], plan: EvictionPlan | None, max_new_tokens: int, eos_id: int) -> EvictedGeneration:
+    """Greedy tokens of ``lm`` (any adapter wrapper with the project's calling convention)
+    for one prompt, its cache evicted by ``plan`` after prefill (None: not evicted)."""
+    if hasattr(lm, "reset_state"):
+        lm.reset_state()
+    model = _base_model(lm)
+    n = len(prompt)
+    ids = torch.tensor([prompt])
+    attention = torch.ones(1, n, dtype=torch.long)
+    adapt = torch.zeros(1, n, dtype=torch.bool)
+    adapt[:, -1] = True
+    cache = DynamicCache()
+    queries: dict[int, torch.Tensor] = {}
+    window = POLICIES[plan.policy]().query_window(n) if plan else 0
+    with _capture_queries(model, window, queries) if window else nullcontext():
+        out = lm(ids, attention, pool_mask=attention.bool(), adapt_mask=adapt,
+                 position_ids=torch.arange(n)[None], past_key_values=cache, use_cache=True)
+    kept: list[torch.Tensor] = []
+    if plan is not None:
+        kept = evict_cache(cache, queries, plan, model.model.layers[0].self_attn.scaling)
+    cached = cache.get_seq_length()
+    tokens: list[int] = []
+    decode_adapt = torch.ones(1, 1, dtype=torch.bool)
+    for step in range(max_new_tokens):
+        token = int(out.logits[0, -1].argmax())
+        tokens.append(token)
+        if token == eos_id or step == max_new_tokens - 1:
+            break
+        attention = torch.ones(1, cached + 1, dtype=torch.long)
+        out = lm(torch.tensor([[token]]), attention, pool_mask=None, adapt_mask=decode_adapt,
+                 position_ids=torch.tensor([[n + step]]), past_key_values=cache, use_cache=True)
+        cached += 1
+    return EvictedGeneration(tokens, kept)

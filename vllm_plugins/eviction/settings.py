@@ -1,0 +1,119 @@
+"""Which requests are evicted, with which policy and budget: server defaults and the
+per-request ``vllm_xargs`` that override them.
+
+Server (``vllm-plugins serve`` flags, carried in ``--additional-config``)::
+
+    --kv-eviction nacl --kv-keep-ratio 0.2 [--kv-eviction-min-prompt 1024]
+    --additional-config '{"kv_eviction": {"policy": "nacl", "keep_ratio": 0.2, "min_prompt": 1024}}'
+
+Per request (``vllm_xargs``)::
+
+    {"kv_eviction": "snapkv", "kv_keep_ratio": 0.1}   # or "kv_budget": 256 (tokens)
+    {"kv_eviction": "none"}                          # this request keeps its whole cache
+
+A request that names a policy is evicted whatever its length; the server's default acts
+only on prompts of at least ``min_prompt`` tokens. Keep ratio and budget are exclusive;
+with neither, the keep ratio is 0.2 (NACL's reported setting).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+from vllm_plugins.eviction.policies import POLICIES
+
+SECTION = "kv_eviction"
+POLICY_ARG = "kv_eviction"
+KEEP_RATIO_ARG = "kv_keep_ratio"
+BUDGET_ARG = "kv_budget"
+OFF = "none"
+DEFAULT_KEEP_RATIO = 0.2
+
+
+class EvictionSettingsError(ValueError):
+    """A policy, ratio or budget that cannot be honoured (an HTTP 400 for a request)."""
+
+
+@dataclass(frozen=True)
+class EvictionRule:
+    """A policy and how much of a prompt it keeps: a ratio of its tokens or a token budget."""
+
+    policy: str
+    keep_ratio: float | None = None
+    budget: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise EvictionSettingsError(f"unknown KV eviction policy {self.policy!r}; known: {', '.join(sorted(POLICIES))}, {OFF}")
+        if self.keep_ratio is not None and self.budget is not None:
+            raise EvictionSettingsError("give a keep ratio or a token budget, not both")
+        ratio = self.keep_ratio
+        if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= 1):
+            raise EvictionSettingsError(f"the KV keep ratio must be in (0, 1], got {self.keep_ratio!r}")
+        if self.budget is not None and not (isinstance(self.budget, int) and not isinstance(self.budget, bool) and self.budget >= 1):
+            raise EvictionSettingsError(f"the KV budget must be a positive number of tokens, got {self.budget!r}")
+
+    def tokens_to_keep(self, num_prompt: int) -> int:
+        if self.budget is not None:
+            return self.budget
+        return math.ceil((DEFAULT_KEEP_RATIO if self.keep_ratio is None else self.keep_ratio) * num_prompt)
+
+
+@dataclass(frozen=True)
+class EvictionSettings:
+    """The server's default, off unless ``policy`` is set."""
+
+    policy: str | None = None
+    keep_ratio: float | None = None
+    budget: int | None = None
+    min_prompt: int = 0
+
+    @classmethod
+    def from_additional_config(cls, additional_config) -> EvictionSettings:
+        if isinstance(additional_config, str):
+            additional_config = json.loads(additional_config or "{}")
+        section = (additional_config or {}).get(SECTION) or {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        if unknown := set(section) - known:
+            raise ValueError(f"unknown {SECTION} settings {sorted(unknown)} in --additional-config; known: {sorted(known)}")
+        settings = cls(**section)
+        if settings.policy is not None:
+            settings.default_rule()  # validates policy, ratio and budget at start-up
+        if settings.min_prompt < 0:
+            raise ValueError(f"{SECTION}.min_prompt must be >= 0, got {settings.min_prompt}")
+        return settings
+
+    def default_rule(self) -> EvictionRule | None:
+        return None if self.policy in (None, OFF) else EvictionRule(self.policy, self.keep_ratio, self.budget)
+
+    def rule_for(self, xargs: dict | None, num_prompt: int | None = None) -> EvictionRule | None:
+        """The rule a request is evicted by, or None. ``xargs`` are its ``vllm_xargs``;
+        with ``num_prompt`` (its prompt's tokens) a budget above it is an error and the
+        server default's ``min_prompt`` applies.
+
+        Raises :class:`EvictionSettingsError` for a bad request setting."""
+        xargs = xargs or {}
+        policy = xargs.get(POLICY_ARG)
+        ratio, budget = xargs.get(KEEP_RATIO_ARG), xargs.get(BUDGET_ARG)
+        if policy == OFF:
+            return None
+        if policy is None:
+            rule = self.default_rule()
+            if rule is None:
+                if ratio is not None or budget is not None:
+                    raise EvictionSettingsError(f"{KEEP_RATIO_ARG}/{BUDGET_ARG} need a policy: set {POLICY_ARG} in vllm_xargs")
+                return None
+            if num_prompt is not None and num_prompt < self.min_prompt:
+                return None
+            policy = rule.policy
+            if ratio is None and budget is None:
+                ratio, budget = rule.keep_ratio, rule.budget
+        elif not isinstance(policy, str):
+            raise EvictionSettingsError(f"{POLICY_ARG} must be a policy name, got {policy!r}")
+        rule = EvictionRule(policy, ratio, budget)
+        if rule.budget is not None and num_prompt is not None and rule.budget > num_prompt:
+            raise EvictionSettingsError(f"a KV budget of {rule.budget} tokens is larger than the prompt ({num_prompt} tokens)")
+        return rule

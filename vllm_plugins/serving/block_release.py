@@ -1,0 +1,84 @@
+"""KV eviction in vLLM's scheduler: the plan of each request, and the blocks it frees.
+
+When a request arrives, its eviction rule (server default or ``vllm_xargs``,
+:mod:`vllm_plugins.eviction.settings`) becomes a plan: the policy, how many prompt tokens
+stay (:mod:`vllm_plugins.eviction.budget`) and the seed of its random choices. The plan
+rides to the worker in ``extra_args`` (:data:`~.kv_eviction.PLAN_ARG`).
+
+After the step that completes the prompt has run (the worker compacted the kept tokens
+into the prompt's trailing blocks), the request's leading blocks go back to vLLM's block
+pool and become ``null_block`` in its block list, the mechanism vLLM uses for sliding
+windows, so that every later allocation counts from the kept length. Positions stay
+logical, so vLLM's own accounting of the request (computed tokens, block indices of new
+tokens, freeing at the end) is unchanged.
+
+A preempted request is recomputed from scratch, its prompt and the tokens it had
+generated together. Its prefill chunk is clipped at the prompt's end
+(:meth:`BlockRelease.clip_chunk`), so the prompt is evicted again before the generated
+tokens are recomputed, and they see the same kept cache they saw when first decoded: the
+request resumes exactly where it was.
+
+An evicting request never shares blocks through the prefix cache: it does not read
+cached blocks, and its blocks are hashed under a salt of its own, so that nobody reads
+the blocks it rewrites.
+"""
+
+from __future__ import annotations
+
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from vllm_plugins.eviction.budget import EvictionPlan, plan_eviction
+from vllm_plugins.eviction.settings import EvictionSettings
+from vllm_plugins.serving.kv_eviction import PLAN_ARG
+
+
+class BlockRelease:
+    def __init__(self, settings: EvictionSettings, kv_cache_manager, block_size: int):
+        groups = kv_cache_manager.kv_cache_config.kv_cache_groups
+        if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+            raise RuntimeError("KV eviction needs a model whose layers all use full attention (one KV cache group)")
+        self.settings = settings
+        self.block_size = block_size
+        self.blocks = kv_cache_manager.coordinator.single_type_managers[0]
+        self.evicting: dict[str, EvictionPlan] = {}
+
+    def plan(self, request) -> None:
+        """Attach the request's plan, if it is evicted; called before it is scheduled."""
+        params = request.sampling_params
+        if params is None:
+            return
+        rule = self.settings.rule_for(params.extra_args, request.num_prompt_tokens)
+        if rule is None:
+            return
+        plan = plan_eviction(rule.policy, request.num_prompt_tokens, rule.tokens_to_keep(request.num_prompt_tokens),
+                             self.block_size, params.seed or 0)
+        if plan is None:
+            return
+        params.extra_args = {**(params.extra_args or {}), PLAN_ARG: plan.as_args()}
+        request.skip_reading_prefix_cache = True
+        request.cache_salt = f"kv-eviction:{request.request_id}"
+        request.block_hashes = []
+        request.update_block_hashes()
+        self.evicting[request.request_id] = plan
+
+    def clip_chunk(self, request_id: str, start: int, num_new_tokens: int) -> int:
+        """The tokens to schedule from position ``start``: never across the prompt's end."""
+        plan = self.evicting.get(request_id)
+        if plan is None or start >= plan.num_prompt:
+            return num_new_tokens
+        return min(num_new_tokens, plan.num_prompt - start)
+
+    def release(self, requests: dict) -> None:
+        """Free the leading blocks of every evicting request whose prompt has run
+        (``requests``: the scheduler's requests by id). Idempotent: vLLM stops at a block
+        that is already null."""
+        for req_id, plan in self.evicting.items():
+            if requests[req_id].num_computed_tokens >= plan.num_prompt:
+                self.blocks._remove_blocks_in_range(req_id, 0, plan.evicted_blocks(self.block_size))
+
+    def forget(self, request_id: str) -> None:
+        self.evicting.pop(request_id, None)
+
+    def blocks_held(self, request_id: str) -> int:
+        """KV blocks the request holds in vLLM's block pool now (null blocks excluded)."""
+        return sum(not block.is_null for block in self.blocks.req_to_blocks.get(request_id, ()))
