@@ -39,6 +39,16 @@ def test_bench_adapters_refuses_a_request_count_below_one(tmp_path):
     assert "--requests: must be at least 1, got 0" in result.stderr
 
 
+def test_serve_refuses_bad_kv_eviction_flags_before_starting_vllm(tmp_path):
+    result = _cli("serve", "some-model", "--adapter-dir", str(tmp_path), "--kv-eviction", "nacl", "--kv-keep-ratio", "2")
+    assert result.returncode == 2
+    assert "the KV keep ratio must be in (0, 1], got 2.0" in result.stderr
+    result = _cli("serve", "some-model", "--adapter-dir", str(tmp_path), "--kv-eviction", "h2o")
+    assert result.returncode == 2 and "invalid choice: 'h2o'" in result.stderr
+    result = _cli("serve", "some-model", "--adapter-dir", str(tmp_path), "--kv-keep-ratio", "0.5", "--kv-budget", "9")
+    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+
+
 def test_bench_adapters_writes_figures_and_ratios(plugins_home, tmp_path):
     """The benchmark's machinery on a tiny random model: base plus one prompt-aware and
     one stock-LoRA method, each through its own engine (figures are not judged here)."""

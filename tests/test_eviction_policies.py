@@ -12,6 +12,7 @@ from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
 from vllm_plugins.eviction.policies.base import keep_best, window_attention
 from vllm_plugins.eviction.policies.nacl import NaclPolicy
 from vllm_plugins.eviction.settings import EvictionRule, EvictionSettings, EvictionSettingsError
+from vllm_plugins.serving.config import eviction_settings
 
 
 def cached_prompt(n: int = 120, rows: int = 2, group: int = 2, window: int = 8, seed: int = 0, keys=None) -> CachedPrompt:
@@ -162,7 +163,10 @@ def test_server_default_applies_from_min_prompt_and_requests_override_it():
 
 def test_server_settings_are_checked_at_start_up():
     with pytest.raises(EvictionSettingsError):
-        EvictionSettings.from_additional_config({"kv_eviction": {"policy": "nacl", "keep_ratio": 2}})
+        eviction_settings({"kv_eviction": {"policy": "nacl", "keep_ratio": 2}})
     with pytest.raises(ValueError, match="unknown kv_eviction settings"):
-        EvictionSettings.from_additional_config({"kv_eviction": {"polcy": "nacl"}})
-    assert EvictionSettings.from_additional_config('{"kv_eviction": {"policy": "sca"}}').policy == "sca"
+        eviction_settings({"kv_eviction": {"polcy": "nacl"}})
+    with pytest.raises(ValueError, match="min_prompt"):
+        eviction_settings({"kv_eviction": {"policy": "nacl", "min_prompt": -1}})
+    assert eviction_settings('{"kv_eviction": {"policy": "sca"}}').policy == "sca"
+    assert eviction_settings(None) == EvictionSettings()

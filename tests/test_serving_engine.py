@@ -119,13 +119,13 @@ def test_state_is_computed_once_per_request_at_prefill(engine, adapters, prompts
 def test_identical_prompts_of_two_tenants_stay_apart_under_prefix_caching(engine, adapters, prompts, tiny_llama):
     """One long prompt for two adapters, then for the base model, then all again: each
     answer stays its own reference's, whatever the others left in the prefix cache."""
-    prompt = prompts[-1]
-    jobs = [("iapt-0", adapters["iapt-0"]), ("para-2", adapters["para-2"]), (None, None)]
+    prompt = prompts[-2]
+    jobs = [("iapt-0", adapters["iapt-0"]), ("milora-4", adapters["milora-4"]), (None, None)]
     expected = [_reference(tiny_llama, path, [prompt])[0] for _, path in jobs]
     for _ in range(2):
         got = [_texts(engine.generate([prompt], _params(name, path), use_tqdm=False))[0] for name, path in jobs]
         assert got == expected
-    assert expected[1] != expected[2]  # the adapter changes the answer, so a leak would show
+    assert len(set(expected)) == 3  # every tenant answers differently, so a leak would show
 
 
 def test_preempted_requests_rebuild_their_state(tiny_llama, adapters, prompts):

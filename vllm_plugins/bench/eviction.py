@@ -38,7 +38,7 @@ IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the engine core runs in th
 @dataclass(frozen=True)
 class EvictionBench:
     preset: str = "demo"
-    prompt_words: int = 1000  # plus the question and <bos>: 1,007 tokens
+    prompt_words: int = 1000  # plus the question and <bos>: 1,004 tokens
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     accuracy_prompts: int = 100
     timing_prompts: int = 8

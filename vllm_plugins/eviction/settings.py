@@ -18,8 +18,6 @@ with neither, the keep ratio is 0.2 (NACL's reported setting).
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 from dataclasses import dataclass
 
@@ -71,20 +69,11 @@ class EvictionSettings:
     budget: int | None = None
     min_prompt: int = 0
 
-    @classmethod
-    def from_additional_config(cls, additional_config) -> EvictionSettings:
-        if isinstance(additional_config, str):
-            additional_config = json.loads(additional_config or "{}")
-        section = (additional_config or {}).get(SECTION) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        if unknown := set(section) - known:
-            raise ValueError(f"unknown {SECTION} settings {sorted(unknown)} in --additional-config; known: {sorted(known)}")
-        settings = cls(**section)
-        if settings.policy is not None:
-            settings.default_rule()  # validates policy, ratio and budget at start-up
-        if settings.min_prompt < 0:
-            raise ValueError(f"{SECTION}.min_prompt must be >= 0, got {settings.min_prompt}")
-        return settings
+    def validate(self) -> None:
+        """Fail at start-up, not on the first request, for a bad server default."""
+        self.default_rule()
+        if not (isinstance(self.min_prompt, int) and self.min_prompt >= 0):
+            raise ValueError(f"{SECTION}.min_prompt must be a number of tokens >= 0, got {self.min_prompt!r}")
 
     def default_rule(self) -> EvictionRule | None:
         return None if self.policy in (None, OFF) else EvictionRule(self.policy, self.keep_ratio, self.budget)

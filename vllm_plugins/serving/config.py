@@ -1,13 +1,16 @@
-"""The plugin's settings, carried in vLLM's own ``--additional-config`` JSON::
+"""The plugins' settings, carried in vLLM's own ``--additional-config`` JSON::
 
     --additional-config '{"prompt_adapters": {"dir": "/srv/adapters", "max_active": 16,
-                                              "runtime_loading": false}}'
+                                              "runtime_loading": false},
+                          "kv_eviction": {"policy": "nacl", "keep_ratio": 0.2, "min_prompt": 1024}}'
 
 ``dir``: the adapter directory; every sub-directory holding a prompt-aware adapter is
 registered at start under its directory name, and run-time loading accepts paths inside
 it only. ``max_active``: prompt-aware adapters whose weights a worker holds at once.
 ``runtime_loading``: enables ``POST /v1/load_prompt_adapter`` and
 ``/v1/unload_prompt_adapter`` (off by default, as vLLM's run-time LoRA loading is).
+
+``kv_eviction``: the server's default KV eviction (:mod:`vllm_plugins.eviction.settings`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,28 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from vllm_plugins.eviction import settings as eviction
+from vllm_plugins.eviction.settings import EvictionSettings
+
 SECTION = "prompt_adapters"
+
+
+def read_section(additional_config, section: str, cls):
+    """``cls`` (a dataclass) from one section of ``--additional-config`` (JSON text or a
+    dict); defaults where the section is absent, an error for keys ``cls`` lacks."""
+    if isinstance(additional_config, str):
+        additional_config = json.loads(additional_config or "{}")
+    values = (additional_config or {}).get(section) or {}
+    known = {f.name for f in dataclasses.fields(cls)}
+    if unknown := set(values) - known:
+        raise ValueError(f"unknown {section} settings {sorted(unknown)} in --additional-config; known: {sorted(known)}")
+    return cls(**values)
+
+
+def eviction_settings(additional_config) -> EvictionSettings:
+    settings = read_section(additional_config, eviction.SECTION, EvictionSettings)
+    settings.validate()
+    return settings
 
 
 @dataclass(frozen=True)
@@ -27,14 +51,7 @@ class PromptAdapterSettings:
 
     @classmethod
     def from_additional_config(cls, additional_config) -> PromptAdapterSettings:
-        if isinstance(additional_config, str):
-            additional_config = json.loads(additional_config or "{}")
-        section = (additional_config or {}).get(SECTION) or {}
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(section) - known
-        if unknown:
-            raise ValueError(f"unknown {SECTION} settings {sorted(unknown)} in --additional-config; known: {sorted(known)}")
-        settings = cls(**section)
+        settings = read_section(additional_config, SECTION, cls)
         if settings.max_active < 1:
             raise ValueError(f"{SECTION}.max_active must be >= 1, got {settings.max_active}")
         return settings

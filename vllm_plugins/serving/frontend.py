@@ -26,9 +26,9 @@ import json
 from typing import Any
 
 from vllm_plugins.adapters.storage import AdapterError
-from vllm_plugins.eviction.settings import BUDGET_ARG, KEEP_RATIO_ARG, POLICY_ARG, EvictionSettings, EvictionSettingsError
+from vllm_plugins.eviction.settings import BUDGET_ARG, KEEP_RATIO_ARG, POLICY_ARG, EvictionSettingsError
 from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG
-from vllm_plugins.serving.config import PromptAdapterSettings
+from vllm_plugins.serving.config import PromptAdapterSettings, eviction_settings
 from vllm_plugins.serving.kv_eviction import PLAN_ARG
 from vllm_plugins.serving.registry import PromptAdapterRegistry
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
@@ -105,7 +105,7 @@ class PromptAdapterMiddleware:
         if self._registry is None:
             args = scope["app"].state.args
             self._settings = PromptAdapterSettings.from_additional_config(args.additional_config)
-            self._eviction = EvictionSettings.from_additional_config(args.additional_config)
+            self._eviction = eviction_settings(args.additional_config)
             self._registry = PromptAdapterRegistry(args.model, self._settings.dir)
             names = args.served_model_name or [args.model]
             self._served_name = names[0] if isinstance(names, list) else names

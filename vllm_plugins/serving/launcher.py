@@ -70,7 +70,7 @@ def serve_argv(
             ranks.append(_lora_rank(manifest))
     settings = {SECTION: {"dir": str(root), "max_active": max_active, "runtime_loading": runtime_loading}}
     if eviction.policy is not None:
-        eviction.default_rule()  # a bad ratio or budget fails here, not in the engine
+        eviction.validate()  # a bad ratio or budget fails here, not in the engine
         settings[eviction_settings.SECTION] = dataclasses.asdict(eviction)
     argv = _vllm_serve(model) + [
         "--worker-cls", WORKER,

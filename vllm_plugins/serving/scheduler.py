@@ -26,10 +26,9 @@ from __future__ import annotations
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_plugins.adapters.storage import read_manifest
-from vllm_plugins.eviction.settings import EvictionSettings
 from vllm_plugins.serving.batch import ADAPTER_PATH_ARG, requested_adapter
 from vllm_plugins.serving.block_release import BlockRelease
-from vllm_plugins.serving.config import PromptAdapterSettings
+from vllm_plugins.serving.config import PromptAdapterSettings, eviction_settings
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG, SoftTokenSlots
 
 
@@ -39,7 +38,7 @@ class PromptAwareScheduler(Scheduler):
         self.max_active_adapters = PromptAdapterSettings.from_additional_config(vllm_config.additional_config).max_active
         self.soft_kv = SoftTokenSlots(self.kv_cache_manager.block_pool, self.block_size)
         self._soft_tokens: dict[str, int] = {}  # adapter directory -> soft tokens per layer
-        eviction = EvictionSettings.from_additional_config(vllm_config.additional_config)
+        eviction = eviction_settings(vllm_config.additional_config)
         self.block_release = BlockRelease(eviction, self.kv_cache_manager, self.block_size)
         # vLLM's one hook to clip a request's prefill chunk (named after Mamba, which uses
         # it): on, so that a recomputed evicting request's chunk ends at its prompt's end.
