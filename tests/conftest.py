@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import secrets
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,16 @@ import pytest
 # before a kernel is defined. (On a GPU, `vllm-plugins bench kernels` checks them at
 # serving shapes.) The plugins themselves run the torch references on the CPU.
 os.environ["TRITON_INTERPRET"] = "1"
+
+# Ray reads its authentication mode once per process, when it is first loaded, and vLLM
+# engines may load it in this process before the Ray tests run. The test cluster's token
+# authentication (tests/test_ray_serve.py) is therefore set for the whole session, with a
+# token of the session's own, so that a token a local ray.init() left in ~/.ray does not
+# get in the way.
+RAY_TOKEN = Path(tempfile.mkdtemp(prefix="vllm-plugins-ray-")) / "auth_token"
+RAY_TOKEN.write_text(secrets.token_hex(32))
+os.environ["RAY_AUTH_MODE"] = "token"
+os.environ["RAY_AUTH_TOKEN_PATH"] = str(RAY_TOKEN)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
 import subprocess
 import sys
@@ -34,22 +33,16 @@ def _ray(*args: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def ray_cluster(tmp_path_factory):
-    """A head and a second node; token authentication with a token of the cluster's own,
-    so that a token a local ray.init() left in ~/.ray does not get in the way."""
-    token = tmp_path_factory.mktemp("ray") / "auth_token"
-    token.write_text(secrets.token_hex(32))
+def ray_cluster():
+    """A head and a second node, with the token authentication conftest.py sets up."""
     port = free_port()
     common = ["--num-cpus", "2", "--node-ip-address", "127.0.0.1", "--disable-usage-stats"]
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_AUTH_MODE", "token")
-        env.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-        try:
-            _ray("start", "--head", "--port", str(port), "--include-dashboard", "false", *common)
-            _ray("start", "--address", f"127.0.0.1:{port}", *common)
-            yield f"127.0.0.1:{port}"
-        finally:
-            subprocess.run([RAY, "stop", "--force"], capture_output=True)
+    try:
+        _ray("start", "--head", "--port", str(port), "--include-dashboard", "false", *common)
+        _ray("start", "--address", f"127.0.0.1:{port}", *common)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True)
 
 
 @pytest.fixture(scope="module")

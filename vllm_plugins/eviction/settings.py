@@ -11,9 +11,10 @@ Per request (``vllm_xargs``)::
     {"kv_eviction": "snapkv", "kv_keep_ratio": 0.1}   # or "kv_budget": 256 (tokens)
     {"kv_eviction": "none"}                          # this request keeps its whole cache
 
-A request that names a policy is evicted whatever its length; the server's default acts
-only on prompts of at least ``min_prompt`` tokens. Keep ratio and budget are exclusive;
-with neither, the keep ratio is 0.2 (NACL's reported setting).
+A request that names a policy is evicted whatever its length (as long as a whole KV block
+is freed, :mod:`.budget`); the server's default acts only on prompts of at least
+``min_prompt`` tokens. Keep ratio and budget are exclusive; with neither, the keep ratio
+is 0.2 (NACL's reported setting).
 """
 
 from __future__ import annotations
