@@ -24,10 +24,10 @@ class PromptAwareCPUModelRunner(CPUModelRunner):
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
         settings = PromptAdapterSettings.from_additional_config(self.vllm_config.additional_config)
-        cache = AdapterCache(self.model_config.model, dims(self.model_config.hf_config), settings.max_active)
+        model_dims = dims(self.model_config.hf_config)
+        cache = AdapterCache(self.model_config.model, model_dims, settings.max_active)
         self.prompt_aware = PromptAwareHooks(self.model, cache)
-        d = dims(self.model_config.hf_config)
-        self.kv_eviction = KvEvictionHooks(self.model, self.cache_config.block_size, d.num_heads, d.head_dim)
+        self.kv_eviction = KvEvictionHooks(self.model, self.cache_config.block_size, model_dims.num_heads, model_dims.head_dim)
 
     def _update_states(self, scheduler_output) -> None:
         super()._update_states(scheduler_output)
