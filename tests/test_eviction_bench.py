@@ -12,6 +12,8 @@ import os
 import subprocess
 import sys
 
+from transformers import AutoConfig
+
 from vllm_plugins.bench.eviction import PRESETS
 from vllm_plugins.eviction.policies import POLICIES
 
@@ -23,8 +25,9 @@ def test_bench_eviction_tiny_measures_every_configuration(tiny_llama, tmp_path):
         capture_output=True, text=True, env=os.environ.copy(), timeout=1200,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "streaming_llm" in done.stdout
+    assert "streaming_llm" in done.stdout and "facts kept" in done.stdout
     bench = PRESETS["tiny"]
+    config = AutoConfig.from_pretrained(tiny_llama)
     report = json.loads(out.read_text())
     rows = {(r["policy"], r["keep_ratio"]): r for r in report["results"]}
     assert set(rows) == {("off", None)} | {(p, r) for p in POLICIES for r in bench.ratios}
@@ -35,4 +38,7 @@ def test_bench_eviction_tiny_measures_every_configuration(tiny_llama, tmp_path):
         assert 0 <= row["value_accuracy"] <= 1 and row["prefill_ms"] > 0 and row["tpot_ms"] > 0
         if policy != "off":
             assert row["blocks_after_prefill"] <= ratio * prompt_blocks + 1, row
+            shares = row["later_facts_kept"]  # per layer and KV head
+            assert [len(layer) for layer in shares] == [config.num_key_value_heads] * config.num_hidden_layers, row
+            assert all(0 <= share <= 1 for layer in shares for share in layer), row
             assert row["most_running"] > off["most_running"], row

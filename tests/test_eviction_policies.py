@@ -122,6 +122,20 @@ def test_sca_keeps_one_of_each_group_of_near_duplicate_keys():
     assert set(which[kept].tolist()) == set(range(6))
 
 
+def test_sca_adds_the_token_farthest_from_everything_kept_at_each_step():
+    """The greedy rule written out one token at a time: the seeds (sinks and recent
+    tokens), then the token whose cosine distance to its nearest kept token is largest."""
+    prompt = cached_prompt(n=40, rows=3, window=0)
+    policy = POLICIES["sca"]()
+    keys = torch.nn.functional.normalize(prompt.keys, dim=-1)
+    for row, got in zip(keys, policy.select(prompt, 20)):
+        kept = list(range(policy.sinks)) + list(range(40 - policy.recent, 40))
+        while len(kept) < 20:
+            distance = {j: min(1 - float(row[j] @ row[k]) for k in kept) for j in range(40) if j not in kept}
+            kept.append(max(distance, key=distance.get))
+        assert got.tolist() == sorted(kept)
+
+
 def test_plans_free_whole_blocks_and_keep_at_most_a_block_more_than_the_budget():
     plan = plan_eviction("nacl", 1000, 200, 32, 0)
     assert plan.num_evicted % 32 == 0 and 200 <= plan.num_kept < 200 + 32

@@ -35,5 +35,7 @@ def test_retrieval_answer_follows_the_chain_of_facts_from_the_asked_key():
         chain.append(facts[key])
         key = "k" + facts[key][1:]
     assert question.values == chain and ex.answer.split() == chain
+    starts = [question.start] + ["k" + value[1:] for value in chain[:-1]]
+    assert [ex.context[i] for i in ex.chain_facts(question)] == [f"{k}:{v}" for k, v in zip(starts, chain)]
     assert ex.prompt.split()[-3:] == ["?", question.start, "="]
     assert len(ex.prompt.split()) == 1200 + 3

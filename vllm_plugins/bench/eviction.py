@@ -9,6 +9,9 @@ prefix hit would flatter eviction off). For each configuration:
 
 * **accuracy**: greedy answers to ``accuracy_prompts`` questions (four values each): the
   share of answer values right, and of answers entirely right;
+* **later facts kept**: of the facts a chain's second to fourth values are read from
+  (the first is read before eviction), the share each (layer, KV head) kept, read from
+  the worker's record of its choices; the report shows the best-keeping head;
 * **blocks after prefill**: the KV blocks one request holds in vLLM's block pool once its
   prefill step has run (its first token sampled, its cache evicted);
 * **most running**: ``concurrency_requests`` requests sent at once, each decoding
@@ -103,7 +106,7 @@ class _Stepper:
         return req_id
 
     def internal_id(self, req_id: str) -> str:
-        return next(r for r in self.scheduler.requests if r.startswith(req_id + "-") or r == req_id)
+        return _engine_request_id(self.scheduler.requests, req_id)
 
     def step(self) -> tuple[float, list]:
         start = time.perf_counter()
@@ -128,6 +131,24 @@ def _value_accuracy(answers: list[str], expected: list[str]) -> tuple[float, flo
         whole += hits == len(want_values)
     total = sum(len(w.split()) for w in expected)
     return right / total, whole / len(expected)
+
+
+def _later_facts_kept(llm, outputs, examples) -> list[list[float]]:
+    """Per layer and KV head, the share of the chains' later facts (those the second to
+    fourth values are read from, after eviction) that its kept tokens include."""
+    kept_by_request = dict(llm.collective_rpc("kv_eviction_kept")[0])
+    shares = None
+    for output, example in zip(outputs, examples):
+        kept = kept_by_request[_engine_request_id(kept_by_request, output.request_id)]
+        later = [1 + i for i in example.chain_facts(example.questions[0])[1:]]  # token positions, after <bos>
+        hits = [[sum(p in head_set for p in later) / len(later) for head_set in map(set, layer)] for layer in kept]
+        shares = hits if shares is None else [[a + b for a, b in zip(x, y)] for x, y in zip(shares, hits)]
+    return [[round(s / len(examples), 3) for s in layer] for layer in shares]
+
+
+def _engine_request_id(ids, request_id: str) -> str:
+    """Among ``ids``, the engine core's id of the request the front end called ``request_id``."""
+    return next(r for r in ids if r == request_id or r.startswith(request_id + "-"))
 
 
 def _blocks_after_prefill(stepper: _Stepper, prompt: str, config) -> int:
@@ -165,6 +186,8 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
         outputs = llm.generate(prompts, _params(config, max_tokens=len(examples[0].questions[0].values)), use_tqdm=False)
         values, whole = _value_accuracy([o.outputs[0].text for o in outputs], [e.answer for e in examples])
         rows[config].update(value_accuracy=round(values, 4), answer_accuracy=round(whole, 4))
+        if config != OFF:
+            rows[config]["later_facts_kept"] = _later_facts_kept(llm, outputs, examples)
         rows[config]["blocks_after_prefill"] = _blocks_after_prefill(stepper, prompts[0], config)
         for i in range(bench.concurrency_requests):
             stepper.add(prompts[i % len(prompts)], _params(config, max_tokens=bench.decode_tokens))
@@ -197,13 +220,14 @@ def format_report(report: dict) -> str:
         f"KV eviction on the retrieval task: {report['prompt_tokens']}-token prompts, "
         f"{report['bench']['cache_blocks']} blocks of {report['bench']['block_size']} tokens",
         f"{'policy':<14}{'ratio':>6}{'values':>8}{'answers':>8}{'blocks':>8}{'x off':>7}{'running':>8}{'x off':>7}"
-        f"{'prefill ms':>11}{'x off':>7}{'TPOT ms':>9}{'x off':>7}",
+        f"{'prefill ms':>11}{'x off':>7}{'TPOT ms':>9}{'x off':>7}{'facts kept':>11}",
     ]
     for r in report["results"]:
         ratio = "-" if r["keep_ratio"] is None else f"{r['keep_ratio']:.1f}"
+        facts = max(max(layer) for layer in r["later_facts_kept"]) if "later_facts_kept" in r else 1.0
         lines.append(
             f"{r['policy']:<14}{ratio:>6}{r['value_accuracy']:>8.3f}{r['answer_accuracy']:>8.3f}"
             f"{r['blocks_after_prefill']:>8}{r['blocks_vs_off']:>7.2f}{r['most_running']:>8}{r['running_vs_off']:>7.2f}"
-            f"{r['prefill_ms']:>11.1f}{r['prefill_vs_off']:>7.2f}{r['tpot_ms']:>9.2f}{r['tpot_vs_off']:>7.2f}"
+            f"{r['prefill_ms']:>11.1f}{r['prefill_vs_off']:>7.2f}{r['tpot_ms']:>9.2f}{r['tpot_vs_off']:>7.2f}{facts:>11.2f}"
         )
     return "\n".join(lines)

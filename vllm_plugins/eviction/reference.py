@@ -18,6 +18,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
+from vllm_plugins.training.generation import greedy_decode, prefill
 
 CAPTURE = "vllm_plugins_query_capture"
 
@@ -70,37 +71,16 @@ def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: Evi
     return kept
 
 
-@torch.no_grad()
 def generate_with_eviction(lm, prompt: list[int], plan: EvictionPlan | None, max_new_tokens: int, eos_id: int) -> EvictedGeneration:
     """Greedy tokens of ``lm`` (any adapter wrapper with the project's calling convention)
     for one prompt, its cache evicted by ``plan`` after prefill (None: not evicted)."""
-    if hasattr(lm, "reset_state"):
-        lm.reset_state()
     model = _base_model(lm)
-    n = len(prompt)
-    ids = torch.tensor([prompt])
-    attention = torch.ones(1, n, dtype=torch.long)
-    adapt = torch.zeros(1, n, dtype=torch.bool)
-    adapt[:, -1] = True
-    cache = DynamicCache()
     queries: dict[int, torch.Tensor] = {}
-    window = POLICIES[plan.policy]().query_window(n) if plan else 0
+    window = POLICIES[plan.policy]().query_window(len(prompt)) if plan else 0
     with _capture_queries(model, window, queries) if window else nullcontext():
-        out = lm(ids, attention, pool_mask=attention.bool(), adapt_mask=adapt,
-                 position_ids=torch.arange(n)[None], past_key_values=cache, use_cache=True)
+        state = prefill(lm, [prompt], pad_id=0)
     kept: list[torch.Tensor] = []
     if plan is not None:
-        kept = evict_cache(cache, queries, plan, model.model.layers[0].self_attn.scaling)
-    cached = cache.get_seq_length()
-    tokens: list[int] = []
-    decode_adapt = torch.ones(1, 1, dtype=torch.bool)
-    for step in range(max_new_tokens):
-        token = int(out.logits[0, -1].argmax())
-        tokens.append(token)
-        if token == eos_id or step == max_new_tokens - 1:
-            break
-        attention = torch.ones(1, cached + 1, dtype=torch.long)
-        out = lm(torch.tensor([[token]]), attention, pool_mask=None, adapt_mask=decode_adapt,
-                 position_ids=torch.tensor([[n + step]]), past_key_values=cache, use_cache=True)
-        cached += 1
-    return EvictedGeneration(tokens, kept)
+        kept = evict_cache(state.cache, queries, plan, model.model.layers[0].self_attn.scaling)
+        state.attention = torch.ones(1, state.cache.get_seq_length(), dtype=torch.long)
+    return EvictedGeneration(greedy_decode(lm, state, max_new_tokens, eos_id)[0], kept)

@@ -1,20 +1,29 @@
-"""Which tokens of a vLLM step belong to which prompt-aware request, and what they do.
+"""Which tokens of a vLLM step belong to which request, and what they do.
 
-vLLM runs one flat batch of tokens per step. For each request that names a prompt-aware
-adapter, a :class:`RequestSlice` records its tokens' range in that batch, the position of
-its first scheduled token and its prompt length. From those follow, per request:
+vLLM runs one flat batch of tokens per step. A :class:`RequestSlice` records one
+request's tokens' range in that batch, the position of its first scheduled token and its
+prompt length. From those follow, per request:
 
-* the prompt tokens scheduled now, which feed the pooling (positions < n_p);
-* the adapted tokens, on which the adapter acts (positions >= n_p - 1);
-* whether this step completes the prompt (it holds position n_p - 1), i.e. whether the
-  request's state is finalised now. A prompt longer than the scheduler's chunk arrives in
-  several steps; its pooling sums carry over between them.
+* whether it (re)starts from its first token: fresh, or recomputed after preemption;
+* the prompt tokens scheduled now, which feed a prompt-aware adapter's pooling
+  (positions < n_p);
+* the adapted tokens, on which a prompt-aware adapter acts (positions >= n_p - 1);
+* the prompt's last tokens scheduled now, whose queries KV eviction scores with;
+* whether this step completes the prompt (it holds position n_p - 1): a prompt-aware
+  request's state is finalised then, an evicting request's prompt evicted. A prompt
+  longer than the scheduler's chunk arrives in several steps.
+
+The model runner walks the step's rows once (:func:`step_slices`). The prompt-aware hooks
+get the slices of requests that name an adapter; the eviction hooks get every slice and
+follow those of requests with an eviction plan.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
+import numpy as np
 import torch
 
 ADAPTER_ARG = "prompt_adapter"
@@ -32,7 +41,6 @@ def requested_adapter(sampling_params) -> str | None:
 @dataclass(frozen=True)
 class RequestSlice:
     req_id: str
-    adapter: str
     start: int  # first token of the request in the flat batch
     end: int  # one past its last token
     first_position: int  # position of its first scheduled token
@@ -59,6 +67,23 @@ class RequestSlice:
         skip = max(0, self.num_prompt - 1 - self.first_position)
         return min(self.start + skip, self.end), self.end
 
+    def prompt_tail(self, window: int) -> slice:
+        """Flat rows of the tokens scheduled now at positions [n_p - window, n_p) (may be empty)."""
+        lo = max(self.first_position, self.num_prompt - window)
+        hi = min(self.first_position + self.end - self.start, self.num_prompt)
+        return slice(self.start + lo - self.first_position, self.start + max(lo, hi) - self.first_position)
+
+
+def step_slices(req_ids: list[str], num_scheduled: np.ndarray, num_computed: np.ndarray,
+                num_prompt_of: Callable[[str], int]) -> list[RequestSlice]:
+    """Every batch row's slice, in row order."""
+    slices, start = [], 0
+    for row, req_id in enumerate(req_ids):
+        count = int(num_scheduled[row])
+        slices.append(RequestSlice(req_id, start, start + count, int(num_computed[row]), num_prompt_of(req_id)))
+        start += count
+    return slices
+
 
 @dataclass(frozen=True)
 class AdaptedTokens:
@@ -78,10 +103,11 @@ class PromptAwareBatch:
     """The prompt-aware requests of one step, and their adapted tokens by method."""
 
     def __init__(self, slices: list[RequestSlice], methods: dict[str, str]):
+        """``methods``: each request's adapter method, by request id."""
         self.slices = slices
         self.by_method: dict[str, AdaptedTokens] = {}
-        for method in sorted({methods[s.adapter] for s in slices}):
-            reqs = [s for s in slices if methods[s.adapter] == method and s.adapted_range[1] > s.adapted_range[0]]
+        for method in sorted({methods[s.req_id] for s in slices}):
+            reqs = [s for s in slices if methods[s.req_id] == method and s.adapted_range[1] > s.adapted_range[0]]
             if reqs:
                 self.by_method[method] = AdaptedTokens(
                     index=torch.cat([torch.arange(*s.adapted_range) for s in reqs]),

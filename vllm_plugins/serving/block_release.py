@@ -25,6 +25,8 @@ the blocks it rewrites.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_plugins.eviction.budget import EvictionPlan, plan_eviction
@@ -68,12 +70,14 @@ class BlockRelease:
             return num_new_tokens
         return min(num_new_tokens, plan.num_prompt - start)
 
-    def release(self, requests: dict) -> None:
-        """Free the leading blocks of every evicting request whose prompt has run
-        (``requests``: the scheduler's requests by id). Idempotent: vLLM stops at a block
-        that is already null."""
-        for req_id, plan in self.evicting.items():
-            if requests[req_id].num_computed_tokens >= plan.num_prompt:
+    def release(self, requests: dict, scheduled: Iterable[str]) -> None:
+        """Free the leading blocks of the evicting requests among ``scheduled`` (this
+        step's) whose prompt has run (``requests``: the scheduler's requests by id).
+        Idempotent: vLLM stops at a block that is already null, so a request recomputed
+        after preemption has its new blocks freed again."""
+        for req_id in scheduled:
+            plan = self.evicting.get(req_id)
+            if plan is not None and requests[req_id].num_computed_tokens >= plan.num_prompt:
                 self.blocks._remove_blocks_in_range(req_id, 0, plan.evicted_blocks(self.block_size))
 
     def forget(self, request_id: str) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from vllm_plugins.adapters.common.model_parts import Dims
 from vllm_plugins.adapters.common.pooling import PoolStats
 from vllm_plugins.serving.adapter_cache import AdapterCache, LoadedAdapter
-from vllm_plugins.serving.batch import ADAPTER_PATH_ARG, PromptAwareBatch, RequestSlice
+from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG, PromptAwareBatch, RequestSlice
 from vllm_plugins.serving.methods import APPLIERS, LayerModules
 from vllm_plugins.serving.methods.base import SiteCall
 
@@ -71,13 +71,15 @@ class PromptAwareHooks:
 
     # -- per step ---------------------------------------------------------------------
     def begin_step(self, slices: list[RequestSlice], request_args: dict[str, dict]) -> None:
+        """``slices``: the step's prompt-aware requests; ``request_args``: their ``extra_args``."""
         for s in slices:
             if s.restarts or s.req_id not in self.requests:
                 args = request_args[s.req_id]
-                adapter = self.cache.get(s.adapter, args[ADAPTER_PATH_ARG])
+                adapter = self.cache.get(str(args[ADAPTER_ARG]), args[ADAPTER_PATH_ARG])
                 self.requests[s.req_id] = RequestState.fresh(adapter, args, len(self.layers))
-        methods = {s.adapter: self.requests[s.req_id].adapter.method for s in slices}
-        self.most_adapters_in_a_step = max(self.most_adapters_in_a_step, len(methods))
+        adapters = {str(request_args[s.req_id][ADAPTER_ARG]) for s in slices}
+        self.most_adapters_in_a_step = max(self.most_adapters_in_a_step, len(adapters))
+        methods = {s.req_id: self.requests[s.req_id].adapter.method for s in slices}
         self.batch = PromptAwareBatch(slices, methods) if slices else None
 
     def end_step(self) -> None:

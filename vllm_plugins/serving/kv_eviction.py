@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
+from vllm_plugins.serving.batch import RequestSlice
 from vllm_plugins.serving.paged_cache import paged_key_value
 from vllm_plugins_kernels import compact_kept_
 
@@ -41,27 +42,6 @@ PLAN_ARG = "kv_eviction_plan"
 def requested_plan(sampling_params) -> EvictionPlan | None:
     args = (getattr(sampling_params, "extra_args", None) or {}).get(PLAN_ARG)
     return EvictionPlan.from_args(args) if args is not None else None
-
-
-@dataclass(frozen=True)
-class ScheduledPrompt:
-    """An evicting request's tokens in this step: flat range and first position."""
-
-    req_id: str
-    plan: EvictionPlan
-    start: int
-    end: int
-    first_position: int
-
-    @property
-    def completes_prompt(self) -> bool:
-        return self.first_position <= self.plan.num_prompt - 1 < self.first_position + (self.end - self.start)
-
-    def window_rows(self, window: int) -> slice:
-        """Flat rows of this step's tokens at positions [num_prompt - window, num_prompt)."""
-        lo = max(self.first_position, self.plan.num_prompt - window)
-        hi = min(self.first_position + self.end - self.start, self.plan.num_prompt)
-        return slice(self.start + lo - self.first_position, self.start + max(lo, hi) - self.first_position)
 
 
 @dataclass
@@ -82,7 +62,7 @@ class KvEvictionHooks:
         self.attention = [layer.self_attn.attn for layer in model.model.layers]
         self.prefills: dict[str, _Prefill] = {}
         self.skipped_blocks: dict[str, int] = {}  # evicted requests: leading blocks attention skips
-        self.step: list[ScheduledPrompt] = []
+        self.step: list[RequestSlice] = []
         self._narrowed_rows: list[tuple[int, str]] = []
         self.evictions = 0
         self.kept_records: deque[tuple[str, list[list[list[int]]]]] = deque(maxlen=self.KEPT_RECORDS)
@@ -90,13 +70,17 @@ class KvEvictionHooks:
             attn.register_forward_pre_hook(self._query_hook(index))
 
     # -- per step ---------------------------------------------------------------------
-    def begin_step(self, scheduled: list[ScheduledPrompt]) -> None:
-        for s in scheduled:
-            if s.first_position == 0:  # new, or preempted and recomputed: evicted again at its prompt's end
+    def begin_step(self, slices: list[RequestSlice], plan_of: Callable[[str], EvictionPlan | None]) -> None:
+        """``slices``: every request of the step; ``plan_of``: a request's eviction plan, read
+        when it (re)starts."""
+        for s in slices:
+            if s.restarts:  # new, or preempted and recomputed: evicted again at its prompt's end
                 self.skipped_blocks.pop(s.req_id, None)
-                window = POLICIES[s.plan.policy]().query_window(s.plan.num_prompt)
-                self.prefills[s.req_id] = _Prefill(s.plan, window, [[] for _ in self.attention])
-        self.step = [s for s in scheduled if s.req_id in self.prefills]
+                self.prefills.pop(s.req_id, None)
+                if (plan := plan_of(s.req_id)) is not None:
+                    window = POLICIES[plan.policy]().query_window(plan.num_prompt)
+                    self.prefills[s.req_id] = _Prefill(plan, window, [[] for _ in self.attention])
+        self.step = [s for s in slices if s.req_id in self.prefills]
 
     def narrow_attention(self, req_ids: list[str], block_table, seq_lens: torch.Tensor, max_seq_lens: torch.Tensor) -> None:
         """Make this step's attention start at each evicted request's first kept block."""
@@ -135,7 +119,7 @@ class KvEvictionHooks:
         def hook(module: nn.Module, args: tuple) -> None:
             for s in self.step:
                 prefill = self.prefills[s.req_id]
-                rows = s.window_rows(prefill.window)
+                rows = s.prompt_tail(prefill.window)
                 if rows.stop > rows.start:
                     prefill.queries[index].append(args[0][rows].view(-1, self.num_heads, self.head_dim).clone())
 
@@ -145,9 +129,8 @@ class KvEvictionHooks:
         plan = prefill.plan
         num_blocks = -(-plan.num_prompt // self.block_size)
         table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64)
-        token = torch.arange(plan.num_prompt)
         caches = [paged_key_value(attn) for attn in self.attention]
-        keys = torch.cat([key_cache[table[token // self.block_size], :, token % self.block_size].transpose(0, 1)
+        keys = torch.cat([key_cache.index_select(0, table).transpose(0, 1).flatten(1, 2)[:, : plan.num_prompt]
                           for key_cache, _ in caches])
         queries = [torch.cat(chunks).transpose(0, 1) for chunks in prefill.queries if chunks]
         window = torch.cat(queries) if queries else keys.new_empty(0, 0, self.head_dim)
@@ -158,14 +141,3 @@ class KvEvictionHooks:
         self.skipped_blocks[req_id] = plan.evicted_blocks(self.block_size)
         self.evictions += 1
         self.kept_records.append((req_id, [keep.tolist() for keep in kept]))
-
-def scheduled_prompts(req_ids: list[str], requests: dict, num_scheduled: np.ndarray, num_computed: np.ndarray) -> list[ScheduledPrompt]:
-    """The evicting requests among a step's batch rows."""
-    out, start = [], 0
-    for row, req_id in enumerate(req_ids):
-        count = int(num_scheduled[row])
-        plan = requested_plan(requests[req_id].sampling_params)
-        if plan is not None:
-            out.append(ScheduledPrompt(req_id, plan, start, start + count, int(num_computed[row])))
-        start += count
-    return out

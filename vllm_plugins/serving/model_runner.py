@@ -14,10 +14,10 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
 from vllm_plugins.adapters.common.model_parts import dims
 from vllm_plugins.serving.adapter_cache import AdapterCache
-from vllm_plugins.serving.batch import RequestSlice, requested_adapter
+from vllm_plugins.serving.batch import requested_adapter, step_slices
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.engine_hooks import PromptAwareHooks
-from vllm_plugins.serving.kv_eviction import KvEvictionHooks, scheduled_prompts
+from vllm_plugins.serving.kv_eviction import KvEvictionHooks, requested_plan
 
 
 class PromptAwareCPUModelRunner(CPUModelRunner):
@@ -36,32 +36,13 @@ class PromptAwareCPUModelRunner(CPUModelRunner):
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
-        slices: list[RequestSlice] = []
-        request_args: dict[str, dict] = {}
-        start = 0
-        num_reqs = self.input_batch.num_reqs
-        for i, req_id in enumerate(self.input_batch.req_ids[:num_reqs]):
-            count = int(num_scheduled_tokens[i])
-            state = self.requests[req_id]
-            adapter = requested_adapter(state.sampling_params)
-            if adapter is not None:
-                slices.append(
-                    RequestSlice(
-                        req_id=req_id,
-                        adapter=adapter,
-                        start=start,
-                        end=start + count,
-                        first_position=int(self.input_batch.num_computed_tokens_cpu[i]),
-                        num_prompt=state.num_prompt_tokens,
-                    )
-                )
-                request_args[req_id] = state.sampling_params.extra_args
-            start += count
-        self.prompt_aware.begin_step(slices, request_args)
-        req_ids = self.input_batch.req_ids[:num_reqs]
-        self.kv_eviction.begin_step(
-            scheduled_prompts(req_ids, self.requests, num_scheduled_tokens, self.input_batch.num_computed_tokens_cpu)
-        )
+        req_ids = self.input_batch.req_ids[: self.input_batch.num_reqs]
+        slices = step_slices(req_ids, num_scheduled_tokens, self.input_batch.num_computed_tokens_cpu,
+                             lambda req_id: self.requests[req_id].num_prompt_tokens)
+        params = {req_id: self.requests[req_id].sampling_params for req_id in req_ids}
+        adapted = {s.req_id: params[s.req_id].extra_args for s in slices if requested_adapter(params[s.req_id]) is not None}
+        self.prompt_aware.begin_step([s for s in slices if s.req_id in adapted], adapted)
+        self.kv_eviction.begin_step(slices, lambda req_id: requested_plan(params[req_id]))
         self.kv_eviction.narrow_attention(req_ids, self._block_table, self.seq_lens, self.optimistic_seq_lens_cpu)
         return result
 

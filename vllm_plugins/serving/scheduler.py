@@ -57,7 +57,7 @@ class PromptAwareScheduler(Scheduler):
 
     def update_from_output(self, scheduler_output, model_runner_output):
         outputs = super().update_from_output(scheduler_output, model_runner_output)
-        self.block_release.release(self.requests)
+        self.block_release.release(self.requests, scheduler_output.num_scheduled_tokens)
         return outputs
 
     def running_adapters(self) -> set[str]:

@@ -76,6 +76,12 @@ class RetrievalExample:
     def answer(self) -> str:
         return " " + " ".join(self.questions[0].values)
 
+    def chain_facts(self, question: Question) -> list[int]:
+        """Context indices of the facts ``question``'s chain follows, in order."""
+        fact_of = {word.partition(":")[0]: i for i, word in enumerate(self.context) if ":" in word}
+        keys = [question.start] + [key_token(int(value[1:])) for value in question.values[:-1]]
+        return [fact_of[key] for key in keys]
+
 
 def make_retrieval_example(rng: random.Random, length: int, num_questions: int = 1) -> RetrievalExample:
     """A context of ``length`` words holding one fact for each of the ``NUM_VALUES`` keys
