@@ -115,6 +115,29 @@ def test_keep_ratio_one_gives_the_tokens_of_no_eviction(engine, prompts):
     assert stats(engine)["evictions"] == before  # nothing to free, nothing evicted
 
 
+def test_bad_settings_that_reach_the_engine_leave_the_cache_whole_and_the_engine_serving(engine, prompts):
+    """The offline API has no front end to answer 400: a bad setting (an unknown policy, a
+    budget above the prompt) must not stop the engine, only leave that request unevicted."""
+    before = stats(engine)["evictions"]
+    plain = tokens(engine.generate(prompts[:2], params(None), use_tqdm=False))
+    for xargs in ({"kv_eviction": "h2o"}, {"kv_eviction": "nacl", "kv_budget": 5000}):
+        assert tokens(engine.generate(prompts[:2], params(xargs), use_tqdm=False)) == plain, xargs
+    assert stats(engine)["evictions"] == before
+    engine.generate(prompts[:2], params({"kv_eviction": "nacl"}), use_tqdm=False)
+    assert stats(engine)["evictions"] == before + 2  # still serving, and still evicting
+
+
+def test_a_server_budget_evicts_long_prompts_and_keeps_shorter_ones_whole(random_llama, prompts):
+    """``--kv-budget 160``: prompts longer than 160 tokens plus a block are evicted, the
+    others (shorter than the budget, too) run unevicted."""
+    server = eviction_engine(random_llama, additional_config={"kv_eviction": {"policy": "streaming_llm", "budget": 160}})
+    tokenizer = load_base(random_llama)[1]
+    lengths = [len(tokenizer(p).input_ids) for p in prompts]
+    server.generate(prompts, params(None), use_tqdm=False)
+    assert stats(server)["evictions"] == sum(n - 160 >= BLOCK for n in lengths)
+    assert 0 < stats(server)["evictions"] < len(prompts) and min(lengths) < 160
+
+
 def test_preempted_evicted_requests_resume_exactly(random_llama, reference, prompts):
     """A 20-block cache holds two evicting requests' prompts at once, not three: requests
     that grow get preempted after their eviction, recomputed from scratch (evicted again,

@@ -175,6 +175,15 @@ def test_server_default_applies_from_min_prompt_and_requests_override_it():
     assert EvictionSettings().rule_for(None, num_prompt=5000) is None  # off by default
 
 
+def test_a_server_budget_above_a_short_prompt_keeps_it_whole_where_a_request_budget_is_an_error():
+    server = EvictionSettings(policy="nacl", budget=256)
+    rule = server.rule_for(None, num_prompt=100)
+    assert rule == EvictionRule("nacl", budget=256)
+    assert plan_eviction(rule.policy, 100, rule.tokens_to_keep(100), 32, 0) is None  # nothing evicted
+    with pytest.raises(EvictionSettingsError, match="larger than the prompt"):
+        server.rule_for({"kv_budget": 256}, num_prompt=100)
+
+
 def test_server_settings_are_checked_at_start_up():
     with pytest.raises(EvictionSettingsError):
         eviction_settings({"kv_eviction": {"policy": "nacl", "keep_ratio": 2}})

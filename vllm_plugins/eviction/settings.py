@@ -81,8 +81,9 @@ class EvictionSettings:
 
     def rule_for(self, xargs: dict | None, num_prompt: int | None = None) -> EvictionRule | None:
         """The rule a request is evicted by, or None. ``xargs`` are its ``vllm_xargs``;
-        with ``num_prompt`` (its prompt's tokens) a budget above it is an error and the
-        server default's ``min_prompt`` applies.
+        with ``num_prompt`` (its prompt's tokens) the server default's ``min_prompt``
+        applies, and a budget the request asked for above it is an error. The server's
+        own budget is no error on a shorter prompt: that prompt keeps all its tokens.
 
         Raises :class:`EvictionSettingsError` for a bad request setting."""
         xargs = xargs or {}
@@ -104,6 +105,7 @@ class EvictionSettings:
         elif not isinstance(policy, str):
             raise EvictionSettingsError(f"{POLICY_ARG} must be a policy name, got {policy!r}")
         rule = EvictionRule(policy, ratio, budget)
-        if rule.budget is not None and num_prompt is not None and rule.budget > num_prompt:
-            raise EvictionSettingsError(f"a KV budget of {rule.budget} tokens is larger than the prompt ({num_prompt} tokens)")
+        asked = xargs.get(BUDGET_ARG)
+        if asked is not None and num_prompt is not None and asked > num_prompt:
+            raise EvictionSettingsError(f"a KV budget of {asked} tokens is larger than the prompt ({num_prompt} tokens)")
         return rule

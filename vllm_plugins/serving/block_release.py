@@ -25,13 +25,16 @@ the blocks it rewrites.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from vllm_plugins.eviction.budget import EvictionPlan, plan_eviction
-from vllm_plugins.eviction.settings import EvictionSettings
+from vllm_plugins.eviction.settings import EvictionSettings, EvictionSettingsError
 from vllm_plugins.serving.kv_eviction import PLAN_ARG
+
+logger = logging.getLogger(__name__)
 
 
 class BlockRelease:
@@ -45,11 +48,20 @@ class BlockRelease:
         self.evicting: dict[str, EvictionPlan] = {}
 
     def plan(self, request) -> None:
-        """Attach the request's plan, if it is evicted; called before it is scheduled."""
+        """Attach the request's plan, if it is evicted; called before it is scheduled.
+
+        The front end answers bad settings with a 400 before vLLM sees them. One that
+        comes this far anyway (the offline ``LLM`` API, a prompt ``/tokenize`` could not
+        count) leaves the request's cache whole, with a warning: an error here would stop
+        the engine and every other request with it."""
         params = request.sampling_params
         if params is None:
             return
-        rule = self.settings.rule_for(params.extra_args, request.num_prompt_tokens)
+        try:
+            rule = self.settings.rule_for(params.extra_args, request.num_prompt_tokens)
+        except EvictionSettingsError as err:
+            logger.warning("request %s keeps its whole KV cache: %s", request.request_id, err)
+            return
         if rule is None:
             return
         plan = plan_eviction(rule.policy, request.num_prompt_tokens, rule.tokens_to_keep(request.num_prompt_tokens),
