@@ -17,7 +17,7 @@ from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from vllm_plugins.eviction.budget import EvictionPlan
-from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
+from vllm_plugins.eviction.policies import POLICIES, choose_kept
 from vllm_plugins.training.generation import greedy_decode, prefill
 
 CAPTURE = "vllm_plugins_query_capture"
@@ -60,10 +60,7 @@ def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: Evi
     """Keep each layer's chosen tokens in ``cache`` (batch 1), in order; their indices,
     (kv_heads, num_kept) per layer."""
     layers = cache.layers
-    keys = torch.cat([layer.keys[0] for layer in layers])
-    window = torch.cat([queries[i] for i in range(len(layers))]) if queries else keys.new_empty(0, 0, keys.shape[-1])
-    keep = POLICIES[plan.policy]().select(CachedPrompt(keys, window, scale, plan.generator()), plan.num_kept)
-    kept = list(keep.chunk(len(layers)))
+    kept = choose_kept(plan, [layer.keys[0] for layer in layers], [queries[i] for i in sorted(queries)], scale)
     for layer, chosen in zip(layers, kept):
         rows = chosen[:, :, None].expand(-1, -1, layer.keys.shape[-1])
         layer.keys = layer.keys[0].gather(1, rows)[None]

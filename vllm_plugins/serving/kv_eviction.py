@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from vllm_plugins.eviction.budget import EvictionPlan
-from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
+from vllm_plugins.eviction.policies import POLICIES, choose_kept
 from vllm_plugins.serving.batch import RequestSlice
 from vllm_plugins.serving.paged_cache import paged_key_value
 from vllm_plugins_kernels import compact_kept_
@@ -130,12 +130,9 @@ class KvEvictionHooks:
         num_blocks = -(-plan.num_prompt // self.block_size)
         table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64)
         caches = [paged_key_value(attn) for attn in self.attention]
-        keys = torch.cat([key_cache.index_select(0, table).transpose(0, 1).flatten(1, 2)[:, : plan.num_prompt]
-                          for key_cache, _ in caches])
+        keys = [key_cache.index_select(0, table).transpose(0, 1).flatten(1, 2)[:, : plan.num_prompt] for key_cache, _ in caches]
         queries = [torch.cat(chunks).transpose(0, 1) for chunks in prefill.queries if chunks]
-        window = torch.cat(queries) if queries else keys.new_empty(0, 0, self.head_dim)
-        prompt = CachedPrompt(keys, window, self.attention[0].impl.scale, plan.generator())
-        kept = POLICIES[plan.policy]().select(prompt, plan.num_kept).chunk(len(self.attention))
+        kept = choose_kept(plan, keys, queries, self.attention[0].impl.scale)
         for (key_cache, value_cache), keep in zip(caches, kept):
             compact_kept_(key_cache, value_cache, table[None], keep[None].contiguous(), torch.tensor([plan.num_prompt]))
         self.skipped_blocks[req_id] = plan.evicted_blocks(self.block_size)
