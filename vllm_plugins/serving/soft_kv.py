@@ -68,4 +68,3 @@ class SoftTokenSlots:
     @property
     def num_blocks(self) -> int:
         return len(self._blocks)
-
