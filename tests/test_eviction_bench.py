@@ -35,7 +35,7 @@ def test_bench_eviction_tiny_measures_every_configuration(tiny_llama, tmp_path):
     prompt_blocks = math.ceil(report["prompt_tokens"] / bench.block_size)
     assert off["blocks_after_prefill"] == prompt_blocks
     for (policy, ratio), row in rows.items():
-        assert 0 <= row["value_accuracy"] <= 1 and row["prefill_ms"] > 0 and row["tpot_ms"] > 0
+        assert 0 <= row["fact_accuracy"] <= 1 and row["prefill_ms"] > 0 and row["tpot_ms"] > 0
         if policy != "off":
             assert row["blocks_after_prefill"] <= ratio * prompt_blocks + 1, row
             shares = row["later_facts_kept"]  # per layer and KV head

@@ -88,7 +88,7 @@ def test_malformed_json_and_bad_parameters_are_400(server):
     ({"kv_keep_ratio": 0.5}, "need a policy"),
 ])
 def test_bad_kv_eviction_settings_are_400_and_the_server_keeps_serving(server, xargs, message):
-    prompt = make_retrieval_example(random.Random(1), length=300).prompt  # 306 tokens
+    prompt = make_retrieval_example(random.Random(1), length=300).prompt  # 304 tokens
     for model in ("demo", "para-1", "lora-1"):
         status, body = _complete(server, model, prompt, vllm_xargs=xargs)
         assert status == 400 and body["error"]["code"] == 400 and message in body["error"]["message"], body

@@ -1,6 +1,6 @@
 from vllm_plugins.tasks import OPS, load_task, task_names
 from vllm_plugins.tasks.ops import TASK
-from vllm_plugins.tasks.retrieval import CHAIN_STEPS, NUM_VALUES, make_retrieval_example
+from vllm_plugins.tasks.retrieval import MAX_KEYS_PER_CONTEXT, NUM_SLOTS, make_retrieval_example
 import random
 
 
@@ -25,17 +25,20 @@ def test_tenant_prompts_carry_only_the_generic_instruction():
         assert ex.answer.split() == OPS[name](letters)
 
 
-def test_retrieval_answer_follows_the_chain_of_facts_from_the_asked_key():
-    ex = make_retrieval_example(random.Random(0), length=1200)
-    facts = dict(w.split(":") for w in ex.context if ":" in w)
-    assert len(facts) == NUM_VALUES  # every value names a key that has a fact
-    question = ex.questions[0]
-    key, chain = question.start, []
-    for _ in range(CHAIN_STEPS):
-        chain.append(facts[key])
-        key = "k" + facts[key][1:]
-    assert question.values == chain and ex.answer.split() == chain
-    starts = [question.start] + ["k" + value[1:] for value in chain[:-1]]
-    assert [ex.context[i] for i in ex.chain_facts(question)] == [f"{k}:{v}" for k, v in zip(starts, chain)]
-    assert ex.prompt.split()[-3:] == ["?", question.start, "="]
-    assert len(ex.prompt.split()) == 1200 + 3
+def test_retrieval_answer_is_the_asked_keys_facts_in_slot_order():
+    ex = make_retrieval_example(random.Random(0), length=1200, num_questions=3)
+    facts = [w for w in ex.context if ":" in w]
+    keys = {fact.split(".")[0] for fact in facts}
+    assert len(keys) == MAX_KEYS_PER_CONTEXT and len(facts) == MAX_KEYS_PER_CONTEXT * NUM_SLOTS
+    for question in ex.questions:
+        key = f"k{question.key}"
+        assert question.words == ["?", key]
+        assert question.facts == [next(f for f in facts if f.startswith(f"{key}.{slot}:")) for slot in range(NUM_SLOTS)]
+        assert [ex.context[i] for i in ex.answer_positions(question)] == question.facts
+    assert ex.answer.split() == ex.questions[0].facts
+    assert ex.prompt.split() == ex.context + ["?", f"k{ex.questions[0].key}"] and len(ex.context) == 1200
+
+
+def test_short_retrieval_contexts_hold_fewer_keys():
+    ex = make_retrieval_example(random.Random(0), length=64)
+    assert len({w.split(".")[0] for w in ex.context if ":" in w}) == 2

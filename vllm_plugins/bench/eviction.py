@@ -7,11 +7,11 @@ scheduler and block pool can be read directly. It has a fixed KV cache of
 prompts per step, and prefix caching off (the same prompts are sent under every configuration; a
 prefix hit would flatter eviction off). For each configuration:
 
-* **accuracy**: greedy answers to ``accuracy_prompts`` questions (four values each): the
-  share of answer values right, and of answers entirely right;
-* **later facts kept**: of the facts a chain's second to fourth values are read from
-  (the first is read before eviction), the share each (layer, KV head) kept, read from
-  the worker's record of its choices; the report shows the best-keeping head;
+* **accuracy**: greedy answers to ``accuracy_prompts`` questions (four facts each): the
+  share of answer facts right, and of answers entirely right;
+* **later facts kept**: of the facts an answer's second to fourth tokens copy (the first
+  is written before eviction), the share each (layer, KV head) kept, read from the
+  worker's record of its choices; the report shows the best-keeping head;
 * **blocks after prefill**: the KV blocks one request holds in vLLM's block pool once its
   prefill step has run (its first token sampled, its cache evicted);
 * **most running**: ``concurrency_requests`` requests sent at once, each decoding
@@ -41,7 +41,7 @@ IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the engine core runs in th
 @dataclass(frozen=True)
 class EvictionBench:
     preset: str = "demo"
-    prompt_words: int = 1000  # plus the question and <bos>: 1,004 tokens
+    prompt_words: int = 1000  # plus the question and <bos>: 1,003 tokens
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     accuracy_prompts: int = 100
     timing_prompts: int = 8
@@ -122,25 +122,26 @@ class _Stepper:
         return most
 
 
-def _value_accuracy(answers: list[str], expected: list[str]) -> tuple[float, float]:
+def _accuracy(answers: list[str], expected: list[str]) -> tuple[float, float]:
+    """(share of answer facts right, share of answers entirely right)."""
     right = whole = 0
     for got, want in zip(answers, expected):
-        got_values, want_values = got.split(), want.split()
-        hits = sum(g == w for g, w in zip(got_values, want_values))
+        got_facts, want_facts = got.split(), want.split()
+        hits = sum(g == w for g, w in zip(got_facts, want_facts))
         right += hits
-        whole += hits == len(want_values)
+        whole += hits == len(want_facts)
     total = sum(len(w.split()) for w in expected)
     return right / total, whole / len(expected)
 
 
 def _later_facts_kept(llm, outputs, examples) -> list[list[float]]:
-    """Per layer and KV head, the share of the chains' later facts (those the second to
-    fourth values are read from, after eviction) that its kept tokens include."""
+    """Per layer and KV head, the share of the answers' later facts (those the second to
+    fourth answer tokens copy, after eviction) that its kept tokens include."""
     kept_by_request = dict(llm.collective_rpc("kv_eviction_kept")[0])
     shares = None
     for output, example in zip(outputs, examples):
         kept = kept_by_request[_engine_request_id(kept_by_request, output.request_id)]
-        later = [1 + i for i in example.chain_facts(example.questions[0])[1:]]  # token positions, after <bos>
+        later = [1 + i for i in example.answer_positions(example.questions[0])[1:]]  # token positions, after <bos>
         hits = [[sum(p in head_set for p in later) / len(later) for head_set in map(set, layer)] for layer in kept]
         shares = hits if shares is None else [[a + b for a, b in zip(x, y)] for x, y in zip(shares, hits)]
     return [[round(s / len(examples), 3) for s in layer] for layer in shares]
@@ -183,9 +184,9 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
     rows = {config: {"policy": config[0], "keep_ratio": config[1]} for config in configs}
 
     for config in configs:
-        outputs = llm.generate(prompts, _params(config, max_tokens=len(examples[0].questions[0].values)), use_tqdm=False)
-        values, whole = _value_accuracy([o.outputs[0].text for o in outputs], [e.answer for e in examples])
-        rows[config].update(value_accuracy=round(values, 4), answer_accuracy=round(whole, 4))
+        outputs = llm.generate(prompts, _params(config, max_tokens=len(examples[0].questions[0].facts)), use_tqdm=False)
+        facts, whole = _accuracy([o.outputs[0].text for o in outputs], [e.answer for e in examples])
+        rows[config].update(fact_accuracy=round(facts, 4), answer_accuracy=round(whole, 4))
         if config != OFF:
             rows[config]["later_facts_kept"] = _later_facts_kept(llm, outputs, examples)
         rows[config]["blocks_after_prefill"] = _blocks_after_prefill(stepper, prompts[0], config)
@@ -219,14 +220,14 @@ def format_report(report: dict) -> str:
     lines = [
         f"KV eviction on the retrieval task: {report['prompt_tokens']}-token prompts, "
         f"{report['bench']['cache_blocks']} blocks of {report['bench']['block_size']} tokens",
-        f"{'policy':<14}{'ratio':>6}{'values':>8}{'answers':>8}{'blocks':>8}{'x off':>7}{'running':>8}{'x off':>7}"
+        f"{'policy':<14}{'ratio':>6}{'facts':>8}{'answers':>8}{'blocks':>8}{'x off':>7}{'running':>8}{'x off':>7}"
         f"{'prefill ms':>11}{'x off':>7}{'TPOT ms':>9}{'x off':>7}{'facts kept':>11}",
     ]
     for r in report["results"]:
         ratio = "-" if r["keep_ratio"] is None else f"{r['keep_ratio']:.1f}"
         facts = max(max(layer) for layer in r["later_facts_kept"]) if "later_facts_kept" in r else 1.0
         lines.append(
-            f"{r['policy']:<14}{ratio:>6}{r['value_accuracy']:>8.3f}{r['answer_accuracy']:>8.3f}"
+            f"{r['policy']:<14}{ratio:>6}{r['fact_accuracy']:>8.3f}{r['answer_accuracy']:>8.3f}"
             f"{r['blocks_after_prefill']:>8}{r['blocks_vs_off']:>7.2f}{r['most_running']:>8}{r['running_vs_off']:>7.2f}"
             f"{r['prefill_ms']:>11.1f}{r['prefill_vs_off']:>7.2f}{r['tpot_ms']:>9.2f}{r['tpot_vs_off']:>7.2f}{facts:>11.2f}"
         )

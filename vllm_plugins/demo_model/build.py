@@ -52,7 +52,7 @@ class DemoModelSpec:
     phases: tuple[RetrievalPhase, ...] = field(default_factory=tuple)
     learning_rate: float = 3e-3
     seed: int = 0
-    corpus_version: int = 5  # bump when the corpus changes: the cache key must change too
+    corpus_version: int = 7  # bump when the corpus changes: the cache key must change too
 
     @property
     def total_steps(self) -> int:
@@ -67,7 +67,7 @@ PRESETS: dict[str, DemoModelSpec] = {
     # The demo's base model: operations and retrieval up to 1,024-word contexts.
     "demo": DemoModelSpec(
         name="demo",
-        phases=(RetrievalPhase(700, 64, 32), RetrievalPhase(400, 256, 16), RetrievalPhase(250, 1024, 4)),
+        phases=(RetrievalPhase(1100, 64, 32), RetrievalPhase(500, 256, 16), RetrievalPhase(300, 1024, 4)),
     ),
     # A quick build for tests: same code path, short schedule.
     "tiny": DemoModelSpec(

@@ -5,9 +5,9 @@ Two kinds of sequences:
 * instructed operations ``<bos> x1 .. xn #op = y1 .. ym <eos>`` for every operation in
   :data:`~vllm_plugins.tasks.ops.OPS`, and generic ones ``<bos> x1 .. xn #task = x1 .. xn
   <eos>`` that teach the model to copy for the generic instruction;
-* long-context retrieval: filler with scattered ``kK:vV`` facts and two questions
-  ``? kA = vB vC vD vE`` (a chain of facts) per sequence, so every sequence gives dense
-  supervision.
+* long-context retrieval: filler with scattered ``kK.S:vV`` facts and two questions
+  ``? kA kA.0:vB kA.1:vC kA.2:vD kA.3:vE`` (a key's facts in slot order) per sequence, so
+  every sequence gives dense supervision.
 
 Every sample comes with a loss mask that covers only what the model must predict (the
 answer and its ``<eos>``, the values after each question).
@@ -83,8 +83,8 @@ class CorpusSampler:
         ex = make_retrieval_example(self.rng, length, num_questions=QUESTIONS_PER_CONTEXT)
         ids, loss = [self.bos] + self._ids(" ".join(ex.context)), [False] * (length + 1)
         for question in ex.questions:
-            ids += self._ids(" ".join(question.words)) + self._ids(" ".join(question.values))
-            loss += [False] * len(question.words) + [True] * len(question.values)
+            ids += self._ids(" ".join(question.words + question.facts))
+            loss += [False] * len(question.words) + [True] * len(question.facts)
         return ids, loss
 
     def operation_batch(self, size: int) -> TokenBatch:

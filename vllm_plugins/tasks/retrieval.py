@@ -1,17 +1,16 @@
-"""Long-context key/value retrieval, the task KV-cache eviction is judged on.
+"""Long-context retrieval of a key's facts, the task KV-cache eviction is judged on.
 
-A context is a stream of filler words with key/value facts scattered in it. Each fact is
-one composite token ``kK:vV`` that carries its key and its value (composite facts are what
-a small model learns to retrieve quickly on two CPU cores). Every value names a key
-(``vX`` names ``kX``) and every such key has a fact, so facts form chains. A question
-``? kA =`` asks to follow the chain from ``kA`` for four steps: the answer is
-``vB vC vD vE`` with facts ``kA:vB``, ``kB:vC``, ``kC:vD`` and ``kD:vE``.
+A context is a stream of filler words with facts scattered in it. A key has one fact per
+slot, ``NUM_SLOTS`` in all; a fact is one composite token ``kK.S:vV`` that carries its
+key K, its slot S and its value V (composite facts are what a small model learns to
+retrieve quickly on two CPU cores). A question ``? kK`` asks for K's facts in slot
+order: the answer is ``kK.0:vA kK.1:vB kK.2:vC kK.3:vD``, wherever they lie.
 
-The answer is a chain on purpose. A request's first token is computed while its whole
-prompt is still cached, and a model can fetch the value of a key named in the prompt
-while it reads the prompt, so a question that names all its keys can be answered from
-the question's own cached tokens. The later steps of a chain need facts that no prompt
-token names: they are looked up during decoding, in what KV cache eviction kept.
+The answer is several facts on purpose. A request's first token is computed while its
+whole prompt is still cached; each later one is looked up during decoding, from the fact
+just written (which names the key and the slot to look up next), in what KV cache
+eviction kept. The question names the key, so a policy that reads the question's
+attention can tell which facts matter; a recent window or a random sample cannot.
 """
 
 from __future__ import annotations
@@ -19,24 +18,21 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-NUM_KEYS = 32
-NUM_VALUES = 16
+NUM_KEYS = 16
+NUM_SLOTS = 4
+NUM_VALUES = 8
 NUM_FILLERS = 64
 QUERY = "?"
-ANSWER = "="
-CHAIN_STEPS = 4
+MAX_KEYS_PER_CONTEXT = 8
+WORDS_PER_KEY = 32  # contexts get one key per this many words, 2 to MAX_KEYS_PER_CONTEXT
 
 
 def key_token(k: int) -> str:
     return f"k{k}"
 
 
-def value_token(v: int) -> str:
-    return f"v{v}"
-
-
-def fact_token(k: int, v: int) -> str:
-    return f"k{k}:v{v}"
+def fact_token(k: int, slot: int, v: int) -> str:
+    return f"k{k}.{slot}:v{v}"
 
 
 def filler_token(i: int) -> str:
@@ -44,22 +40,20 @@ def filler_token(i: int) -> str:
 
 
 def retrieval_vocabulary() -> list[str]:
-    words = [QUERY, ANSWER]
-    words += [key_token(k) for k in range(NUM_KEYS)]
-    words += [value_token(v) for v in range(NUM_VALUES)]
-    words += [fact_token(k, v) for k in range(NUM_KEYS) for v in range(NUM_VALUES)]
+    words = [QUERY] + [key_token(k) for k in range(NUM_KEYS)]
+    words += [fact_token(k, s, v) for k in range(NUM_KEYS) for s in range(NUM_SLOTS) for v in range(NUM_VALUES)]
     words += [filler_token(i) for i in range(NUM_FILLERS)]
     return words
 
 
 @dataclass(frozen=True)
 class Question:
-    start: str  # the key the chain starts from
-    values: list[str]  # the chain's values, in order
+    key: int
+    facts: list[str]  # the answer: the key's facts in slot order
 
     @property
     def words(self) -> list[str]:
-        return [QUERY, self.start, ANSWER]
+        return [QUERY, key_token(self.key)]
 
 
 @dataclass(frozen=True)
@@ -74,30 +68,27 @@ class RetrievalExample:
 
     @property
     def answer(self) -> str:
-        return " " + " ".join(self.questions[0].values)
+        return " " + " ".join(self.questions[0].facts)
 
-    def chain_facts(self, question: Question) -> list[int]:
-        """Context indices of the facts ``question``'s chain follows, in order."""
-        fact_of = {word.partition(":")[0]: i for i, word in enumerate(self.context) if ":" in word}
-        keys = [question.start] + [key_token(int(value[1:])) for value in question.values[:-1]]
-        return [fact_of[key] for key in keys]
+    def answer_positions(self, question: Question) -> list[int]:
+        """Context indices of the facts ``question``'s answer copies, in slot order."""
+        return [self.context.index(fact) for fact in question.facts]
+
+
+def keys_in_context(length: int) -> int:
+    return max(2, min(MAX_KEYS_PER_CONTEXT, length // WORDS_PER_KEY))
 
 
 def make_retrieval_example(rng: random.Random, length: int, num_questions: int = 1) -> RetrievalExample:
-    """A context of ``length`` words holding one fact for each of the ``NUM_VALUES`` keys
-    that values name, and questions that each follow a chain of ``CHAIN_STEPS`` facts."""
-    if length < NUM_VALUES:
-        raise ValueError(f"a retrieval context needs at least {NUM_VALUES} words for its facts, got {length}")
-    facts = {k: rng.randrange(NUM_VALUES) for k in range(NUM_VALUES)}
+    """A context of ``length`` words holding every slot's fact for :func:`keys_in_context`
+    distinct keys, and questions that each ask for one of those keys."""
+    num_keys = keys_in_context(length)
+    if length < num_keys * NUM_SLOTS:
+        raise ValueError(f"a retrieval context needs at least {num_keys * NUM_SLOTS} words for its facts, got {length}")
+    keys = rng.sample(range(NUM_KEYS), num_keys)
+    facts = {k: [fact_token(k, s, rng.randrange(NUM_VALUES)) for s in range(NUM_SLOTS)] for k in keys}
     context = [filler_token(rng.randrange(NUM_FILLERS)) for _ in range(length)]
-    for slot, k in zip(rng.sample(range(length), NUM_VALUES), facts):
-        context[slot] = fact_token(k, facts[k])
-    questions = []
-    for _ in range(num_questions):
-        key = start = rng.randrange(NUM_VALUES)
-        values = []
-        for _ in range(CHAIN_STEPS):
-            key = facts[key]
-            values.append(value_token(key))
-        questions.append(Question(key_token(start), values))
+    for position, fact in zip(rng.sample(range(length), num_keys * NUM_SLOTS), (f for k in keys for f in facts[k])):
+        context[position] = fact
+    questions = [Question(k, facts[k]) for k in (rng.choice(keys) for _ in range(num_questions))]
     return RetrievalExample(context, questions)

@@ -17,7 +17,6 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
 }
 
 
-
 def choose_kept(plan: EvictionPlan, keys: list[torch.Tensor], queries: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
     """Per layer, the (kv_heads, num_kept) ascending tokens that ``plan``'s policy keeps,
     chosen for all layers in one call. ``keys``: per layer, (kv_heads, n, head_dim) as
