@@ -68,7 +68,7 @@ def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: Evi
     return kept
 
 
-def generate_with_eviction(lm, prompt: list[int], plan: EvictionPlan | None, max_new_tokens: int, eos_id: int) -> EvictedGeneration:
+def generate_with_eviction(lm, prompt: list[int], plan: EvictionPlan | None, max_new_tokens: int, eos_id: int | None) -> EvictedGeneration:
     """Greedy tokens of ``lm`` (any adapter wrapper with the project's calling convention)
     for one prompt, its cache evicted by ``plan`` after prefill (None: not evicted)."""
     model = _base_model(lm)

@@ -48,8 +48,9 @@ def prefill(lm, prompts: list[list[int]], pad_id: int) -> Prefilled:
 
 
 @torch.no_grad()
-def greedy_decode(lm, state: Prefilled, max_new_tokens: int, eos_id: int) -> list[list[int]]:
-    """Generated token ids per prompt, each ending at (and including) ``<eos>`` if reached."""
+def greedy_decode(lm, state: Prefilled, max_new_tokens: int, eos_id: int | None) -> list[list[int]]:
+    """Generated token ids per prompt, each ending at (and including) ``<eos>`` if reached
+    (``eos_id`` None: never stop early, as vLLM's ``ignore_eos``)."""
     batch = state.logits.shape[0]
     logits, attention, next_pos = state.logits, state.attention, state.next_position
     generated: list[list[int]] = [[] for _ in range(batch)]
@@ -60,7 +61,8 @@ def greedy_decode(lm, state: Prefilled, max_new_tokens: int, eos_id: int) -> lis
         for row in range(batch):
             if not done[row]:
                 generated[row].append(int(token[row]))
-        done |= token == eos_id
+        if eos_id is not None:
+            done |= token == eos_id
         if bool(done.all()) or step == max_new_tokens - 1:
             break
         attention = torch.cat([attention, torch.ones((batch, 1), dtype=torch.long)], dim=1)
