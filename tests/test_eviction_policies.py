@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from vllm_plugins.eviction.budget import EvictionPlan, plan_eviction
+from vllm_plugins.eviction.farthest_points import farthest_points
 from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
 from vllm_plugins.eviction.policies.base import keep_best, window_attention
 from vllm_plugins.eviction.policies.nacl import NaclPolicy
@@ -134,6 +136,23 @@ def test_sca_adds_the_token_farthest_from_everything_kept_at_each_step():
             distance = {j: min(1 - float(row[j] @ row[k]) for k in kept) for j in range(40) if j not in kept}
             kept.append(max(distance, key=distance.get))
         assert got.tolist() == sorted(kept)
+
+
+def test_the_lazy_farthest_point_loop_chooses_as_the_eager_loop():
+    """The eager loop in torch (every candidate's similarity to its nearest chosen vector
+    updated at every step, the lowest chosen next) against the lazy heap, on enough vectors
+    that stale bounds reach the top of the heap and are brought up to date there."""
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(3, 300, 16, generator=gen), dim=-1)
+    seeds = [0, 1, 298, 299]
+    for row, got in zip(vectors, farthest_points(vectors.numpy(), np.array(seeds), 150)):
+        chosen = list(seeds)
+        nearest = (row @ row[chosen].T).amax(dim=1)
+        while len(chosen) < 150:
+            nearest[chosen] = float("inf")
+            chosen.append(int(nearest.argmin()))
+            nearest = torch.maximum(nearest, row @ row[chosen[-1]])
+        assert got.tolist() == sorted(chosen)
 
 
 def test_plans_free_whole_blocks_and_keep_at_most_a_block_more_than_the_budget():

@@ -1,6 +1,10 @@
-"""The fix for vLLM 0.32's CPU LoRA ops: tokens without a LoRA (index -1) get nothing."""
+"""The fixes for vLLM 0.32 bugs: tokens without a LoRA (index -1) get nothing from the CPU
+LoRA ops; a worker starts in a process that has loaded numba."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import torch
 
@@ -28,3 +32,26 @@ def test_tokens_without_a_lora_get_no_lora_from_the_last_slot():
     punica_cpu.sgmv_shrink(x, weights, fixed, seq_start, seq_len, seq_index, 2, 2, 4, 1.0)
     assert torch.equal(fixed[:2], torch.zeros(2, 3))
     assert torch.equal(fixed[2:], unpatched[2:])
+
+
+REGISTER_CPU_KERNELS_AFTER_NUMBA = """
+import numba  # loads llvmlite
+from vllm.platforms import current_platform
+from vllm_plugins.serving.vllm_fixes import hide_llvmlite_from_the_kernel_scan
+if sys.argv[1] == "fixed":
+    hide_llvmlite_from_the_kernel_scan()
+current_platform.register_triton_kernel_overrides()  # what a worker does at start-up
+"""
+
+
+def run_kernel_registration(variant: str) -> subprocess.CompletedProcess:
+    """In a fresh process: registration rebinds vLLM's kernels process-wide."""
+    script = "import sys\n" + REGISTER_CPU_KERNELS_AFTER_NUMBA
+    return subprocess.run([sys.executable, "-c", script, variant], capture_output=True, text=True, timeout=300)
+
+
+def test_cpu_kernels_register_in_a_process_that_loaded_numba():
+    unfixed = run_kernel_registration("unfixed")
+    assert unfixed.returncode != 0 and "_lib_fn_wrapper" in unfixed.stderr  # the bug
+    fixed = run_kernel_registration("fixed")
+    assert fixed.returncode == 0, fixed.stderr[-2000:]

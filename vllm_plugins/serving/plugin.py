@@ -7,10 +7,11 @@ and middleware are selected with vLLM's own flags (see ``launcher.py``).
 
 from __future__ import annotations
 
-from vllm_plugins.serving.vllm_fixes import skip_lora_for_tokens_without_adapter
+from vllm_plugins.serving.vllm_fixes import hide_llvmlite_from_the_kernel_scan, skip_lora_for_tokens_without_adapter
 from vllm_plugins.vllm_version import require_supported_vllm
 
 
 def register() -> None:
     require_supported_vllm()
     skip_lora_for_tokens_without_adapter()
+    hide_llvmlite_from_the_kernel_scan()

@@ -9,11 +9,20 @@ prompt-aware requests batched with LoRA requests get the last slot's LoRA added 
 linear layer. The fix zeroes the shrink result (x A^T) of tokens with a negative index,
 so the expand step (which adds B h) adds nothing to them. The GPU kernels skip such tokens
 and need no fix.
+
+**A worker does not start in a process that has loaded numba (CPU without triton-cpu).**
+At start-up the worker replaces vLLM's Triton kernels with C++ ones and rebinds every
+reference to them by scanning the attributes of every loaded module. llvmlite (numba's
+code generator) holds an object that answers every attribute, ``__dict__`` included, with
+a wrapped C function, and the scan fails on it. SCA's selection loop is compiled with
+numba, so a second engine in a process that ran SCA (the bench, in-process engines) would
+not start. The fix hides llvmlite's modules from the scan: they hold no vLLM kernel.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 
 import torch
 
@@ -44,3 +53,21 @@ def skip_lora_for_tokens_without_adapter() -> None:
         return  # already applied in this process
     punica_cpu.bgmv_shrink = _zero_rows_without_lora(punica_cpu.bgmv_shrink, _bgmv_token_indices)
     punica_cpu.sgmv_shrink = _zero_rows_without_lora(punica_cpu.sgmv_shrink, _sgmv_token_indices)
+
+
+def hide_llvmlite_from_the_kernel_scan() -> None:
+    from vllm.platforms import current_platform
+
+    register = current_platform.register_triton_kernel_overrides
+    if getattr(register, "__wrapped__", None) is not None:
+        return  # already applied in this process
+
+    @functools.wraps(register)
+    def register_without_llvmlite() -> None:
+        hidden = {name: sys.modules.pop(name) for name in list(sys.modules) if name.partition(".")[0] == "llvmlite"}
+        try:
+            register()
+        finally:
+            sys.modules.update(hidden)
+
+    current_platform.register_triton_kernel_overrides = register_without_llvmlite

@@ -1,0 +1,119 @@
+"""Greedy farthest-point (k-center) selection on unit vectors: the loop behind SCA.
+
+After the seeds, each step chooses the vector whose cosine similarity to its nearest chosen
+vector is the lowest; equal similarities go to the earlier vector. Each step depends on
+the one before, so the loop cannot be batched; this module makes its steps cheap.
+
+Lazy evaluation (Minoux's accelerated greedy, 1978): a vector's similarity to its nearest
+chosen vector only grows as vectors are chosen, so a similarity computed against the first
+``upto`` chosen vectors is a lower bound of the current one. Candidates wait in a heap
+ordered by these bounds. The top candidate is brought up to date against the vectors
+chosen since its ``upto``; if it is still on top, no other candidate can be farther, and it
+is chosen. The rule is the eager loop's (which updates every candidate at every step), so
+the choices are the same up to rounding in the dot products; on prompt keys the lazy loop
+computes about half of the eager loop's dot products. Memory is O(n + num_kept * d) per row, never n x n. The loop is compiled with
+numba (a dependency of vLLM): its steps are too small for numpy's or torch's per-call
+overhead.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+_BELOW_ANY_SIMILARITY = np.float32(-2.0)  # a candidate's bound before any vector is chosen
+_VECTORISED_SUMS = {"reassoc", "contract"}  # dot products may be reordered; infinities and NaNs keep their meaning
+
+
+def farthest_points(vectors: np.ndarray, seeds: np.ndarray, num_kept: int) -> np.ndarray:
+    """(rows, num_kept) ascending indices: per row of ``vectors`` (rows, n, d; unit norm),
+    the ``seeds`` and the vectors the greedy rule adds to them, ``num_kept`` in all."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    return _farthest_points_per_row(vectors, np.asarray(seeds, dtype=np.int64), num_kept)
+
+
+@numba.njit(cache=True)
+def _farthest_points_per_row(vectors, seeds, num_kept):
+    kept = np.empty((vectors.shape[0], num_kept), np.int64)
+    for row in range(vectors.shape[0]):
+        kept[row] = _farthest_points(vectors[row], seeds, num_kept)
+    return kept
+
+
+@numba.njit(cache=True)
+def _farthest_points(vectors, seeds, num_kept):
+    n, d = vectors.shape
+    chosen = np.empty((num_kept, d), np.float32)  # the chosen vectors, in the order chosen
+    is_chosen = np.zeros(n, np.bool_)
+    for count, seed in enumerate(seeds):
+        chosen[count] = vectors[seed]
+        is_chosen[seed] = True
+    count = len(seeds)
+    # the candidates' heap: index, and similarity to the nearest of chosen[:upto[index]]
+    index = np.flatnonzero(~is_chosen)
+    bound = np.empty(len(index), np.float32)
+    for i in range(len(index)):
+        bound[i] = _nearest_similarity(vectors[index[i]], chosen, 0, count, _BELOW_ANY_SIMILARITY)
+    upto = np.full(n, count, np.int64)
+    size = len(index)
+    for i in range(size // 2 - 1, -1, -1):
+        _sift_down(index, bound, size, i)
+    while count < num_kept:
+        top = index[0]
+        if upto[top] == count:
+            is_chosen[top] = True
+            chosen[count] = vectors[top]
+            count += 1
+            size -= 1
+            index[0], bound[0] = index[size], bound[size]
+        else:
+            bound[0] = _nearest_similarity(vectors[top], chosen, upto[top], count, bound[0])
+            upto[top] = count
+        _sift_down(index, bound, size, 0)
+    return np.flatnonzero(is_chosen)
+
+
+@numba.njit(cache=True, inline="always")
+def _before(index, bound, a, b):
+    """Whether heap entry ``a`` comes before ``b``: a lower similarity, or an equal one and
+    an earlier vector."""
+    return bound[a] < bound[b] or (bound[a] == bound[b] and index[a] < index[b])
+
+
+@numba.njit(cache=True)
+def _sift_down(index, bound, size, i):
+    """Move heap entry ``i`` down to its place."""
+    while True:
+        child = 2 * i + 1
+        if child >= size:
+            return
+        if child + 1 < size and _before(index, bound, child + 1, child):
+            child += 1
+        if not _before(index, bound, child, i):
+            return
+        index[i], index[child] = index[child], index[i]
+        bound[i], bound[child] = bound[child], bound[i]
+        i = child
+
+
+@numba.njit(cache=True, fastmath=_VECTORISED_SUMS)
+def _nearest_similarity(vector, chosen, start, stop, similarity):
+    """max(similarity, the largest dot product of ``vector`` with chosen[start:stop]), four
+    chosen vectors at a time."""
+    c = start
+    while c + 4 <= stop:
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for i in range(vector.shape[0]):
+            x = vector[i]
+            s0 += x * chosen[c, i]
+            s1 += x * chosen[c + 1, i]
+            s2 += x * chosen[c + 2, i]
+            s3 += x * chosen[c + 3, i]
+        similarity = max(similarity, max(max(s0, s1), max(s2, s3)))
+        c += 4
+    for c in range(c, stop):
+        s = np.float32(0.0)
+        for i in range(vector.shape[0]):
+            s += vector[i] * chosen[c, i]
+        similarity = max(similarity, s)
+    return similarity
