@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -145,7 +144,7 @@ def test_the_lazy_farthest_point_loop_chooses_as_the_eager_loop():
     gen = torch.Generator().manual_seed(0)
     vectors = torch.nn.functional.normalize(torch.randn(3, 300, 16, generator=gen), dim=-1)
     seeds = [0, 1, 298, 299]
-    for row, got in zip(vectors, farthest_points(vectors.numpy(), np.array(seeds), 150)):
+    for row, got in zip(vectors, farthest_points(vectors.numpy(), seeds, 150)):
         chosen = list(seeds)
         nearest = (row @ row[chosen].T).amax(dim=1)
         while len(chosen) < 150:

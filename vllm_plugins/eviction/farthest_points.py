@@ -11,9 +11,9 @@ ordered by these bounds. The top candidate is brought up to date against the vec
 chosen since its ``upto``; if it is still on top, no other candidate can be farther, and it
 is chosen. The rule is the eager loop's (which updates every candidate at every step), so
 the choices are the same up to rounding in the dot products; on prompt keys the lazy loop
-computes about half of the eager loop's dot products. Memory is O(n + num_kept * d) per row, never n x n. The loop is compiled with
-numba (a dependency of vLLM): its steps are too small for numpy's or torch's per-call
-overhead.
+computes about half of the eager loop's dot products. Memory is O(n + num_kept * d) per
+row, never n x n. The loop is compiled with numba (a dependency of vLLM): its steps are too
+small for numpy's or torch's per-call overhead.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _BELOW_ANY_SIMILARITY = np.float32(-2.0)  # a candidate's bound before any vecto
 _VECTORISED_SUMS = {"reassoc", "contract"}  # dot products may be reordered; infinities and NaNs keep their meaning
 
 
-def farthest_points(vectors: np.ndarray, seeds: np.ndarray, num_kept: int) -> np.ndarray:
+def farthest_points(vectors: np.ndarray, seeds: list[int], num_kept: int) -> np.ndarray:
     """(rows, num_kept) ascending indices: per row of ``vectors`` (rows, n, d; unit norm),
     the ``seeds`` and the vectors the greedy rule adds to them, ``num_kept`` in all."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)

@@ -10,11 +10,9 @@ its nearest kept token is largest (docs/eviction.md). The loop itself is
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
-from vllm_plugins.eviction.farthest_points import farthest_points
 from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt
 
 
@@ -25,6 +23,10 @@ class ScaPolicy(EvictionPolicy):
     def select(self, prompt: CachedPrompt, num_kept: int) -> torch.Tensor:
         n = prompt.num_tokens
         seeds = (list(range(min(self.sinks, n))) + list(range(max(self.sinks, n - self.recent), n)))[:num_kept]
+        # imported here: numba adds half a second to the start-up of every process that
+        # imports the policies (front end, CLI), most of which never run SCA
+        from vllm_plugins.eviction.farthest_points import farthest_points
+
         keys = F.normalize(prompt.keys.float(), dim=-1).cpu().numpy()
-        kept = farthest_points(keys, np.array(seeds, dtype=np.int64), num_kept)
+        kept = farthest_points(keys, seeds, num_kept)
         return torch.from_numpy(kept).to(prompt.keys.device)
