@@ -16,11 +16,11 @@ from vllm_plugins.eviction.settings import EvictionRule, EvictionSettings, Evict
 from vllm_plugins.serving.config import eviction_settings
 
 
-def cached_prompt(n: int = 120, rows: int = 2, group: int = 2, window: int = 8, seed: int = 0, keys=None) -> CachedPrompt:
+def cached_prompt(n: int = 120, rows: int = 2, group: int = 2, window: int = 8, seed: int = 0, keys=None, kv_heads: int = 1) -> CachedPrompt:
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(rows, n, 16, generator=gen) if keys is None else keys
     queries = torch.randn(rows * group, window, 16, generator=gen)
-    return CachedPrompt(keys, queries, 0.25, torch.Generator().manual_seed(seed))
+    return CachedPrompt(keys, queries, 0.25, torch.Generator().manual_seed(seed), kv_heads)
 
 
 def prompt_for(policy_name: str, n: int = 120, seed: int = 0) -> CachedPrompt:
@@ -103,7 +103,7 @@ def test_nacl_samples_in_proportion_to_the_scores():
     counts = torch.zeros(n)
     for seed in range(60):
         prompt = prompt_for("nacl", n=n, seed=0)
-        prompt = CachedPrompt(prompt.keys, prompt.queries, prompt.scale, torch.Generator().manual_seed(seed))
+        prompt = CachedPrompt(prompt.keys, prompt.queries, prompt.scale, torch.Generator().manual_seed(seed), prompt.kv_heads)
         for j in NaclPolicy().select(prompt, 40)[0].tolist():
             counts[j] += 1
     scores = window_attention(prompt_for("nacl", n=n))[0]
@@ -124,17 +124,21 @@ def test_sca_keeps_one_of_each_group_of_near_duplicate_keys():
 
 
 def test_sca_adds_the_token_farthest_from_everything_kept_at_each_step():
-    """The greedy rule written out one token at a time: the seeds (sinks and recent
-    tokens), then the token whose cosine distance to its nearest kept token is largest."""
-    prompt = cached_prompt(n=40, rows=3, window=0)
+    """The greedy rule written out one token at a time, per layer of two KV heads: the
+    seeds (sinks and recent tokens), then the token whose distance to its nearest kept
+    token is largest, a distance being the mean of the heads' cosine distances. Both
+    heads of a layer keep the layer's tokens."""
+    prompt = cached_prompt(n=40, rows=6, window=0, kv_heads=2)
     policy = POLICIES["sca"]()
     keys = torch.nn.functional.normalize(prompt.keys, dim=-1)
-    for row, got in zip(keys, policy.select(prompt, 20)):
+    got = policy.select(prompt, 20)
+    for layer in range(3):
+        heads = keys[2 * layer : 2 * layer + 2]
         kept = list(range(policy.sinks)) + list(range(40 - policy.recent, 40))
         while len(kept) < 20:
-            distance = {j: min(1 - float(row[j] @ row[k]) for k in kept) for j in range(40) if j not in kept}
+            distance = {j: min(1 - float((heads[:, j] * heads[:, k]).sum(-1).mean()) for k in kept) for j in range(40) if j not in kept}
             kept.append(max(distance, key=distance.get))
-        assert got.tolist() == sorted(kept)
+        assert got[2 * layer].tolist() == got[2 * layer + 1].tolist() == sorted(kept)
 
 
 def test_the_lazy_farthest_point_loop_chooses_as_the_eager_loop():

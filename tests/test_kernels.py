@@ -193,6 +193,27 @@ def test_compaction_matches_reference(dtype, requests, kv_heads, seq_len, kept, 
     assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
 
 
+@DTYPES
+@pytest.mark.parametrize("keys_dim_major", [False, True], ids=["token-major", "dim-major"])
+@pytest.mark.parametrize("requests,kv_heads,seq_len,kept,head_dim,block_size", [(2, 2, 50, 10, 32, 16), (1, 4, 200, 150, 16, 8)])
+def test_cpu_compaction_matches_reference(dtype, keys_dim_major, requests, kv_heads, seq_len, kept, head_dim, block_size):
+    """The CPU worker's compiled loop against the torch reference, keys also as vLLM's
+    ``vec`` ISA stores them (dim-major: strided token views)."""
+    from vllm_plugins_kernels.eviction_cpu import compact_kept_cpu
+
+    seq_lens = [seq_len - r for r in range(requests)]
+    table, num_blocks = random_block_tables(seq_lens, block_size)
+    key_cache, value_cache = paged_cache(num_blocks, kv_heads, block_size, head_dim, dtype)
+    if keys_dim_major:
+        key_cache = key_cache.contiguous().view(num_blocks, kv_heads, head_dim, block_size).transpose(2, 3)
+    keep = random_keep(seq_lens, kv_heads, kept)
+    ref_k, ref_v, got_k, got_v = (c.clone() for c in (key_cache, value_cache, key_cache, value_cache))
+    eviction.compact_kept_torch(ref_k, ref_v, table, keep, torch.tensor(seq_lens))
+    compact_kept_cpu(got_k, got_v, table, keep, torch.tensor(seq_lens))
+    assert not torch.equal(got_k, key_cache)
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+
+
 def test_compaction_reference_moves_kept_tokens_in_order_to_the_trailing_slots():
     block_size, seq_len = 4, 10
     table, num_blocks = random_block_tables([seq_len], block_size)

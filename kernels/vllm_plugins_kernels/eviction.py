@@ -257,5 +257,13 @@ def compact_kept_(key_cache, value_cache, block_table, keep, seq_lens) -> None:
     seq_len, the same count for every head (the paged-cache constraint); seq_lens:
     (requests,) each request's prompt length.
     """
-    impl = compact_kept_triton if key_cache.is_cuda else compact_kept_torch
-    impl(key_cache, value_cache, block_table, keep, seq_lens)
+    if key_cache.is_cuda:
+        compact_kept_triton(key_cache, value_cache, block_table, keep, seq_lens)
+    elif key_cache.device.type == "cpu":
+        # imported here: numba adds half a second to the start-up of every process that
+        # imports the kernels, most of which never evict
+        from vllm_plugins_kernels.eviction_cpu import compact_kept_cpu
+
+        compact_kept_cpu(key_cache, value_cache, block_table, keep, seq_lens)
+    else:
+        compact_kept_torch(key_cache, value_cache, block_table, keep, seq_lens)

@@ -24,7 +24,7 @@ def choose_kept(plan: EvictionPlan, keys: list[torch.Tensor], queries: list[torc
     queries (``w = query_window(n)``), or no layers for a policy that reads none."""
     all_keys = torch.cat(keys)
     window = torch.cat(queries) if queries else all_keys.new_empty(0, 0, all_keys.shape[-1])
-    prompt = CachedPrompt(all_keys, window, scale, plan.generator())
+    prompt = CachedPrompt(all_keys, window, scale, plan.generator(), kv_heads=keys[0].shape[0])
     return list(POLICIES[plan.policy]().select(prompt, plan.num_kept).chunk(len(keys)))
 
 

@@ -32,12 +32,14 @@ class CachedPrompt:
     ``w`` tokens, ``w = policy.query_window(n)`` (zero for policies that read none), a
     row's ``group`` query heads next to each other (grouped-query attention).
     ``generator``: the request's seeded randomness.
+    ``kv_heads``: rows per layer (a policy that chooses per layer groups them).
     """
 
     keys: torch.Tensor
     queries: torch.Tensor
     scale: float
     generator: torch.Generator
+    kv_heads: int
 
     @property
     def num_tokens(self) -> int:

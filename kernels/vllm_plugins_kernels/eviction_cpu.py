@@ -1,0 +1,48 @@
+"""The compaction of kept tokens (:func:`vllm_plugins_kernels.eviction.compact_kept_`) on
+CPU tensors: one compiled loop (numba) over the tokens that move.
+
+The torch reference builds index tensors and moves every kept token through advanced
+indexing, twice per cache; on the CPU worker that costs about 0.5 ms per layer for a
+1,000-token prompt, and a request is evicted while the whole batch waits. The loop moves
+each token that changes place once, with no temporary.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+
+_SAME_SIZE_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def compact_kept_cpu(key_cache, value_cache, block_table, keep, seq_lens) -> None:
+    _compact(_bits(key_cache), _bits(value_cache), block_table.numpy(), keep.numpy(), seq_lens.numpy())
+
+
+def _bits(cache: torch.Tensor) -> np.ndarray:
+    """The cache's elements as integers of their size, so any dtype (bfloat16 included,
+    which numpy lacks) moves bit for bit; strides are kept."""
+    return cache.view(_SAME_SIZE_INTEGER[cache.element_size()]).numpy()
+
+
+@numba.njit(cache=True)
+def _compact(key_cache, value_cache, block_table, keep, seq_lens):
+    """Kept token i of (request r, KV head h) goes to slot seq_len - num_kept + i. In
+    place, in descending i: keep is ascending, so a token moves right or stays, and no
+    token is read after its slot has been written (keep[i'] <= dst[i'] < dst[i] for
+    i' < i)."""
+    block_size, head_dim = key_cache.shape[2], key_cache.shape[3]
+    num_kept = keep.shape[2]
+    for r in range(keep.shape[0]):
+        first_dst = seq_lens[r] - num_kept
+        for h in range(keep.shape[1]):
+            for i in range(num_kept - 1, -1, -1):
+                src, dst = keep[r, h, i], first_dst + i
+                if src == dst:
+                    continue
+                src_block, src_slot = block_table[r, src // block_size], src % block_size
+                dst_block, dst_slot = block_table[r, dst // block_size], dst % block_size
+                for d in range(head_dim):
+                    key_cache[dst_block, h, dst_slot, d] = key_cache[src_block, h, src_slot, d]
+                    value_cache[dst_block, h, dst_slot, d] = value_cache[src_block, h, src_slot, d]
