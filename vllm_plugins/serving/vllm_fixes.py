@@ -14,10 +14,10 @@ and need no fix.
 At start-up the worker replaces vLLM's Triton kernels with C++ ones and rebinds every
 reference to them by scanning the attributes of every loaded module. llvmlite (numba's
 code generator) holds an object that answers every attribute, ``__dict__`` included, with
-a wrapped C function, and the scan fails on it. SCA's selection loop is compiled with
-numba, so an engine would not start in a process that has run SCA before (the
-transformers reference, an in-process engine). The fix hides llvmlite's modules from the
-scan: they hold no vLLM kernel.
+a wrapped C function, and the scan fails on it. SCA's selection loop and the CPU
+compaction of kept tokens are compiled with numba, so an engine would not start in a
+process that has evicted before (the transformers reference, an in-process engine). The
+fix hides llvmlite's modules from the scan: they hold no vLLM kernel.
 """
 
 from __future__ import annotations
