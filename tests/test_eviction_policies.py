@@ -142,19 +142,22 @@ def test_sca_adds_the_token_farthest_from_everything_kept_at_each_step():
 
 
 def test_the_lazy_farthest_point_loop_chooses_as_the_eager_loop():
-    """The eager loop in torch (every candidate's similarity to its nearest chosen vector
-    updated at every step, the lowest chosen next) against the lazy heap, on enough vectors
-    that stale bounds reach the top of the heap and are brought up to date there."""
+    """The eager loop in torch (every candidate's similarity to its nearest chosen token
+    updated at every step, the lowest chosen next; a similarity being the mean of the two
+    pieces' cosines) against the lazy heap, on enough tokens that stale bounds reach the
+    top of the heap and are brought up to date there."""
     gen = torch.Generator().manual_seed(0)
-    vectors = torch.nn.functional.normalize(torch.randn(3, 300, 16, generator=gen), dim=-1)
+    pieces = torch.randn(3, 2, 300, 16, generator=gen) * torch.rand(3, 2, 300, 1, generator=gen)  # norms vary
     seeds = [0, 1, 298, 299]
-    for row, got in zip(vectors, farthest_points(vectors.numpy(), seeds, 150)):
+    for row, got in zip(pieces, farthest_points(pieces.numpy(), seeds, 150)):
+        unit = torch.nn.functional.normalize(row, dim=-1)
+        similarity = torch.einsum("pid,pjd->ij", unit, unit) / 2
         chosen = list(seeds)
-        nearest = (row @ row[chosen].T).amax(dim=1)
+        nearest = similarity[:, chosen].amax(dim=1)
         while len(chosen) < 150:
             nearest[chosen] = float("inf")
             chosen.append(int(nearest.argmin()))
-            nearest = torch.maximum(nearest, row @ row[chosen[-1]])
+            nearest = torch.maximum(nearest, similarity[:, chosen[-1]])
         assert got.tolist() == sorted(chosen)
 
 

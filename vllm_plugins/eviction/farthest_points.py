@@ -1,8 +1,11 @@
-"""Greedy farthest-point (k-center) selection on unit vectors: the loop behind SCA.
+"""Greedy farthest-point (k-center) selection under cosine similarity: the loop behind SCA.
 
-After the seeds, each step chooses the vector whose cosine similarity to its nearest chosen
-vector is the lowest; equal similarities go to the earlier vector. Each step depends on
-the one before, so the loop cannot be batched; this module makes its steps cheap.
+A token's vector comes in pieces (its KV heads' keys), and the similarity of two tokens is
+the mean over pieces of the pieces' cosine similarities: the dot product of the pieces,
+each normalised and scaled by 1/sqrt(pieces), laid side by side. After the seeds, each
+step chooses the token whose similarity to its nearest chosen token is the lowest; equal
+similarities go to the earlier token. Each step depends on the one before, so the loop
+cannot be batched; this module makes its steps cheap.
 
 Lazy evaluation (Minoux's accelerated greedy, 1978): a vector's similarity to its nearest
 chosen vector only grows as vectors are chosen, so a similarity computed against the first
@@ -22,22 +25,42 @@ import numba
 import numpy as np
 
 _BELOW_ANY_SIMILARITY = np.float32(-2.0)  # a candidate's bound before any vector is chosen
+_TINY = np.float32(1e-12)  # a zero piece stays zero rather than dividing by zero
 _VECTORISED_SUMS = {"reassoc", "contract"}  # dot products may be reordered; infinities and NaNs keep their meaning
 
 
-def farthest_points(vectors: np.ndarray, seeds: list[int], num_kept: int) -> np.ndarray:
-    """(rows, num_kept) ascending indices: per row of ``vectors`` (rows, n, d; unit norm),
-    the ``seeds`` and the vectors the greedy rule adds to them, ``num_kept`` in all."""
-    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    return _farthest_points_per_row(vectors, np.asarray(seeds, dtype=np.int64), num_kept)
+def farthest_points(pieces: np.ndarray, seeds: list[int], num_kept: int) -> np.ndarray:
+    """(rows, num_kept) ascending token indices: per row of ``pieces`` (rows, num_pieces,
+    n, d), the ``seeds`` and the tokens the greedy rule adds to them, ``num_kept`` in all."""
+    pieces = np.ascontiguousarray(pieces, dtype=np.float32)
+    return _farthest_points_per_row(pieces, np.asarray(seeds, dtype=np.int64), num_kept)
 
 
 @numba.njit(cache=True)
-def _farthest_points_per_row(vectors, seeds, num_kept):
-    kept = np.empty((vectors.shape[0], num_kept), np.int64)
-    for row in range(vectors.shape[0]):
-        kept[row] = _farthest_points(vectors[row], seeds, num_kept)
+def _farthest_points_per_row(pieces, seeds, num_kept):
+    kept = np.empty((pieces.shape[0], num_kept), np.int64)
+    for row in range(pieces.shape[0]):
+        kept[row] = _farthest_points(_joined_unit_pieces(pieces[row]), seeds, num_kept)
     return kept
+
+
+@numba.njit(cache=True, fastmath=_VECTORISED_SUMS)
+def _joined_unit_pieces(pieces):
+    """(n, num_pieces * d): per token, its pieces normalised, scaled by 1/sqrt(num_pieces)
+    and laid side by side, so that dot products are means of the pieces' cosines."""
+    num_pieces, n, d = pieces.shape
+    joined = np.empty((n, num_pieces * d), np.float32)
+    scale = np.float32(1.0 / np.sqrt(num_pieces))
+    for p in range(num_pieces):
+        for t in range(n):
+            piece = pieces[p, t]
+            squares = np.float32(0.0)
+            for i in range(d):
+                squares += piece[i] * piece[i]
+            factor = scale / max(np.sqrt(squares), _TINY)
+            for i in range(d):
+                joined[t, p * d + i] = piece[i] * factor
+    return joined
 
 
 @numba.njit(cache=True)
