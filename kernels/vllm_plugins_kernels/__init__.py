@@ -4,9 +4,9 @@ reference of the same function.
 Every public op takes the same arguments on any device: on CUDA tensors it launches the
 Triton kernel, elsewhere it runs the torch reference (``*_torch``); ``*_triton`` names the
 kernel's launcher. One exception: on CPU tensors ``compact_kept_`` runs a compiled loop
-(:mod:`.eviction_cpu`), because the reference is slow there. On a machine without a GPU the kernels still run in Triton's
-interpreter (``TRITON_INTERPRET=1`` before Triton is imported), which is how the test
-suite checks them.
+(:mod:`.eviction_cpu`), because the reference is slow there. On a machine without a GPU
+the kernels still run in Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is
+imported), which is how the test suite checks them.
 
 - :mod:`.rescale`: PARA's per-request rescaling of fused projection outputs.
 - :mod:`.soft_kv`: IAPT's soft keys/values, written into the paged cache and attended to.

@@ -14,8 +14,8 @@ ordered by these bounds. The top candidate is brought up to date against the vec
 chosen since its ``upto``; if it is still on top, no other candidate can be farther, and it
 is chosen. The rule is the eager loop's (which updates every candidate at every step), so
 the choices are the same up to rounding in the dot products; on prompt keys the lazy loop
-computes about half of the eager loop's dot products. Memory is O(n + num_kept * d) per
-row, never n x n. The loop is compiled with numba (a dependency of vLLM): its steps are too
+computes about half of the eager loop's dot products. Memory is O(n * d) per row (the
+joined unit vectors, the chosen ones, the bounds), never n x n. The loop is compiled with numba (a dependency of vLLM): its steps are too
 small for numpy's or torch's per-call overhead.
 """
 
