@@ -65,7 +65,7 @@ class KvEvictionHooks:
         self.step: list[RequestSlice] = []
         self._narrowed_rows: list[tuple[int, str]] = []
         self.evictions = 0
-        self.kept_records: deque[tuple[str, list[list[list[int]]]]] = deque(maxlen=self.KEPT_RECORDS)
+        self.kept_records: deque[tuple[str, list[torch.Tensor]]] = deque(maxlen=self.KEPT_RECORDS)  # per layer, (kv_heads, kept)
         for index, attn in enumerate(self.attention):
             attn.register_forward_pre_hook(self._query_hook(index))
 
@@ -137,4 +137,4 @@ class KvEvictionHooks:
             compact_kept_(key_cache, value_cache, table[None], keep[None].contiguous(), torch.tensor([plan.num_prompt]))
         self.skipped_blocks[req_id] = plan.evicted_blocks(self.block_size)
         self.evictions += 1
-        self.kept_records.append((req_id, [keep.tolist() for keep in kept]))
+        self.kept_records.append((req_id, kept))

@@ -44,5 +44,5 @@ class PromptAwareCPUWorker(CPUWorker):
     def kv_eviction_kept(self) -> list[tuple[str, list[list[list[int]]]]]:
         """The most recent evictions' kept tokens: (request id, per layer, per KV head,
         ascending prompt positions), oldest first."""
-        return list(self.model_runner.kv_eviction.kept_records)
+        return [(req_id, [keep.tolist() for keep in kept]) for req_id, kept in self.model_runner.kv_eviction.kept_records]
 
