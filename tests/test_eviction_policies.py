@@ -141,17 +141,20 @@ def test_sca_adds_the_token_farthest_from_everything_kept_at_each_step():
         assert got[2 * layer].tolist() == got[2 * layer + 1].tolist() == sorted(kept)
 
 
-def test_the_lazy_farthest_point_loop_chooses_as_the_eager_loop():
+@pytest.mark.parametrize("num_pieces,dim", [(2, 16), (1, 24), (4, 12)])
+def test_the_lazy_farthest_point_loop_chooses_as_the_eager_loop(num_pieces: int, dim: int):
     """The eager loop in torch (every candidate's similarity to its nearest chosen token
-    updated at every step, the lowest chosen next; a similarity being the mean of the two
+    updated at every step, the lowest chosen next; a similarity being the mean of the
     pieces' cosines) against the lazy heap, on enough tokens that stale bounds reach the
-    top of the heap and are brought up to date there."""
+    top of the heap and are brought up to date there. The loop is compiled per width
+    (pieces x dim): three widths in one process each get their own."""
     gen = torch.Generator().manual_seed(0)
-    pieces = torch.randn(3, 2, 300, 16, generator=gen) * torch.rand(3, 2, 300, 1, generator=gen)  # norms vary
+    shape = (3, num_pieces, 300)
+    pieces = torch.randn(*shape, dim, generator=gen) * torch.rand(*shape, 1, generator=gen)  # norms vary
     seeds = [0, 1, 298, 299]
     for row, got in zip(pieces, farthest_points(pieces.numpy(), seeds, 150)):
         unit = torch.nn.functional.normalize(row, dim=-1)
-        similarity = torch.einsum("pid,pjd->ij", unit, unit) / 2
+        similarity = torch.einsum("pid,pjd->ij", unit, unit) / num_pieces
         chosen = list(seeds)
         nearest = similarity[:, chosen].amax(dim=1)
         while len(chosen) < 150:
