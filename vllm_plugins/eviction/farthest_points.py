@@ -71,6 +71,8 @@ def _compiled_loop(width: int):
 
     @numba.njit(cache=True)
     def choose(vectors, seeds, num_kept):
+        """Ascending indices of the ``seeds`` and of the vectors the lazy greedy loop adds
+        to them, ``num_kept`` in all."""
         n = vectors.shape[0]
         chosen = np.empty((num_kept, width), np.float32)  # the chosen vectors, in the order chosen
         is_chosen = np.zeros(n, np.bool_)
