@@ -28,10 +28,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from vllm.v1.kv_cache_interface import FullAttentionSpec
-
 from vllm_plugins.eviction.budget import EvictionPlan, plan_eviction
 from vllm_plugins.eviction.settings import EvictionSettings, EvictionSettingsError
+from vllm_plugins.serving import vllm_internals as vi
 from vllm_plugins.serving.kv_eviction import PLAN_ARG
 
 logger = logging.getLogger(__name__)
@@ -39,12 +38,11 @@ logger = logging.getLogger(__name__)
 
 class BlockRelease:
     def __init__(self, settings: EvictionSettings, kv_cache_manager, block_size: int):
-        groups = kv_cache_manager.kv_cache_config.kv_cache_groups
-        if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+        self.blocks = vi.full_attention_manager(kv_cache_manager)
+        if self.blocks is None:
             raise RuntimeError("KV eviction needs a model whose layers all use full attention (one KV cache group)")
         self.settings = settings
         self.block_size = block_size
-        self.blocks = kv_cache_manager.coordinator.single_type_managers[0]
         self.evicting: dict[str, EvictionPlan] = {}
 
     def plan(self, request) -> None:
@@ -69,10 +67,7 @@ class BlockRelease:
         if plan is None:
             return
         params.extra_args = {**(params.extra_args or {}), PLAN_ARG: plan.as_args()}
-        request.skip_reading_prefix_cache = True
-        request.cache_salt = f"kv-eviction:{request.request_id}"
-        request.block_hashes = []
-        request.update_block_hashes()
+        vi.rehash_with_salt(request, f"kv-eviction:{request.request_id}")
         self.evicting[request.request_id] = plan
 
     def clip_chunk(self, request_id: str, start: int, num_new_tokens: int) -> int:
@@ -90,11 +85,11 @@ class BlockRelease:
         for req_id in scheduled:
             plan = self.evicting.get(req_id)
             if plan is not None and requests[req_id].num_computed_tokens >= plan.num_prompt:
-                self.blocks._remove_blocks_in_range(req_id, 0, plan.evicted_blocks(self.block_size))
+                vi.free_leading_blocks(self.blocks, req_id, plan.evicted_blocks(self.block_size))
 
     def forget(self, request_id: str) -> None:
         self.evicting.pop(request_id, None)
 
     def blocks_held(self, request_id: str) -> int:
         """KV blocks the request holds in vLLM's block pool now (null blocks excluded)."""
-        return sum(not block.is_null for block in self.blocks.req_to_blocks.get(request_id, ()))
+        return vi.blocks_held(self.blocks, request_id)

@@ -1,13 +1,17 @@
 """The plugins' settings, carried in vLLM's own ``--additional-config`` JSON::
 
     --additional-config '{"prompt_adapters": {"dir": "/srv/adapters", "max_active": 16,
+                                              "max_rank": 16, "max_soft_tokens": 4,
                                               "runtime_loading": false},
                           "kv_eviction": {"policy": "nacl", "keep_ratio": 0.2, "min_prompt": 1024}}'
 
 ``dir``: the adapter directory; every sub-directory holding a prompt-aware adapter is
 registered at start under its directory name, and run-time loading accepts paths inside
 it only. ``max_active``: prompt-aware adapters whose weights a worker holds at once.
-``runtime_loading``: enables ``POST /v1/load_prompt_adapter`` and
+``max_rank``: the highest MiLoRA expert rank a worker's stacked expert slots hold (as
+vLLM's ``--max-lora-rank``). ``max_soft_tokens``: the most IAPT soft tokens per layer; the
+pooling tables hold that many running sums of hidden size per request and layer.
+Adapters above either are refused when registered. ``runtime_loading``: enables ``POST /v1/load_prompt_adapter`` and
 ``/v1/unload_prompt_adapter`` (off by default, as vLLM's run-time LoRA loading is).
 
 ``kv_eviction``: the server's default KV eviction (:mod:`vllm_plugins.eviction.settings`).
@@ -47,11 +51,14 @@ def eviction_settings(additional_config) -> EvictionSettings:
 class PromptAdapterSettings:
     dir: str | None = None
     max_active: int = 16
+    max_rank: int = 16
+    max_soft_tokens: int = 4
     runtime_loading: bool = False
 
     @classmethod
     def from_additional_config(cls, additional_config) -> PromptAdapterSettings:
         settings = read_section(additional_config, SECTION, cls)
-        if settings.max_active < 1:
-            raise ValueError(f"{SECTION}.max_active must be >= 1, got {settings.max_active}")
+        for name in ("max_active", "max_rank", "max_soft_tokens"):
+            if getattr(settings, name) < 1:
+                raise ValueError(f"{SECTION}.{name} must be >= 1, got {getattr(settings, name)}")
         return settings

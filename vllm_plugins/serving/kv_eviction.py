@@ -1,20 +1,26 @@
-"""KV eviction inside vLLM's worker: choose, per layer and KV head, the prompt tokens
-that stay, compact them in the paged cache, and let attention skip the freed blocks.
+"""KV eviction inside vLLM's worker: capture the prompt's last queries, choose per layer
+and KV head the prompt tokens that stay, compact them in the paged cache, and narrow
+attention to the kept blocks.
 
 Data flow for a request whose ``extra_args`` carry an eviction plan (set by the
 scheduler, :mod:`.block_release`):
 
-    prefill steps: each attention layer's input queries at the prompt's last w positions
-        are kept (the policy's proxy / observation window), chunk by chunk
-    after the forward pass of the step that completes the prompt (its first generated
-        token has seen the whole cache):
-        the policy chooses num_kept tokens for every (layer, KV head) from the cached
-        keys, in one call, and :func:`~vllm_plugins_kernels.compact_kept_` moves them, in
-        order, to the prompt's trailing slots [num_prompt - num_kept, num_prompt)
+    runner, before each prefill step (:meth:`KvEviction.begin_step`): the flat tokens at
+        the prompt's last w positions (the policy's proxy / observation window) get a row
+        of the capture buffer (``token_capture``)
+    forward pass: the ``kv_eviction_capture`` op (:mod:`.ops`) copies each layer's
+        queries of those tokens into ``captured`` (:meth:`capture`)
+    runner, after the forward pass (:meth:`end_step`): the captured queries go into the
+        request's query window; if the step completed the prompt (its first generated
+        token has seen the whole cache), the policy chooses num_kept tokens for every
+        (layer, KV head) from the cached keys in one call, and
+        :func:`~vllm_plugins_kernels.compact_kept_` moves them, in order, to the prompt's
+        trailing slots [num_prompt - num_kept, num_prompt)
     the scheduler then frees the leading blocks (:mod:`.block_release`)
-    every later step: attention reads the request's block table from its first kept
-        block, with seq_len shortened by the skipped tokens; positions (RoPE) and slot
-        mapping stay logical, so new tokens continue from the prompt's length.
+    every later step, where vLLM builds the attention metadata (:meth:`narrow`):
+        attention reads the request's block table from its first kept block, with
+        seq_len shortened by the skipped tokens; positions (RoPE) and the slot mapping
+        stay logical, so new tokens continue from the prompt's length.
 
 A request that restarts from position 0 (preempted and recomputed) is evicted again when
 its prompt completes again.
@@ -22,8 +28,9 @@ its prompt completes again.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -31,7 +38,8 @@ from torch import nn
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, choose_kept
-from vllm_plugins.serving.batch import RequestSlice
+from vllm_plugins.serving import vllm_internals as vi
+from vllm_plugins.serving.batch import StepBatch
 from vllm_plugins.serving.paged_cache import paged_key_value
 from vllm_plugins_kernels import compact_kept_
 
@@ -46,93 +54,108 @@ def requested_plan(sampling_params) -> EvictionPlan | None:
 
 @dataclass
 class _Prefill:
+    """An evicting request until its prompt completes: ``queries`` (layers, window,
+    heads, head_dim) fills as the window's tokens are computed."""
+
     plan: EvictionPlan
-    window: int
-    queries: list[list[torch.Tensor]] = field(default_factory=list)  # per layer, chunks of (tokens, heads, d)
+    queries: torch.Tensor
 
 
-class KvEvictionHooks:
+class KvEviction:
     """The worker's side of KV eviction, driven by the model runner once per step."""
 
     KEPT_RECORDS = 256  # the kept tokens of this many recent evictions stay inspectable
 
-    def __init__(self, model: nn.Module, block_size: int, num_heads: int, head_dim: int):
+    def __init__(self, attention: list[nn.Module], block_size: int, num_heads: int, head_dim: int,
+                 max_tokens: int, max_reqs: int, dtype: torch.dtype):
+        self.attention = attention
         self.block_size = block_size
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.attention = [layer.self_attn.attn for layer in model.model.layers]
+        self.token_capture = torch.full((max_tokens,), -1, dtype=torch.int64)  # per token: its row of `captured`
+        self.captured = torch.zeros(len(attention), max_tokens, num_heads * head_dim, dtype=dtype)
+        self.skipped_rows = torch.zeros(max_reqs, dtype=torch.int64)  # per batch row: leading blocks attention skips
         self.prefills: dict[str, _Prefill] = {}
         self.skipped_blocks: dict[str, int] = {}  # evicted requests: leading blocks attention skips
-        self.step: list[RequestSlice] = []
-        self._narrowed_rows: list[tuple[int, str]] = []
+        self._step: list[tuple[str, int, int, int, bool]] = []  # (req, first capture row, count, window offset, completes)
         self.evictions = 0
         self.kept_records: deque[tuple[str, list[torch.Tensor]]] = deque(maxlen=self.KEPT_RECORDS)  # per layer, (kv_heads, kept)
-        for index, attn in enumerate(self.attention):
-            attn.register_forward_pre_hook(self._query_hook(index))
 
-    # -- per step ---------------------------------------------------------------------
-    def begin_step(self, slices: list[RequestSlice], plan_of: Callable[[str], EvictionPlan | None]) -> None:
-        """``slices``: every request of the step; ``plan_of``: a request's eviction plan, read
-        when it (re)starts."""
-        for s in slices:
-            if s.restarts:  # new, or preempted and recomputed: evicted again at its prompt's end
-                self.skipped_blocks.pop(s.req_id, None)
-                self.prefills.pop(s.req_id, None)
-                if (plan := plan_of(s.req_id)) is not None:
+    # -- runner side, outside the forward pass ------------------------------------------
+    def begin_step(self, batch: StepBatch, plan_of: Callable[[str], EvictionPlan | None]) -> None:
+        """Fill the step's capture rows and attention narrowing; ``plan_of``: a request's
+        eviction plan, read when it (re)starts."""
+        restarts, completes = batch.restarts, batch.completes_prompt
+        self._step = []
+        next_row = 0
+        self.skipped_rows.zero_()
+        for row, req_id in enumerate(batch.req_ids):
+            if restarts[row]:  # new, or preempted and recomputed: evicted again at its prompt's end
+                self.skipped_blocks.pop(req_id, None)
+                self.prefills.pop(req_id, None)
+                if (plan := plan_of(req_id)) is not None:
                     window = POLICIES[plan.policy]().query_window(plan.num_prompt)
-                    self.prefills[s.req_id] = _Prefill(plan, window, [[] for _ in self.attention])
-        self.step = [s for s in slices if s.req_id in self.prefills]
-
-    def narrow_attention(self, req_ids: list[str], block_table, seq_lens: torch.Tensor, max_seq_lens: torch.Tensor) -> None:
-        """Make this step's attention start at each evicted request's first kept block."""
-        table = block_table.block_table.gpu
-        for row, req_id in enumerate(req_ids):
-            skip = self.skipped_blocks.get(req_id)
-            if not skip:
+                    shape = (len(self.attention), window, self.num_heads, self.head_dim)
+                    self.prefills[req_id] = _Prefill(plan, torch.empty(shape, dtype=self.captured.dtype))
+            self.skipped_rows[row] = self.skipped_blocks.get(req_id, 0)
+            if req_id not in self.prefills:
                 continue
-            count = int(block_table.num_blocks_per_row[row])
-            table[row, : count - skip] = table[row, skip:count].clone()
-            seq_lens[row] -= skip * self.block_size
-            max_seq_lens[row] -= skip * self.block_size
-            self._narrowed_rows.append((row, req_id))
+            first, count, offset = batch.prompt_tail(row, self.prefills[req_id].queries.shape[1])
+            self.token_capture[first : first + count] = torch.arange(next_row, next_row + count)
+            self._step.append((req_id, next_row, count, offset, bool(completes[row])))
+            next_row += count
 
-    def restore_block_table(self, block_table, block_ids_of) -> None:
-        table = block_table.block_table.gpu
-        for row, req_id in self._narrowed_rows:
-            count = int(block_table.num_blocks_per_row[row])
-            table[row, :count] = torch.tensor(block_ids_of(req_id)[:count], dtype=table.dtype)
-        self._narrowed_rows = []
+    def end_step(self, block_ids_of: Callable[[str], list[int]]) -> None:
+        """After the forward pass: keep the captured queries and evict the requests whose
+        prompt this step completed."""
+        for req_id, first, count, offset, completes in self._step:
+            prefill = self.prefills[req_id]
+            queries = self.captured[:, first : first + count].view(len(self.attention), count, self.num_heads, self.head_dim)
+            prefill.queries[:, offset : offset + count] = queries
+            if completes:
+                self._evict(req_id, self.prefills.pop(req_id), block_ids_of(req_id))
+        self.clear()
 
-    def evict_completed(self, block_ids_of) -> None:
-        """After the forward pass: evict the requests whose prompt this step completed."""
-        for s in self.step:
-            if s.completes_prompt:
-                self._evict(s.req_id, self.prefills.pop(s.req_id), block_ids_of(s.req_id))
-        self.step = []
+    def clear(self) -> None:
+        """No token to capture: what the op sees outside a step (profiling, warm-up)."""
+        if self._step:
+            self.token_capture.fill_(-1)
+        self._step = []
 
     def drop(self, req_ids) -> None:
         for req_id in req_ids:
             self.prefills.pop(req_id, None)
             self.skipped_blocks.pop(req_id, None)
 
-    # -- internals --------------------------------------------------------------------
-    def _query_hook(self, index: int):
-        def hook(module: nn.Module, args: tuple) -> None:
-            for s in self.step:
-                prefill = self.prefills[s.req_id]
-                rows = s.prompt_tail(prefill.window)
-                if rows.stop > rows.start:
-                    prefill.queries[index].append(args[0][rows].view(-1, self.num_heads, self.head_dim).clone())
+    def narrow(self, metadata):
+        """vLLM's common attention metadata (``CommonAttentionMetadata``) with each evicted
+        request's block table starting at its first kept block and its seq_len shortened
+        by the skipped tokens; unchanged when no request of the step skips blocks."""
+        skip = self.skipped_rows[: metadata.num_reqs]
+        if not bool(skip.any()):
+            return metadata
+        table = metadata.block_table_tensor
+        columns = (torch.arange(table.shape[1]) + skip[:, None]).clamp(max=table.shape[1] - 1)
+        seq_lens = metadata.seq_lens - (skip * self.block_size).to(metadata.seq_lens.dtype)
+        return dataclasses.replace(metadata, block_table_tensor=table.gather(1, columns.to(table.device)), seq_lens=seq_lens)
 
-        return hook
+    # -- op side, inside the forward pass -----------------------------------------------
+    def capture(self, layer: int, query: torch.Tensor) -> None:
+        """Copy layer ``layer``'s queries (tokens, heads * head_dim) of the step's capture
+        tokens into their rows of ``captured``."""
+        rows = self.token_capture[: query.shape[0]]
+        tokens = (rows >= 0).nonzero().squeeze(1)
+        if tokens.numel():
+            self.captured[layer, rows[tokens]] = query[tokens]
 
+    # -- internals ----------------------------------------------------------------------
     def _evict(self, req_id: str, prefill: _Prefill, block_ids: list[int]) -> None:
         plan = prefill.plan
         num_blocks = -(-plan.num_prompt // self.block_size)
         table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64)
         caches = [paged_key_value(attn) for attn in self.attention]
         keys = [key_cache.index_select(0, table).transpose(0, 1).flatten(1, 2)[:, : plan.num_prompt] for key_cache, _ in caches]
-        queries = [torch.cat(chunks).transpose(0, 1) for chunks in prefill.queries if chunks]
-        kept = choose_kept(plan, keys, queries, self.attention[0].impl.scale)
+        queries = [layer.transpose(0, 1) for layer in prefill.queries] if prefill.queries.shape[1] else []
+        kept = choose_kept(plan, keys, queries, vi.attention_scale(self.attention[0]))
         for (key_cache, value_cache), keep in zip(caches, kept):
             compact_kept_(key_cache, value_cache, table[None], keep[None].contiguous(), torch.tensor([plan.num_prompt]))
         self.skipped_blocks[req_id] = plan.evicted_blocks(self.block_size)

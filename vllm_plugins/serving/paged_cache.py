@@ -17,16 +17,16 @@ import functools
 import torch
 from torch import nn
 
+from vllm_plugins.serving import vllm_internals as vi
+
 
 @functools.cache
 def _keys_dim_major(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> bool:
     """Write token t's key as the constant t through vLLM's op, and see where it lands."""
-    from vllm import _custom_ops as ops
-
     cache = torch.full((1, 1, 2 * block_size, head_dim), -1.0, dtype=dtype)
     key_half, value_half = cache.chunk(2, dim=2)
     token = torch.arange(block_size, dtype=dtype)[:, None, None].expand(block_size, 1, head_dim).contiguous()
-    ops.cpu_attn_reshape_and_cache(token, token, key_half, value_half, torch.arange(block_size), isa)
+    vi.cpu_reshape_and_cache(token, token, key_half, value_half, torch.arange(block_size), isa)
     token_major = token[:, 0]
     if not torch.equal(value_half[0, 0], token_major):
         raise NotImplementedError(f"vLLM's CPU KV cache layout for ISA {isa!r} stores values in a layout the plugins cannot read")
@@ -40,11 +40,11 @@ def _keys_dim_major(isa: str, dtype: torch.dtype, block_size: int, head_dim: int
 def paged_key_value(attn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(keys, values) of vLLM attention layer ``attn``'s cache, each a token-major view
     (num_blocks, kv_heads, block_size, head_dim) of the same memory."""
-    kv_cache = attn.kv_cache
+    kv_cache = vi.attention_cache(attn)
     num_blocks, kv_heads, block_size, width = kv_cache.shape
     head_dim = width // 2
     keys, values = kv_cache.view(num_blocks, kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
-    if _keys_dim_major(attn.isa, kv_cache.dtype, block_size, head_dim):
+    if _keys_dim_major(vi.attention_isa(attn), kv_cache.dtype, block_size, head_dim):
         strides = (kv_cache.stride(0), kv_cache.stride(1), 1, block_size)
         keys = kv_cache.as_strided(keys.shape, strides, kv_cache.storage_offset())
     return keys, values

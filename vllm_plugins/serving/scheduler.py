@@ -23,13 +23,12 @@ has run (:mod:`.block_release`).
 
 from __future__ import annotations
 
-from vllm.v1.core.sched.scheduler import Scheduler
-
 from vllm_plugins.adapters.storage import read_manifest
 from vllm_plugins.serving.batch import ADAPTER_PATH_ARG, requested_adapter
 from vllm_plugins.serving.block_release import BlockRelease
 from vllm_plugins.serving.config import PromptAdapterSettings, eviction_settings
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG, SoftTokenSlots
+from vllm_plugins.serving.vllm_internals import Scheduler
 
 
 class PromptAwareScheduler(Scheduler):

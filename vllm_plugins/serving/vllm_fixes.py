@@ -27,6 +27,8 @@ import sys
 
 import torch
 
+from vllm_plugins.serving import vllm_internals as vi
+
 
 def _zero_rows_without_lora(shrink, index_of):
     @functools.wraps(shrink)
@@ -48,8 +50,7 @@ def _sgmv_token_indices(
 
 
 def skip_lora_for_tokens_without_adapter() -> None:
-    from vllm.lora.punica_wrapper import punica_cpu
-
+    punica_cpu = vi.cpu_punica_ops()
     if getattr(punica_cpu.bgmv_shrink, "__wrapped__", None) is not None:
         return  # already applied in this process
     punica_cpu.bgmv_shrink = _zero_rows_without_lora(punica_cpu.bgmv_shrink, _bgmv_token_indices)
@@ -57,8 +58,7 @@ def skip_lora_for_tokens_without_adapter() -> None:
 
 
 def hide_llvmlite_from_the_kernel_scan() -> None:
-    from vllm.platforms import current_platform
-
+    current_platform = vi.platform()
     register = current_platform.register_triton_kernel_overrides
     if getattr(register, "__wrapped__", None) is not None:
         return  # already applied in this process

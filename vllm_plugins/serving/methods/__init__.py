@@ -1,15 +1,13 @@
-"""How each prompt-aware method acts on vLLM's fused modules, for a flat batch of tokens.
+"""The prompt-aware methods as served in vLLM: per-request tables, stacked adapter weights
+and the per-token work at a decoder layer's module sites; the adapter math itself lives in
+``vllm_plugins/adapters/<method>/``."""
 
-An applier finalises a request's state from its pooled prompt and applies states at the
-module sites of a vLLM decoder layer (``qkv``, ``attention``, ``o_proj``, ``gate_up``,
-``down``); the adapter math itself lives in ``vllm_plugins/adapters/<method>/``.
-"""
+from vllm_plugins.serving.methods.base import SITES, LayerModules, Limits, ServedMethod
+from vllm_plugins.serving.methods.iapt import IaptMethod
+from vllm_plugins.serving.methods.milora import MiloraMethod
+from vllm_plugins.serving.methods.para import ParaMethod
 
-from vllm_plugins.serving.methods.base import Applier, LayerModules
-from vllm_plugins.serving.methods.iapt import IaptApplier
-from vllm_plugins.serving.methods.milora import MiloraApplier
-from vllm_plugins.serving.methods.para import ParaApplier
+METHODS: tuple[type[ServedMethod], ...] = (IaptMethod, ParaMethod, MiloraMethod)
+"""In the order of their ``code``."""
 
-APPLIERS: dict[str, Applier] = {a.method: a for a in (IaptApplier(), ParaApplier(), MiloraApplier())}
-
-__all__ = ["APPLIERS", "Applier", "LayerModules"]
+__all__ = ["METHODS", "SITES", "LayerModules", "Limits", "ServedMethod"]

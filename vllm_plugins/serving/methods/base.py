@@ -1,14 +1,35 @@
+"""What a prompt-aware method is when served: tables, stacked weights and two duties.
+
+A :class:`ServedMethod` owns
+
+* its per-request tables, indexed by the request's state row (``[max_rows, ...]`` per
+  layer), written once when the request's prompt completes (:meth:`finalize`);
+* the adapter weights its per-token work needs, stacked in adapter slots
+  (``[max_active, ...]``), written once when an adapter is activated (:meth:`load`);
+* its per-token work at the module sites of a decoder layer (:meth:`apply`), batched
+  over every token the method acts on in the step.
+
+Both duties run inside the plugins' custom ops (:mod:`..ops`), which read the step's
+token-to-row map from :class:`~..metadata.PromptAwareMetadata`. The adapter math itself
+lives in ``vllm_plugins/adapters/<method>/``: :meth:`finalize` calls the adapter's own
+``state_from_pooled``, so served and reference states are computed by the same code.
+"""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from vllm_plugins.adapters.common.model_parts import Dims
 from vllm_plugins.adapters.common.prompt_aware import PromptAwareLayer
-from vllm_plugins.serving.batch import AdaptedTokens
+
+SITES = ("qkv", "attention", "o_proj", "gate_up", "down")
+"""The module sites of a vLLM decoder layer the methods act at, in forward order: the
+outputs of ``self_attn.qkv_proj``, ``self_attn.attn``, ``self_attn.o_proj``,
+``mlp.gate_up_proj`` and ``mlp.down_proj``."""
 
 
 def linear_without_bias(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -17,13 +38,14 @@ def linear_without_bias(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     vLLM's CPU build repacks linear weights for its GEMM and drops ``.weight``, so the
     layer's quantisation method (its ``apply``) is the way to its weights.
     """
-    base = getattr(module, "base_layer", module)  # unwrap vLLM's LoRA wrapper
-    return base.quant_method.apply(base, x)
+    while hasattr(module, "base_layer"):  # the plugins' and vLLM's LoRA wrappers
+        module = module.base_layer
+    return module.quant_method.apply(module, x)
 
 
 @dataclass(frozen=True)
 class LayerModules:
-    """A vLLM decoder layer's modules the appliers read, and its sizes."""
+    """A vLLM decoder layer's modules the methods read, and the model's sizes."""
 
     index: int
     qkv_proj: nn.Module
@@ -32,24 +54,40 @@ class LayerModules:
 
 
 @dataclass(frozen=True)
-class SiteCall:
-    """One hook call: the module's input ``x`` and output ``out`` (edited in place)."""
+class Limits:
+    """Sizes the tables are preallocated for (``--additional-config`` prompt_adapters)."""
 
-    site: str
-    layer: LayerModules
-    x: torch.Tensor
-    out: torch.Tensor
+    max_rows: int  # requests with state at once (vLLM's max_num_seqs)
+    max_active: int  # adapter slots
+    max_rank: int  # MiLoRA experts' rank
+    max_soft_tokens: int  # IAPT soft tokens per layer
 
 
-class Applier:
-    method: str
-    sites: frozenset[str]
+class ServedMethod:
+    name: ClassVar[str]
+    code: ClassVar[int]  # the method's number in PromptAwareMetadata.row_method
+    sites: ClassVar[frozenset[str]]
 
-    def finalize(self, layer: PromptAwareLayer, pooled: torch.Tensor, modules: LayerModules, request_args: dict) -> Any:
-        """A request's state for one layer from its pooled prompt (1, queries, dim);
-        ``request_args`` are the request's ``extra_args``."""
-        return layer.state_from_pooled(pooled)
+    def __init__(self, layers: list[LayerModules], limits: Limits):
+        self.layers = layers
+        self.limits = limits
 
-    def apply(self, call: SiteCall, tokens: AdaptedTokens, states: list[Any], adapters: list[PromptAwareLayer]) -> None:
-        """Act on ``call.out`` at ``tokens``; ``states[i]``/``adapters[i]`` belong to request i."""
+    def check(self, adapter_layers: nn.ModuleList) -> str | None:
+        """Why an adapter cannot be held within the limits, or None."""
+        return None
+
+    def load(self, slot: int, adapter_layers: nn.ModuleList) -> None:
+        """Write an adapter's weights into slot ``slot`` of the stacked weights."""
+
+    def start(self, row: int, request_args: dict) -> None:
+        """A request (re)starts in state row ``row``; ``request_args``: its extra_args."""
+
+    def finalize(self, layer: int, row: int, adapter: PromptAwareLayer, pooled: torch.Tensor) -> None:
+        """Row ``row``'s state for ``layer`` from its pooled prompt (1, queries, dim)."""
+        raise NotImplementedError
+
+    def apply(self, site: str, layer: int, x: torch.Tensor, out: torch.Tensor, index: torch.Tensor,
+              rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Act on ``out`` (the site's output; ``x`` its input) in place at tokens ``index``
+        (A,), whose state rows are ``rows`` (A,) and adapter slots ``slots`` (A,)."""
         raise NotImplementedError

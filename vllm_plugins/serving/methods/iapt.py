@@ -1,67 +1,65 @@
-"""IAPT on vLLM: soft keys/values from the layer's own qkv weights at prefill, written
-into the request's soft-token slots of the layer's paged KV cache (:mod:`..soft_kv`); at
-every adapted token, the soft attention over those slots is added to the attention
-output (before o_proj).
+"""IAPT served: at the step that completes the prompt, the soft tokens' keys/values come
+from the layer's own qkv weights and are written into the request's soft-token slots of
+the layer's paged KV cache (:mod:`..soft_kv`); at every adapted token, the soft attention
+over those slots is added to the attention output, before o_proj (IAPT Sec. 3.2,
+``adapters/iapt/layer.py``).
+
+Per request, ``runs`` (max_rows, 3) holds where its soft tokens sit: block, first slot
+and count, the same in every layer. The scheduler chose them; :meth:`IaptMethod.start`
+copies them from the request's ``extra_args``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from vllm_plugins.adapters.iapt.layer import IaptLayer
-from vllm_plugins.serving.batch import AdaptedTokens
-from vllm_plugins.serving.methods.base import Applier, LayerModules, SiteCall, linear_without_bias
+from vllm_plugins.serving.methods.base import LayerModules, Limits, ServedMethod, linear_without_bias
 from vllm_plugins.serving.paged_cache import paged_key_value
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
 from vllm_plugins_kernels import soft_attention_paged_, write_soft_kv
 
 
-@dataclass(frozen=True)
-class SoftTokenRun:
-    """Where a request's soft keys/values sit in each layer's cache: slots
-    ``first .. first + count - 1`` of block ``block``."""
-
-    block: int
-    first: int
-    count: int
-
-
-class IaptApplier(Applier):
-    method = "iapt"
+class IaptMethod(ServedMethod):
+    name = "iapt"
+    code = 0
     sites = frozenset({"attention"})
 
-    def finalize(self, layer: IaptLayer, pooled: torch.Tensor, modules: LayerModules, request_args: dict) -> SoftTokenRun:
+    def __init__(self, layers: list[LayerModules], limits: Limits):
+        super().__init__(layers, limits)
+        self.runs = torch.zeros(limits.max_rows, 3, dtype=torch.int64)
+
+    def check(self, adapter_layers) -> str | None:
+        count = adapter_layers[0].pool.query.shape[1]
+        if count > self.limits.max_soft_tokens:
+            return f"{count} IAPT soft tokens are above the server's max_soft_tokens {self.limits.max_soft_tokens}"
+        bottleneck = adapter_layers[0].down.out_features
+        if bottleneck > self.layers[0].dims.hidden:
+            return f"IAPT bottleneck {bottleneck} is above the model's hidden size {self.layers[0].dims.hidden}"
+        return None
+
+    def start(self, row: int, request_args: dict) -> None:
         if SOFT_KV_SLOT_ARG not in request_args:
             raise RuntimeError("an IAPT request reached the worker without KV slots: serve with PromptAwareScheduler")
-        run = SoftTokenRun(*request_args[SOFT_KV_SLOT_ARG])
+        self.runs[row] = torch.tensor(request_args[SOFT_KV_SLOT_ARG])
+
+    def finalize(self, layer: int, row: int, adapter: IaptLayer, pooled: torch.Tensor) -> None:
+        modules = self.layers[layer]
         d = modules.dims
-        qkv = linear_without_bias(modules.qkv_proj, layer.soft_hidden(pooled)[0])  # see adapters/iapt/layer.py
+        qkv = linear_without_bias(modules.qkv_proj, adapter.soft_hidden(pooled)[0])
         shape = (-1, d.num_kv_heads, d.head_dim)
         keys = qkv[:, d.q_size : d.q_size + d.kv_size].reshape(shape)
         values = qkv[:, d.q_size + d.kv_size :].reshape(shape)
         key_cache, value_cache = paged_key_value(modules.attn)
-        write_soft_kv(key_cache, value_cache, keys[None], values[None], torch.tensor([run.block]), torch.tensor([run.first]))
-        return run
+        block, first, _ = self.runs[row]
+        write_soft_kv(key_cache, value_cache, keys[None], values[None], block[None], first[None])
 
-    def apply(self, call: SiteCall, tokens: AdaptedTokens, states: list[SoftTokenRun], adapters) -> None:
-        key_cache, value_cache = paged_key_value(call.layer.attn)
-        scale = call.layer.dims.head_dim**-0.5
-        for count, index, blocks, first in self._token_slots(tokens, states):
-            soft_attention_paged_(call.out, call.x, index, blocks, first, key_cache, value_cache, count, scale)
-
-    @staticmethod
-    def _token_slots(tokens: AdaptedTokens, states: list[SoftTokenRun]) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """(soft tokens, adapted tokens, their block, their first slot) for each soft-token
-        count among the requests; the same in every layer, so built once per step."""
-        if "iapt_slots" not in tokens.per_step:
-            blocks = torch.tensor([run.block for run in states])[tokens.rows]
-            first = torch.tensor([run.first for run in states])[tokens.rows]
-            counts = torch.tensor([run.count for run in states])[tokens.rows]
-            groups = []
-            for count in counts.unique().tolist():
-                chosen = counts == count
-                groups.append((count, tokens.index[chosen], blocks[chosen], first[chosen]))
-            tokens.per_step["iapt_slots"] = groups
-        return tokens.per_step["iapt_slots"]
+    def apply(self, site, layer, x, out, index, rows, slots) -> None:
+        modules = self.layers[layer]
+        key_cache, value_cache = paged_key_value(modules.attn)
+        scale = modules.dims.head_dim**-0.5
+        blocks, first, counts = self.runs[rows].unbind(1)
+        for count in counts.unique().tolist():
+            chosen = counts == count
+            soft_attention_paged_(out, x, index[chosen], blocks[chosen], first[chosen], key_cache, value_cache,
+                                  count, scale)

@@ -1,22 +1,23 @@
-"""MiLoRA on vLLM: each request's top-k experts add p_e * E_e(x) to their module's slice
-of the fused outputs (q/k/v in qkv, gate/up in gate_up, o_proj, down_proj).
+"""MiLoRA served: each request's top-k experts add p_e * E_e(x) to their module's slice of
+the fused outputs (q/k/v in qkv, gate/up in gate_up, o_proj, down_proj; MiLoRA Sec. 3.2).
 
-At prefill the router's choice becomes plain numbers (:class:`ExpertChoice`); per step and
-module, the tokens of the requests that chose that module's expert go through one batched
-shrink/expand with each token's own expert weights (:func:`vllm_plugins_kernels.expert_lora_`),
-as vLLM's LoRA ops do for LoRA slots.
+* Per adapter slot, each layer's experts are stacked like vLLM's LoRA slots:
+  ``lora_a[layer][module]`` (max_active, max_rank, in_features) and ``lora_b[layer][module]``
+  (max_active, out_features, max_rank), an expert of lower rank zero-padded (exact).
+* Per request and layer, ``gates[layer]`` (max_rows, 7) holds p_e * alpha / r for the
+  chosen experts and 0 for the others, written once when the prompt completes.
+
+Per step and module, the tokens whose request chose that module's expert go through one
+batched shrink/expand, each with its slot's weights (:func:`vllm_plugins_kernels.expert_lora_`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from vllm_plugins.adapters.common.model_parts import LINEAR_MODULES
 from vllm_plugins.adapters.milora.layer import MiloraLayer
-from vllm_plugins.serving.batch import AdaptedTokens
-from vllm_plugins.serving.methods.base import Applier, LayerModules, SiteCall
+from vllm_plugins.serving.methods.base import LayerModules, Limits, ServedMethod
 from vllm_plugins_kernels import expert_lora_
 
 SITE_MODULES = {
@@ -27,49 +28,50 @@ SITE_MODULES = {
 }
 
 
-@dataclass(frozen=True)
-class ExpertChoice:
-    """A request's active experts in one layer: module name -> router probability p_e."""
-
-    gates: dict[str, float]
-
-
-def _output_columns(call: SiteCall) -> dict[str, int]:
-    """Each module's first column in the site's fused output."""
-    d = call.layer.dims
-    if call.site == "qkv":
-        return {"q_proj": 0, "k_proj": d.q_size, "v_proj": d.q_size + d.kv_size}
-    if call.site == "gate_up":
-        return {"gate_proj": 0, "up_proj": d.intermediate}
-    return {SITE_MODULES[call.site][0]: 0}
+def _first_column(module: str, layer: LayerModules) -> int:
+    """The module's first column in the site's fused output."""
+    d = layer.dims
+    return {"k_proj": d.q_size, "v_proj": d.q_size + d.kv_size, "up_proj": d.intermediate}.get(module, 0)
 
 
-class MiloraApplier(Applier):
-    method = "milora"
+class MiloraMethod(ServedMethod):
+    name = "milora"
+    code = 2
     sites = frozenset(SITE_MODULES)
 
-    def finalize(self, layer: MiloraLayer, pooled: torch.Tensor, modules: LayerModules, request_args: dict) -> ExpertChoice:
-        gates = layer.state_from_pooled(pooled).gates[0].tolist()
-        return ExpertChoice({name: g for name, g in zip(LINEAR_MODULES, gates) if g > 0})
+    def __init__(self, layers: list[LayerModules], limits: Limits):
+        super().__init__(layers, limits)
+        d = layers[0].dims
+        self.gates = torch.zeros(len(layers), limits.max_rows, len(LINEAR_MODULES))
+        shapes = {m: d.linear_shape(m) for m in LINEAR_MODULES}
+        self.lora_a = [
+            {m: torch.zeros(limits.max_active, limits.max_rank, shapes[m][0]) for m in LINEAR_MODULES} for _ in layers
+        ]
+        self.lora_b = [
+            {m: torch.zeros(limits.max_active, shapes[m][1], limits.max_rank) for m in LINEAR_MODULES} for _ in layers
+        ]
 
-    def apply(self, call: SiteCall, tokens: AdaptedTokens, states: list[ExpertChoice], adapters: list[MiloraLayer]) -> None:
-        for name, start in _output_columns(call).items():
-            by_rank: dict[int, list[int]] = {}
-            for row, state in enumerate(states):
-                if name in state.gates:
-                    by_rank.setdefault(adapters[row].experts[name].lora_A.shape[0], []).append(row)
-            for rows in by_rank.values():
-                self._apply_experts(call, tokens, name, start, rows, states, adapters)
+    def check(self, adapter_layers) -> str | None:
+        rank = adapter_layers[0].experts[LINEAR_MODULES[0]].lora_A.shape[0]
+        if rank > self.limits.max_rank:
+            return f"MiLoRA rank {rank} is above the server's max_rank {self.limits.max_rank}"
+        return None
 
-    @staticmethod
-    def _apply_experts(call, tokens, name, start, rows, states, adapters) -> None:
-        """One batched shrink/expand for the tokens of ``rows`` (requests whose experts for
-        ``name`` share a rank), each token with its request's expert weights."""
-        slot = torch.full((len(states),), -1, dtype=torch.long)
-        slot[rows] = torch.arange(len(rows))
-        experts = [adapters[row].experts[name] for row in rows]
-        lora_a = torch.stack([e.lora_A for e in experts])  # (slots, r, in)
-        lora_b = torch.stack([e.lora_B for e in experts])  # (slots, out, r)
-        scale = torch.zeros(len(states))
-        scale[rows] = torch.tensor([states[row].gates[name] * e.scaling for row, e in zip(rows, experts)])
-        expert_lora_(call.out, call.x, tokens.index, slot[tokens.rows], scale[tokens.rows], lora_a, lora_b, start)
+    def load(self, slot: int, adapter_layers) -> None:
+        for layer, adapter in enumerate(adapter_layers):
+            for module, expert in adapter.experts.items():
+                rank = expert.lora_A.shape[0]
+                self.lora_a[layer][module][slot].zero_()[:rank] = expert.lora_A
+                self.lora_b[layer][module][slot].zero_()[:, :rank] = expert.lora_B
+
+    def finalize(self, layer: int, row: int, adapter: MiloraLayer, pooled: torch.Tensor) -> None:
+        gates = adapter.state_from_pooled(pooled).gates[0]
+        scaling = torch.tensor([adapter.experts[m].scaling for m in LINEAR_MODULES])
+        self.gates[layer, row] = gates * scaling
+
+    def apply(self, site, layer, x, out, index, rows, slots) -> None:
+        for module in SITE_MODULES[site]:
+            scales = self.gates[layer, rows, LINEAR_MODULES.index(module)]
+            chosen_slots = torch.where(scales > 0, slots, -1)
+            expert_lora_(out, x, index, chosen_slots, scales, self.lora_a[layer][module], self.lora_b[layer][module],
+                         _first_column(module, self.layers[layer]))

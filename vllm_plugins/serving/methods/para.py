@@ -1,40 +1,40 @@
-"""PARA on vLLM: Q' = l_q * Q and V' = l_v * V in the fused qkv output, U' = l_u * U in
-the fused gate/up output (vLLM orders it [gate; up]), one rescaling pass per site
-(:func:`vllm_plugins_kernels.rescale_columns_`)."""
+"""PARA served: Q' = l_q * Q and V' = l_v * V in the fused qkv output, U' = l_u * U in the
+fused gate/up output (vLLM orders it [gate; up]), one rescaling pass per site
+(:func:`vllm_plugins_kernels.rescale_columns_`, PARA Sec. 3.2).
+
+Per request and layer the vectors sit in two tables: ``qkv[layer]`` (max_rows, q + kv)
+holds [l_q; l_v], ``up[layer]`` (max_rows, intermediate) holds l_u. PARA keeps no
+weights per slot: its generator runs once per request, at :meth:`ParaMethod.finalize`.
+"""
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from vllm_plugins.adapters.para.layer import ParaLayer
-from vllm_plugins.serving.batch import AdaptedTokens
-from vllm_plugins.serving.methods.base import Applier, LayerModules, SiteCall
+from vllm_plugins.serving.methods.base import LayerModules, Limits, ServedMethod
 from vllm_plugins_kernels import rescale_columns_
 
 
-@dataclass(frozen=True)
-class ParaScales:
-    """A request's vectors for one layer as the sites use them: [l_q; l_v] (1, q + kv) for
-    the qkv output and l_u (1, intermediate) for the gate/up output."""
-
-    qkv: torch.Tensor
-    up: torch.Tensor
-
-
-class ParaApplier(Applier):
-    method = "para"
+class ParaMethod(ServedMethod):
+    name = "para"
+    code = 1
     sites = frozenset({"qkv", "gate_up"})
 
-    def finalize(self, layer: ParaLayer, pooled: torch.Tensor, modules: LayerModules, request_args: dict) -> ParaScales:
-        state = layer.state_from_pooled(pooled)
-        return ParaScales(torch.cat([state.l_q, state.l_v], dim=-1), state.l_u)
+    def __init__(self, layers: list[LayerModules], limits: Limits):
+        super().__init__(layers, limits)
+        d = layers[0].dims
+        self.qkv = torch.ones(len(layers), limits.max_rows, d.q_size + d.kv_size)
+        self.up = torch.ones(len(layers), limits.max_rows, d.intermediate)
 
-    def apply(self, call: SiteCall, tokens: AdaptedTokens, states: list[ParaScales], adapters) -> None:
-        d = call.layer.dims
-        if call.site == "qkv":
-            scales, segments = torch.cat([s.qkv for s in states]), ((0, d.q_size), (d.q_size + d.kv_size, d.kv_size))
+    def finalize(self, layer: int, row: int, adapter: ParaLayer, pooled: torch.Tensor) -> None:
+        state = adapter.state_from_pooled(pooled)
+        self.qkv[layer, row] = torch.cat([state.l_q[0], state.l_v[0]])
+        self.up[layer, row] = state.l_u[0]
+
+    def apply(self, site, layer, x, out, index, rows, slots) -> None:
+        d = self.layers[layer].dims
+        if site == "qkv":
+            rescale_columns_(out, index, rows, self.qkv[layer], ((0, d.q_size), (d.q_size + d.kv_size, d.kv_size)))
         else:
-            scales, segments = torch.cat([s.up for s in states]), ((d.intermediate, d.intermediate),)
-        rescale_columns_(call.out, tokens.index, tokens.rows, scales, segments)
+            rescale_columns_(out, index, rows, self.up[layer], ((d.intermediate, d.intermediate),))

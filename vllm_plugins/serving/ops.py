@@ -1,0 +1,78 @@
+"""The plugins' custom ops: the only way their work enters vLLM's model forward.
+
+Registered with ``torch.library`` under the ``vllm_plugins`` namespace, each with a fake
+(meta) implementation, so torch.compile treats them as opaque calls: they are traced once
+as calls, never into, and run their real implementation at every step. They take the
+step's activations and the layer's number; everything that changes per step is read from
+the persistent buffers of :class:`~.metadata.PromptAwareMetadata` and of
+:class:`~.kv_eviction.KvEviction`, which the runner writes in place before the forward
+pass (as vLLM's own attention op finds its KV cache and metadata by layer name).
+
+* ``prompt_aware_prefill(hidden, layer) -> dep``: pooling and the once-per-request state
+  (:meth:`~.prompt_aware.PromptAwareRuntime.prefill`). Returns an empty tensor that the
+  same layer's ``qkv`` apply takes, so the compiler keeps the two in order and never
+  drops the call (vLLM's ``unified_kv_cache_update`` does the same).
+* ``prompt_aware_apply(x, out!, dep, layer, site)``: the methods' per-token work on a
+  site's output, in place (:meth:`~.prompt_aware.PromptAwareRuntime.apply`).
+* ``kv_eviction_capture(query, layer) -> dep``: an evicting request's last prompt queries
+  into the capture buffer (:meth:`~.kv_eviction.KvEviction.capture`); the attention
+  site's apply takes the result.
+
+On CUDA graphs (not served yet: docs/serving.md) ``prompt_aware_apply`` and
+``kv_eviction_capture`` read only persistent buffers and suit capture;
+``prompt_aware_prefill`` chooses rows from buffer values on the host and must run as a
+graph-splitting op, which only steps with a prefill need.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_plugins.serving.methods import SITES
+
+_LIBRARY = torch.library.Library("vllm_plugins", "FRAGMENT")
+_RUNTIMES: dict[str, object] = {}  # "prompt_aware" and "kv_eviction" of this worker process
+
+
+def bind(prompt_aware, kv_eviction) -> None:
+    """Make this worker's runtimes the ones the ops serve (one model per process)."""
+    _RUNTIMES.update(prompt_aware=prompt_aware, kv_eviction=kv_eviction)
+
+
+def _prompt_aware_prefill(hidden: torch.Tensor, layer: int) -> torch.Tensor:
+    _RUNTIMES["prompt_aware"].prefill(layer, hidden)
+    return hidden.new_empty(0)
+
+
+def _prompt_aware_apply(x: torch.Tensor, out: torch.Tensor, dep: torch.Tensor | None, layer: int, site: int) -> None:
+    _RUNTIMES["prompt_aware"].apply(SITES[site], layer, x, out)
+
+
+def _kv_eviction_capture(query: torch.Tensor, layer: int) -> torch.Tensor:
+    _RUNTIMES["kv_eviction"].capture(layer, query)
+    return query.new_empty(0)
+
+
+def _fake_dep(first: torch.Tensor, layer: int) -> torch.Tensor:
+    return first.new_empty(0)
+
+
+def _fake_apply(x: torch.Tensor, out: torch.Tensor, dep: torch.Tensor | None, layer: int, site: int) -> None:
+    return None
+
+
+_LIBRARY.define("prompt_aware_prefill(Tensor hidden, int layer) -> Tensor")
+_LIBRARY.define("prompt_aware_apply(Tensor x, Tensor(a!) out, Tensor? dep, int layer, int site) -> ()")
+_LIBRARY.define("kv_eviction_capture(Tensor query, int layer) -> Tensor")
+for _name, _impl, _fake in (
+    ("prompt_aware_prefill", _prompt_aware_prefill, _fake_dep),
+    ("prompt_aware_apply", _prompt_aware_apply, _fake_apply),
+    ("kv_eviction_capture", _kv_eviction_capture, _fake_dep),
+):
+    _LIBRARY.impl(_name, _impl, "CPU")
+    _LIBRARY.impl(_name, _impl, "CUDA")
+    torch.library.register_fake(f"vllm_plugins::{_name}", _fake, lib=_LIBRARY)
+
+prompt_aware_prefill = torch.ops.vllm_plugins.prompt_aware_prefill
+prompt_aware_apply = torch.ops.vllm_plugins.prompt_aware_apply
+kv_eviction_capture = torch.ops.vllm_plugins.kv_eviction_capture

@@ -1,0 +1,157 @@
+"""Prompt-aware adapters in a vLLM worker: request -> state row -> tables -> per-token ops.
+
+Data flow of one step:
+
+    runner, before the forward pass (:meth:`PromptAwareRuntime.begin_step`):
+        each request naming an adapter gets a state row (kept until it finishes or is
+        preempted; a restart from position 0 resets it), its adapter a slot
+        (:mod:`.adapter_slots`); the step's token -> row map goes into
+        :class:`~.metadata.PromptAwareMetadata`
+    forward pass, per decoder layer (:mod:`.layers` wrap the modules, :mod:`.ops` are
+    the custom ops they call):
+        qkv_proj input (normalised H_l) -> :meth:`prefill`: the prompt tokens scheduled now
+            are pooled into each row's running softmax sums (``pool_*`` tables); a row
+            whose prompt completes gets its state from the adapter's own generator
+            (:meth:`~.methods.base.ServedMethod.finalize`)
+        each site's output -> :meth:`apply`: each method acts on its adapted tokens,
+            reading its per-row tables and per-slot weights
+    runner, after the forward pass: :meth:`end_step` clears the step's map.
+
+Every table is preallocated at load and written in place. Pooling is an online softmax
+(running max, sum and weighted sum), so a prompt that arrives in several chunks pools to
+the same vector as one pass over it (docs/serving.md).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from vllm_plugins.adapters.common.pooling import PoolStats
+from vllm_plugins.adapters.storage import AdapterError
+from vllm_plugins.serving.adapter_slots import AdapterSlots
+from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG, StepBatch
+from vllm_plugins.serving.metadata import PromptAwareMetadata
+from vllm_plugins.serving.methods import METHODS, LayerModules, Limits, ServedMethod
+
+
+class PromptAwareRuntime:
+    def __init__(self, layers: list[LayerModules], limits: Limits, model_dir: str, max_tokens: int):
+        d = layers[0].dims
+        self.layers = layers
+        self.limits = limits
+        self.metadata = PromptAwareMetadata(max_tokens, limits.max_rows)
+        self.methods: list[ServedMethod] = [cls(layers, limits) for cls in METHODS]
+        self.by_name = {m.name: m for m in self.methods}
+        self.slots = AdapterSlots(model_dir, d, limits.max_active, self._load)
+        shape = (len(layers), limits.max_rows, limits.max_soft_tokens)
+        self.pool_peak = torch.full(shape, -torch.inf)
+        self.pool_total = torch.zeros(shape)
+        self.pool_weighted = torch.zeros(*shape, d.hidden)
+        self.rows: dict[str, int] = {}  # request id -> state row
+        self._free_rows = list(reversed(range(limits.max_rows)))
+        self.compute_state_calls = 0  # (request, layer) states finalised so far
+        self.most_adapters_in_a_step = 0
+
+    # -- runner side, outside the forward pass ------------------------------------------
+    def begin_step(self, batch: StepBatch, request_args: dict[str, dict]) -> None:
+        """``request_args``: the ``extra_args`` of the step's requests that name an adapter."""
+        named = [i for i, req_id in enumerate(batch.req_ids) if req_id in request_args]
+        if not named:
+            self.metadata.clear()
+            return
+        keys = [(str(request_args[batch.req_ids[i]][ADAPTER_ARG]), request_args[batch.req_ids[i]][ADAPTER_PATH_ARG])
+                for i in named]
+        resident = self.slots.activate(keys)
+        self.most_adapters_in_a_step = max(self.most_adapters_in_a_step, len(set(keys)))
+        state_row = np.full(len(batch.req_ids), -1, dtype=np.int64)
+        restarts, completes = batch.restarts, batch.completes_prompt
+        for i, key in zip(named, keys):
+            req_id = batch.req_ids[i]
+            adapter = resident[key]
+            if req_id not in self.rows or restarts[i]:
+                self._start(req_id, self.by_name[adapter.method], request_args[req_id])
+            row = state_row[i] = self.rows[req_id]
+            self.metadata.row_slot[row] = adapter.slot
+        completing = [int(state_row[i]) for i in named if completes[i]]
+        token_rows = state_row[batch.token_row]
+        self.metadata.update(token_rows, batch.is_prompt, batch.is_adapted, completing)
+
+    def end_step(self) -> None:
+        self.metadata.clear()
+
+    def release(self, req_ids) -> None:
+        """Free the state rows of finished or preempted requests."""
+        for req_id in req_ids:
+            row = self.rows.pop(req_id, None)
+            if row is not None:
+                self.metadata.row_method[row] = -1
+                self._free_rows.append(row)
+
+    def _start(self, req_id: str, method: ServedMethod, request_args: dict) -> None:
+        if req_id not in self.rows:
+            if not self._free_rows:
+                raise RuntimeError(f"more than {self.limits.max_rows} prompt-aware requests hold state")
+            self.rows[req_id] = self._free_rows.pop()
+        row = self.rows[req_id]
+        self.pool_peak[:, row] = -torch.inf
+        self.pool_total[:, row] = 0
+        self.pool_weighted[:, row] = 0
+        self.metadata.row_method[row] = method.code
+        method.start(row, request_args)
+
+    def _load(self, slot: int, method: str, layers) -> None:
+        served = self.by_name[method]
+        if (reason := served.check(layers)) is not None:
+            raise AdapterError(reason)
+        served.load(slot, layers)
+
+    # -- op side, inside the forward pass -----------------------------------------------
+    def prefill(self, layer: int, hidden: torch.Tensor) -> None:
+        """Pool the step's prompt tokens of layer ``layer`` (``hidden``: (tokens, d), the
+        normalised hidden states) and finalise the rows whose prompt completes."""
+        n = hidden.shape[0]
+        pooled_tokens = self.metadata.token_pooled[:n].nonzero().squeeze(1)
+        if pooled_tokens.numel() == 0:
+            return
+        rows_of_tokens = self.metadata.token_rows[pooled_tokens]
+        for row in rows_of_tokens.unique().tolist():
+            adapter = self._adapter(row).layers[layer]
+            tokens = pooled_tokens[rows_of_tokens == row]
+            self._pool(layer, row, adapter.pool.partial(adapter.pool_features(hidden[tokens].float())))
+        for row in self.metadata.row_completes.nonzero().squeeze(1).tolist():
+            adapter = self._adapter(row)
+            queries, dim = adapter.layers[layer].pool.query.shape[1], adapter.layers[layer].pool.query.shape[0]
+            pooled = (self.pool_weighted[layer, row, :queries, :dim] / self.pool_total[layer, row, :queries, None])
+            self.methods[int(self.metadata.row_method[row])].finalize(layer, row, adapter.layers[layer], pooled[None])
+            self.compute_state_calls += 1
+
+    def _adapter(self, row: int):
+        """The adapter of state row ``row`` this step (its slot's)."""
+        return self.slots.by_slot[int(self.metadata.row_slot[row])]
+
+    def _pool(self, layer: int, row: int, part: PoolStats) -> None:
+        queries, dim = part.weighted.shape
+        peak = self.pool_peak[layer, row, :queries]
+        if bool(torch.isinf(peak).all()):  # the row's first pooled chunk
+            merged = part
+        else:
+            merged = PoolStats(peak.clone(), self.pool_total[layer, row, :queries].clone(),
+                               self.pool_weighted[layer, row, :queries, :dim].clone()).merge(part)
+        self.pool_peak[layer, row, :queries] = merged.peak
+        self.pool_total[layer, row, :queries] = merged.total
+        self.pool_weighted[layer, row, :queries, :dim] = merged.weighted
+
+    def apply(self, site: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Each method with work at ``site`` acts on its adapted tokens of ``out``."""
+        n = out.shape[0]
+        index = self.metadata.token_adapted[:n].nonzero().squeeze(1)
+        if index.numel() == 0:
+            return
+        rows = self.metadata.token_rows[index]
+        codes = self.metadata.row_method[rows]
+        for method in self.methods:
+            if site in method.sites:
+                chosen = codes == method.code
+                if bool(chosen.any()):
+                    method.apply(site, layer, x, out, index[chosen], rows[chosen], self.metadata.row_slot[rows[chosen]])

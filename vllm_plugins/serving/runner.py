@@ -1,0 +1,73 @@
+"""The plugins' side of a vLLM model runner, as a mixin over vLLM's V1 ``GPUModelRunner``
+API (the CPU runner subclasses it; a GPU worker combines the same mixin with vLLM's GPU
+runner).
+
+* at load: wrap the decoder's modules (:mod:`.layers`), preallocate the prompt-aware
+  tables (:mod:`.prompt_aware`) and KV eviction's buffers (:mod:`.kv_eviction`), bind
+  them to the custom ops (:mod:`.ops`); once the attention metadata builders exist, make
+  them build from KV eviction's narrowed metadata;
+* each step, before the forward pass: the step's token -> request map into the
+  persistent buffers; after it: evict the prompts the step completed, clear the map;
+* finished and preempted requests give their state rows back.
+
+Every access to vLLM internals goes through :mod:`.vllm_internals`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from vllm_plugins.adapters.common.model_parts import dims
+from vllm_plugins.serving import ops, vllm_internals as vi
+from vllm_plugins.serving.batch import StepBatch, requested_adapter
+from vllm_plugins.serving.config import PromptAdapterSettings
+from vllm_plugins.serving.kv_eviction import KvEviction, requested_plan
+from vllm_plugins.serving.layers import install_plugin_layers
+from vllm_plugins.serving.methods import Limits
+from vllm_plugins.serving.prompt_aware import PromptAwareRuntime
+
+
+class PluginRunnerMixin:
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        settings = PromptAdapterSettings.from_additional_config(self.vllm_config.additional_config)
+        hf_config = self.model_config.hf_config
+        d = dims(hf_config)
+        layers = install_plugin_layers(self.model, self.model_config.architecture, d)
+        limits = Limits(max_rows=self.max_num_reqs, max_active=settings.max_active, max_rank=settings.max_rank,
+                        max_soft_tokens=settings.max_soft_tokens)
+        self.prompt_aware = PromptAwareRuntime(layers, limits, self.model_config.model, self.max_num_tokens)
+        self.kv_eviction = KvEviction([layer.attn for layer in layers], self.cache_config.block_size, d.num_heads,
+                                      d.head_dim, self.max_num_tokens, self.max_num_reqs, self.model_config.dtype)
+        ops.bind(self.prompt_aware, self.kv_eviction)
+        vi.separate_compile_cache(self.vllm_config)
+
+    def initialize_metadata_builders(self, *args, **kwargs) -> None:
+        super().initialize_metadata_builders(*args, **kwargs)
+        vi.rewrite_attention_metadata(self, self.kv_eviction.narrow)
+
+    def _update_states(self, scheduler_output):
+        gone = vi.gone_requests(scheduler_output)
+        self.prompt_aware.release(gone)
+        self.kv_eviction.drop(gone)
+        return super()._update_states(scheduler_output)
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
+        result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        req_ids, num_computed = vi.step_requests(self)
+        states = [vi.request_state(self, req_id) for req_id in req_ids]
+        batch = StepBatch(list(req_ids), np.asarray(num_scheduled_tokens[: len(req_ids)], dtype=np.int64),
+                          num_computed.astype(np.int64), np.array([s.num_prompt_tokens for s in states], dtype=np.int64))
+        adapted = {s.req_id: s.sampling_params.extra_args for s in states if requested_adapter(s.sampling_params)}
+        self.prompt_aware.begin_step(batch, adapted)
+        self.kv_eviction.begin_step(batch, lambda req_id: requested_plan(vi.request_state(self, req_id).sampling_params))
+        return result
+
+    def _model_forward(self, *args, **kwargs):
+        try:
+            output = super()._model_forward(*args, **kwargs)
+            self.kv_eviction.end_step(lambda req_id: vi.first_group_block_ids(self, req_id))
+            return output
+        finally:
+            self.kv_eviction.clear()
+            self.prompt_aware.end_step()

@@ -1,0 +1,193 @@
+"""Every place the plugins touch vLLM beyond its documented plugin interfaces, in one
+module, for vLLM 0.32.0 only (:data:`~vllm_plugins.vllm_version.SUPPORTED_VLLM`).
+
+vLLM's internals are not a stable API. The rest of the package reaches them through the
+names below and nowhere else, and ``tests/test_vllm_internals.py`` checks each of them
+against the installed vLLM: every class subclassed, every method overridden (with its
+parameters), every private attribute read or written. Another vLLM version is refused at
+start-up (:func:`~vllm_plugins.vllm_version.require_supported_vllm`).
+
+Documented interfaces the plugins also use, not listed here: the ``vllm.general_plugins``
+entry point, ``--worker-cls``, ``--scheduler-cls``, ``--middleware``,
+``--additional-config``, ``SamplingParams.extra_args`` and ``LLM.collective_rpc``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import numpy as np
+import torch
+
+from vllm_plugins.vllm_version import SUPPORTED_VLLM
+
+# -- classes the plugins subclass --------------------------------------------------------
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402  PromptAwareScheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402  KV eviction needs it alone
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner  # noqa: E402  PluginCPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker  # noqa: E402  PromptAwareCPUWorker
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402  the runner mixin's API
+
+PINNED = SUPPORTED_VLLM
+
+OVERRIDDEN: dict[type, dict[str, tuple[str, ...]]] = {
+    # class -> method -> its parameters (self first) as the plugins call and override it
+    GPUModelRunner: {
+        "load_model": ("self", "load_dummy_weights"),
+        "initialize_metadata_builders": ("self", "kv_cache_config", "kernel_block_sizes"),
+        "_update_states": ("self", "scheduler_output"),
+        "_prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
+        "_model_forward": ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "model_kwargs"),
+    },
+    CPUModelRunner: {"load_model": ("self", "load_dummy_weights")},
+    CPUWorker: {"init_device": ("self",)},
+    Scheduler: {
+        "add_request": ("self", "request"),
+        "update_from_output": ("self", "scheduler_output", "model_runner_output"),
+        "_handle_blocked_waiting_request": ("self", "request"),
+        "_free_request": ("self", "request", "delay_free_blocks"),
+        "_mamba_block_aligned_split": (
+            "self", "request", "num_new_tokens", "num_new_local_computed_tokens", "num_external_computed_tokens",
+        ),
+    },
+}
+"""Read by the contract test; the plugins' overrides keep these signatures."""
+
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    # object kind -> attributes the plugins read or write on it
+    "GPUModelRunner": ("model", "model_config", "cache_config", "vllm_config", "requests", "input_batch", "attn_groups",
+                       "max_num_tokens", "max_num_reqs"),
+    "InputBatch": ("req_ids", "num_reqs", "num_computed_tokens_cpu"),
+    "CachedRequestState": ("req_id", "num_prompt_tokens", "sampling_params", "block_ids"),
+    "AttentionGroup": ("metadata_builders",),
+    "CommonAttentionMetadata": ("num_reqs", "block_table_tensor", "seq_lens"),
+    "SchedulerOutput": ("finished_req_ids", "preempted_req_ids", "num_scheduled_tokens"),
+    "Scheduler": ("kv_cache_manager", "block_size", "running", "requests", "need_mamba_block_aligned_split"),
+    "KVCacheManager": ("kv_cache_config", "coordinator", "block_pool"),
+    "SingleTypeKVCacheManager": ("req_to_blocks", "_remove_blocks_in_range"),
+    "Request": ("request_id", "sampling_params", "num_prompt_tokens", "num_computed_tokens", "skip_reading_prefix_cache",
+                "cache_salt", "block_hashes", "update_block_hashes"),
+    "Attention": ("kv_cache", "isa", "impl"),
+    "CPUWorker": ("use_v2_model_runner", "cache_config", "vllm_config", "model_runner"),
+    "punica_cpu": ("bgmv_shrink", "sgmv_shrink"),
+    "Platform": ("register_triton_kernel_overrides",),
+}
+"""Attributes by the class that owns them; the contract test finds each on an instance
+or in the class's source."""
+
+
+# -- model runner ------------------------------------------------------------------------
+def step_requests(runner) -> tuple[list[str], np.ndarray]:
+    """The step's request ids in batch-row order and their computed-token counts before
+    the step (each row's first scheduled position)."""
+    batch = runner.input_batch
+    return batch.req_ids[: batch.num_reqs], batch.num_computed_tokens_cpu[: batch.num_reqs]
+
+
+def request_state(runner, req_id: str):
+    """vLLM's ``CachedRequestState`` of a request: ``num_prompt_tokens``,
+    ``sampling_params``, ``block_ids``."""
+    return runner.requests[req_id]
+
+
+def first_group_block_ids(runner, req_id: str) -> list[int]:
+    return runner.requests[req_id].block_ids[0]
+
+
+COMPILE_CACHE_MARK = "vllm_plugins_layers"
+
+
+def separate_compile_cache(vllm_config) -> None:
+    """Give the wrapped model a compile-cache key of its own.
+
+    vLLM keys its cache of compiled forwards (``~/.cache/vllm/torch_compile_cache``) by a
+    hash of the config that leaves ``--worker-cls`` out, so a plain engine and a plugin
+    engine of the same model would load each other's graph: the plugin engine would then
+    run without its layers and answer as the base model. ``additional_config`` enters the
+    hash; the mark is set before the first forward, when vLLM computes the key.
+    """
+    vllm_config.additional_config = {**(vllm_config.additional_config or {}), COMPILE_CACHE_MARK: True}
+
+
+def gone_requests(scheduler_output) -> set[str]:
+    """Requests that finished or were preempted before this step."""
+    return set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
+
+
+def rewrite_attention_metadata(runner, rewrite: Callable) -> None:
+    """Make every attention metadata builder of ``runner`` build from
+    ``rewrite(common_attn_metadata)``: the place vLLM builds each step's metadata."""
+    for groups in runner.attn_groups:
+        for group in groups:
+            for builder in group.metadata_builders:
+                build = builder.build
+
+                @functools.wraps(build)
+                def rewritten(common_prefix_len, common_attn_metadata, *args, _build=build, **kwargs):
+                    return _build(common_prefix_len, rewrite(common_attn_metadata), *args, **kwargs)
+
+                builder.build = rewritten
+
+
+# -- scheduler ---------------------------------------------------------------------------
+def full_attention_manager(kv_cache_manager):
+    """The single-type manager of a model whose layers all use full attention, or None."""
+    groups = kv_cache_manager.kv_cache_config.kv_cache_groups
+    if len(groups) != 1 or not isinstance(groups[0].kv_cache_spec, FullAttentionSpec):
+        return None
+    return kv_cache_manager.coordinator.single_type_managers[0]
+
+
+def free_leading_blocks(manager, req_id: str, num_blocks: int) -> None:
+    """Give a running request's first ``num_blocks`` blocks back to the pool; they become
+    ``null_block`` in its block list (vLLM's sliding-window mechanism)."""
+    manager._remove_blocks_in_range(req_id, 0, num_blocks)
+
+
+def blocks_held(manager, req_id: str) -> int:
+    return sum(not block.is_null for block in manager.req_to_blocks.get(req_id, ()))
+
+
+def rehash_with_salt(request, salt: str) -> None:
+    """Hash a request's blocks under ``salt`` from now on, and never read cached blocks."""
+    request.skip_reading_prefix_cache = True
+    request.cache_salt = salt
+    request.block_hashes = []
+    request.update_block_hashes()
+
+
+# -- attention layers and caches ---------------------------------------------------------
+def attention_cache(attn) -> torch.Tensor:
+    """The layer's paged KV cache (CPU layout: num_blocks, kv_heads, block_size, 2 * head_dim)."""
+    return attn.kv_cache
+
+
+def attention_isa(attn) -> str:
+    return attn.isa
+
+
+def attention_scale(attn) -> float:
+    return attn.impl.scale
+
+
+def cpu_reshape_and_cache(key, value, key_cache, value_cache, slots, isa) -> None:
+    from vllm import _custom_ops
+
+    _custom_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+
+
+# -- modules the fixes of vllm_fixes.py patch --------------------------------------------
+def cpu_punica_ops():
+    """vLLM's CPU punica module, whose ``bgmv_shrink`` / ``sgmv_shrink`` the LoRA fix wraps."""
+    from vllm.lora.punica_wrapper import punica_cpu
+
+    return punica_cpu
+
+
+def platform():
+    """vLLM's current platform, whose ``register_triton_kernel_overrides`` the llvmlite
+    fix wraps."""
+    from vllm.platforms import current_platform
+
+    return current_platform
