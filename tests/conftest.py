@@ -73,14 +73,26 @@ def served_adapter_dir(tiny_llama, tmp_path_factory) -> Path:
 
 SERVER_ARGS = (
     "--runtime-loading", "--served-model-name", "demo", "--max-model-len", "512",
-    "--enforce-eager", "--dtype", "float32", "--max-num-batched-tokens", "64",
+    "--dtype", "float32", "--max-num-batched-tokens", "64",
 )
 
 
 @pytest.fixture(scope="session")
+def prompt_aware_adapter_dir(served_adapter_dir, tmp_path_factory) -> Path:
+    """The 8 prompt-aware adapters of ``served_adapter_dir`` without the stock LoRA ones:
+    a server without LoRA runs compiled on the CPU (vLLM turns compilation off with LoRA)."""
+    root = tmp_path_factory.mktemp("prompt-aware-adapters")
+    for name, (method, _) in SERVED_ADAPTERS.items():
+        if method != "lora":
+            (root / name).symlink_to(served_adapter_dir / name, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="session")
 def server(tiny_llama, served_adapter_dir, tmp_path_factory):
-    """One real server for the HTTP tests, as vLLM runs by default (prefix caching on)
-    except for a 64-token scheduler chunk, shorter than the long test prompts."""
+    """One real server for the HTTP tests, as vLLM runs by default (prefix caching on;
+    with stock LoRA tenants, uncompiled on the CPU) except for a 64-token scheduler chunk,
+    shorter than the long test prompts."""
     from vllm_plugins.serving.process import running_server
 
     log = tmp_path_factory.mktemp("server") / "server.log"

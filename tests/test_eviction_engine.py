@@ -1,7 +1,8 @@
 """KV eviction inside a real vLLM engine, checked against the transformers reference.
 
 The engine runs 32-token blocks, a 64-token scheduler chunk (prompts span several
-chunks, and so may the policies' query windows) and prefix caching on. The model has
+chunks, and so may the policies' query windows) and prefix caching on, in vLLM's default
+(compiled) mode and in eager mode. The model has
 random weights: its greedy tokens change with any change to what it attends to, so a
 wrong kept set, a wrong position or a stale block shows up in the tokens.
 """
@@ -25,6 +26,7 @@ BLOCK = 32
 CHUNK = 64
 MAX_TOKENS = 8
 NUM_PROMPTS = 20
+MODES = {"compiled": {}, "eager": {"enforce_eager": True}}
 NO_EOS = None  # the engine runs with ignore_eos (see params), so the reference must not stop at <eos> either
 
 
@@ -57,9 +59,9 @@ def eviction_engine(model_path, **overrides):
     return make_engine(model_path, **{**settings, **overrides})
 
 
-@pytest.fixture(scope="module")
-def engine(random_llama):
-    return eviction_engine(random_llama)
+@pytest.fixture(scope="module", params=list(MODES))
+def engine(request, random_llama):
+    return eviction_engine(random_llama, **MODES[request.param])
 
 
 @pytest.fixture(scope="module")
@@ -139,13 +141,14 @@ def test_a_server_budget_evicts_long_prompts_and_keeps_shorter_ones_whole(random
     assert 0 < stats(server)["evictions"] < len(prompts) and min(lengths) < 160
 
 
-def test_preempted_evicted_requests_resume_exactly(random_llama, reference, prompts):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_preempted_evicted_requests_resume_exactly(random_llama, reference, prompts, mode):
     """A 20-block cache holds at most two of the six longest prompts whole (8 to 11 blocks
     each): requests that grow 120 tokens past their evicted prompts get preempted after
     their eviction, recomputed from scratch (evicted again, their generated tokens
     recomputed over the kept cache) and still give the reference's tokens."""
     lm, tokenizer = reference
-    small = eviction_engine(random_llama, num_gpu_blocks_override=20, max_model_len=512)
+    small = eviction_engine(random_llama, num_gpu_blocks_override=20, max_model_len=512, **MODES[mode])
     long_prompts = sorted(prompts, key=len)[-6:]
     xargs = {"kv_eviction": "snapkv", "kv_keep_ratio": 0.2}
     outputs = small.generate(long_prompts, params(xargs, max_tokens=120), use_tqdm=False)

@@ -2,7 +2,8 @@
 tenants kept apart under prefix caching, preemption, and the bound on active adapters.
 
 The engines run a scheduler chunk (64 tokens) shorter than the long prompts and prefix
-caching on, as vLLM does by default. Parity over HTTP is in test_serving_parity.py.
+caching on, as vLLM does by default, each in vLLM's default (compiled) mode and in eager
+mode. Parity over HTTP is in test_serving_parity.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from vllm_plugins.training.recipes import load_base
 
 CHUNK = 64
 MAX_TOKENS = 8
+MODES = {"compiled": {}, "eager": {"enforce_eager": True}}  # vLLM's default mode traces the forward once
 ADAPTERS = [("iapt", 0), ("iapt", 1), ("para", 2), ("para", 3), ("milora", 4), ("milora", 5)]
 
 
@@ -56,9 +58,15 @@ def _plugin_engine(model_path, **overrides):
     return make_engine(model_path, **{**settings, **overrides})
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    return _plugin_engine(tiny_llama)
+@pytest.fixture(scope="module", params=list(MODES))
+def engine(request, tiny_llama):
+    return _plugin_engine(tiny_llama, **MODES[request.param])
+
+
+def test_no_forward_hook_on_the_served_model(engine):
+    """The plugins act through layer wrappers and custom ops, never through hooks (which a
+    compiled forward would not run)."""
+    assert engine.collective_rpc("forward_hooks")[0] == 0
 
 
 def _params(name: str | None, path=None):
@@ -128,12 +136,13 @@ def test_identical_prompts_of_two_tenants_stay_apart_under_prefix_caching(engine
     assert len(set(expected)) == 3  # every tenant answers differently, so a leak would show
 
 
-def test_preempted_requests_rebuild_their_state(tiny_llama, adapters, prompts):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_preempted_requests_rebuild_their_state(tiny_llama, adapters, prompts, mode):
     """A KV cache of 12 blocks of 32 tokens holds two long requests: growing ones get
     preempted, recomputed from scratch, and must still match the reference token for token."""
     from vllm import SamplingParams
 
-    small = _plugin_engine(tiny_llama, block_size=32, num_gpu_blocks_override=12, max_model_len=256)
+    small = _plugin_engine(tiny_llama, block_size=32, num_gpu_blocks_override=12, max_model_len=256, **MODES[mode])
     long_prompts = prompts[-3:]
     jobs = [("para-3", adapters["para-3"]), ("iapt-1", adapters["iapt-1"]), ("milora-5", adapters["milora-5"])]
     params = [
@@ -153,3 +162,22 @@ def test_preempted_requests_rebuild_their_state(tiny_llama, adapters, prompts):
         ids = [encode_prompt(tokenizer, p) for p in long_prompts]
         expected += greedy_generate(lm, ids, 40, eos_id=-1, pad_id=tokenizer.pad_token_id)
     assert [list(o.outputs[0].token_ids) for o in outputs] == expected
+
+
+def test_a_plugin_engine_never_loads_a_plain_engines_compiled_graph(tiny_llama, adapters, prompts):
+    """vLLM caches compiled forwards on disk under a key that leaves --worker-cls out: a
+    plugin engine started after a plain engine of the same model and settings must still
+    compile (and run) its own layers, not load the plain graph and answer as the base
+    model."""
+    from vllm import SamplingParams
+
+    from vllm_plugins.serving.offline import make_engine
+
+    settings = dict(max_model_len=320, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True)
+    plain = make_engine(tiny_llama, **settings)
+    base = _texts(plain.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False))
+    plain.llm_engine.engine_core.shutdown()
+    plugin = _plugin_engine(tiny_llama, **settings)
+    got = _texts(plugin.generate(prompts, _params("para-2", adapters["para-2"]), use_tqdm=False))
+    expected = _reference(tiny_llama, adapters["para-2"], prompts)
+    assert got == expected and got != base

@@ -2,9 +2,14 @@
 
 For each method, 50 held-out prompts (task prompts, and retrieval prompts longer than the
 server's 64-token scheduler chunk): the greedy answers equal the reference's, one request
-at a time and with every prompt of every adapter in flight at once, in a mix of 8
-prompt-aware adapters (3 IAPT, 3 PARA, 2 MiLoRA), 2 stock LoRA adapters and the base
-model. The server runs with prefix caching on, as vLLM does by default.
+at a time and with every prompt of every adapter in flight at once. Three servers, each
+with prefix caching on as vLLM runs by default:
+
+* ``mixed``: 8 prompt-aware adapters (3 IAPT, 3 PARA, 2 MiLoRA), 2 stock LoRA adapters
+  and the base model; with LoRA enabled, vLLM's CPU platform runs the model uncompiled;
+* ``compiled``: the 8 prompt-aware adapters and the base model in vLLM's default mode,
+  the forward traced once and compiled by Inductor;
+* ``eager``: the same with ``--enforce-eager``.
 """
 
 from __future__ import annotations
@@ -15,9 +20,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import SERVED_ADAPTERS
+from conftest import SERVED_ADAPTERS, SERVER_ARGS
 from serving_fixtures import reference_answers
-from vllm_plugins.serving.process import request_json
+from vllm_plugins.serving.process import ServerProcess, request_json
 from vllm_plugins.tasks import load_task
 from vllm_plugins.tasks.retrieval import make_retrieval_example
 
@@ -26,11 +31,29 @@ BASE = "demo"  # the server's --served-model-name
 TASKS = ("reverse", "shift", "upper", "count")
 SHORT_PER_TASK = 11
 LONG_PROMPTS = 6
-METHODS = ("iapt", "para", "milora", "lora", "base")
+SERVERS = {  # name -> (adapter directory fixture, extra vLLM arguments, compilation mode in vLLM's log)
+    "mixed": ("served_adapter_dir", (), "'mode': <CompilationMode.NONE: 0>"),
+    "compiled": ("prompt_aware_adapter_dir", (), "'mode': <CompilationMode.DYNAMO_TRACE_ONCE: 2>"),
+    "eager": ("prompt_aware_adapter_dir", ("--enforce-eager",), "'mode': <CompilationMode.NONE: 0>"),
+}
 
 
 def _method(model: str) -> str:
     return "base" if model == BASE else SERVED_ADAPTERS[model][0]
+
+
+@pytest.fixture(scope="module", params=list(SERVERS))
+def served(request, tiny_llama, tmp_path_factory):
+    """(URL, the served models) of one of the three servers."""
+    dir_fixture, extra, mode = SERVERS[request.param]
+    adapter_dir = request.getfixturevalue(dir_fixture)
+    log = tmp_path_factory.mktemp(f"parity-{request.param}") / "server.log"
+    server = ServerProcess.start(tiny_llama, adapter_dir, log, *SERVER_ARGS, *extra)
+    try:
+        assert mode in log.read_text()  # the engine runs in the mode this server stands for
+        yield server.url, [BASE, *sorted(p.name for p in adapter_dir.iterdir())]
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -66,20 +89,22 @@ def test_every_adapter_changes_the_reference_answers(expected):
             assert answers != expected[BASE], model  # so a request served without its adapter would show
 
 
-def test_one_request_at_a_time_matches_the_reference(server, prompts, expected):
-    for method in METHODS:
-        models = [m for m in expected if _method(m) == method]
-        jobs = [(models[i % len(models)], i) for i in range(len(prompts))]  # 50 prompts per method
-        got = [_answer(server, model, prompts[i])[0] for model, i in jobs]
+def test_one_request_at_a_time_matches_the_reference(served, prompts, expected):
+    url, models = served
+    for method in sorted({_method(m) for m in models}):
+        chosen = [m for m in models if _method(m) == method]
+        jobs = [(chosen[i % len(chosen)], i) for i in range(len(prompts))]  # 50 prompts per method
+        got = [_answer(url, model, prompts[i])[0] for model, i in jobs]
         assert got == [expected[model][i] for model, i in jobs], method
 
 
-def test_all_prompts_at_once_in_one_mixed_batch_match_the_reference(server, prompts, expected):
-    jobs = [(model, i) for model in expected for i in range(len(prompts))]
+def test_all_prompts_at_once_in_one_mixed_batch_match_the_reference(served, prompts, expected):
+    url, models = served
+    jobs = [(model, i) for model in models for i in range(len(prompts))]
     random.Random(1).shuffle(jobs)
     with ThreadPoolExecutor(max_workers=64) as pool:
-        results = list(pool.map(lambda job: _answer(server, job[0], prompts[job[1]]), jobs))
-    for method in METHODS:
+        results = list(pool.map(lambda job: _answer(url, job[0], prompts[job[1]]), jobs))
+    for method in sorted({_method(m) for m in models}):
         got = [r[0] for (model, i), r in zip(jobs, results) if _method(model) == method]
         want = [expected[model][i] for model, i in jobs if _method(model) == method]
         assert len(got) >= 50 and got == want, method

@@ -63,7 +63,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_bench_adapters(args: argparse.Namespace) -> None:
     from vllm_plugins.bench.adapters import PRESETS, format_table, run_adapter_bench, write_report
 
-    bench = PRESETS[args.preset]
+    bench = dataclasses.replace(PRESETS[args.preset], enforce_eager=args.enforce_eager)
     if args.requests is not None:
         bench = dataclasses.replace(bench, requests=args.requests)
     report = run_adapter_bench(bench, tuple(args.methods))
@@ -100,7 +100,7 @@ def cmd_bench_eviction(args: argparse.Namespace) -> None:
 
     from vllm_plugins.bench.eviction import PRESETS, format_report, run_eviction_bench
 
-    report = run_eviction_bench(PRESETS[args.preset])
+    report = run_eviction_bench(dataclasses.replace(PRESETS[args.preset], enforce_eager=args.enforce_eager))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
@@ -181,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="model and load size")
     p.add_argument("--methods", nargs="+", default=list(BENCH_METHODS), choices=BENCH_METHODS)
     p.add_argument("--requests", type=_positive_int, help="timed requests per method (default: the preset's, 64)")
+    p.add_argument("--enforce-eager", action="store_true", help="run every engine eager (default: vLLM's default mode)")
     p.set_defaults(func=cmd_bench_adapters)
     p = bench.add_parser("kernels", help="the Triton kernels at serving shapes on a GPU, beside vLLM's LoRA kernels")
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
@@ -189,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = bench.add_parser("eviction", help="KV eviction policies and keep ratios on the long-context retrieval task")
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="tiny: a quick run on the tiny model")
+    p.add_argument("--enforce-eager", action="store_true", help="run the engine eager (default: vLLM's default mode)")
     p.set_defaults(func=cmd_bench_eviction)
     p = bench.add_parser(
         "ray-serve",

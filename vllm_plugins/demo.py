@@ -124,7 +124,7 @@ def _send(url: str, request: Request) -> Served:
 
 def _serve_traffic(model_path: Path, adapter_dir: Path, requests: list[Request], out: Path) -> dict:
     log_file = out / "server.log"
-    args = ("--served-model-name", BASE_NAME, "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048")
+    args = ("--served-model-name", BASE_NAME, "--dtype", "float32", "--max-model-len", "2048")
     log("demo", f"starting vllm-plugins serve with {len(TENANTS)} tenants' adapters (log: {log_file})")
     with running_server(model_path, adapter_dir, log_file, *args) as url:
         _, models = request_json(f"{url}/v1/models")

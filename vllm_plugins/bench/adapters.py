@@ -7,8 +7,10 @@ the same closed-loop load (:mod:`.latency`): ``concurrency`` clients, prompts of
 ignored), request i naming adapter i mod ``adapters``. Methods: ``base`` (no adapter),
 ``lora`` (rank 8 on all seven linear modules, vLLM's LoRA), ``fanlora`` (rank 8 on two
 modules per layer, vLLM's LoRA), and the prompt-aware ``iapt``, ``para``, ``milora``
-(this project's worker). Every engine is eager, float32, prefix caching on (random
-prompts never hit it).
+(this project's worker). Every engine runs in vLLM's default mode (on the CPU: the
+forward traced once and compiled, except with stock LoRA, where vLLM's CPU platform turns
+compilation off), or all eager with ``enforce_eager``; the report gives each engine's
+mode. Float32, prefix caching on (random prompts never hit it).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class AdapterBench:
     lora_rank: int = 8
     fanlora_modules_per_layer: int = 2
     seed: int = 0
+    enforce_eager: bool = False
 
 
 PRESETS = {
@@ -112,7 +115,7 @@ def _engine_args(method: str, bench: AdapterBench, model_path: Path):
     args = {
         "model": str(model_path),
         "skip_tokenizer_init": True,
-        "enforce_eager": True,
+        "enforce_eager": bench.enforce_eager,
         "dtype": "float32",
         "max_model_len": bench.prompt_tokens + bench.output_tokens,
         "max_num_seqs": bench.concurrency,
@@ -176,7 +179,8 @@ def run_adapter_bench(bench: AdapterBench, methods: tuple[str, ...] = BENCH_METH
         runs.append((method, figures))
     base_runs = [f for m, f in runs if m == "base"]
     base = {key: sum(f[key] for f in base_runs) / len(base_runs) for key in RATIO_KEYS}
-    results = {"base": {**base, "requests": base_runs[0]["requests"], "runs": base_runs}}
+    results = {"base": {**base, "requests": base_runs[0]["requests"], "compilation_mode": base_runs[0]["compilation_mode"],
+                        "runs": base_runs}}
     results |= {m: f for m, f in runs if m != "base"}
     for figures in results.values():
         figures["ratio_to_base"] = {key: figures[key] / base[key] for key in RATIO_KEYS}
@@ -191,14 +195,14 @@ def run_adapter_bench(bench: AdapterBench, methods: tuple[str, ...] = BENCH_METH
 def format_table(report: dict) -> str:
     rows = [
         f"{'method':8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'tok/s':>8}"
-        f" {'TPOT p50/base':>14} {'TPOT p99/base':>14} {'tok/s/base':>11}"
+        f" {'TPOT p50/base':>14} {'TPOT p99/base':>14} {'tok/s/base':>11}  mode"
     ]
     for method, f in report["methods"].items():
         r = f["ratio_to_base"]
         rows.append(
             f"{method:8} {f['ttft_p50_ms']:8.0f}ms {f['ttft_p99_ms']:8.0f}ms {f['tpot_p50_ms']:8.1f}ms"
             f" {f['tpot_p99_ms']:8.1f}ms {f['output_tokens_per_s']:8.1f} {r['tpot_p50_ms']:14.3f}"
-            f" {r['tpot_p99_ms']:14.3f} {r['output_tokens_per_s']:11.3f}"
+            f" {r['tpot_p99_ms']:14.3f} {r['output_tokens_per_s']:11.3f}  {f['compilation_mode']}"
         )
     return "\n".join(rows)
 

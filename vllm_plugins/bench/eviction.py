@@ -50,6 +50,7 @@ class EvictionBench:
     block_size: int = 32
     cache_blocks: int = 256
     seed: int = 0
+    enforce_eager: bool = False  # default: vLLM's default mode (compiled on the CPU)
 
 
 PRESETS = {
@@ -82,7 +83,7 @@ def _engine(bench: EvictionBench):
         return make_engine(
             build_demo_model(bench.preset), worker_cls=WORKER, scheduler_cls=SCHEDULER, block_size=bench.block_size,
             num_gpu_blocks_override=bench.cache_blocks, max_model_len=tokens, max_num_batched_tokens=4 * tokens,
-            enable_chunked_prefill=True, enable_prefix_caching=False,
+            enable_chunked_prefill=True, enable_prefix_caching=False, enforce_eager=bench.enforce_eager,
         )
     finally:
         if previous is None:
@@ -213,13 +214,15 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
         row["prefill_vs_off"] = round(row["prefill_ms"] / off["prefill_ms"], 3)
         row["tpot_vs_off"] = round(row["tpot_ms"] / off["tpot_ms"], 3)
     prompt_tokens = len(llm.get_tokenizer()(prompts[0]).input_ids)
-    return {"bench": asdict(bench), "prompt_tokens": prompt_tokens, "results": list(rows.values())}
+    mode = llm.llm_engine.vllm_config.compilation_config.mode.name
+    return {"bench": asdict(bench), "compilation_mode": mode, "prompt_tokens": prompt_tokens, "results": list(rows.values())}
 
 
 def format_report(report: dict) -> str:
     lines = [
         f"KV eviction on the retrieval task: {report['prompt_tokens']}-token prompts, "
-        f"{report['bench']['cache_blocks']} blocks of {report['bench']['block_size']} tokens",
+        f"{report['bench']['cache_blocks']} blocks of {report['bench']['block_size']} tokens, "
+        f"compilation mode {report['compilation_mode']}",
         f"{'policy':<14}{'ratio':>6}{'facts':>8}{'answers':>8}{'blocks':>8}{'x off':>7}{'running':>8}{'x off':>7}"
         f"{'prefill ms':>11}{'x off':>7}{'TPOT ms':>9}{'x off':>7}{'facts kept':>11}",
     ]

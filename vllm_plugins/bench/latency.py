@@ -97,8 +97,10 @@ async def _closed_loop(engine, jobs: list[Job], concurrency: int) -> list[Timing
     return timings
 
 
-def run_closed_loop(engine_args, warmup: list[Job], jobs: list[Job], concurrency: int) -> dict[str, float]:
-    """Start an engine, run ``warmup`` (not timed), then ``jobs``; the engine is shut down after."""
+def run_closed_loop(engine_args, warmup: list[Job], jobs: list[Job], concurrency: int) -> dict[str, float | str]:
+    """Start an engine, run ``warmup`` (not timed), then ``jobs``; the engine is shut down
+    after. The figures of :func:`summarize`, and the engine's ``compilation_mode`` (vLLM's
+    ``CompilationMode`` name: ``NONE`` is eager)."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
     async def run() -> dict[str, float]:
@@ -107,7 +109,8 @@ def run_closed_loop(engine_args, warmup: list[Job], jobs: list[Job], concurrency
             await _closed_loop(engine, warmup, concurrency)
             start = time.perf_counter()
             timings = await _closed_loop(engine, jobs, concurrency)
-            return summarize(timings, time.perf_counter() - start)
+            figures = summarize(timings, time.perf_counter() - start)
+            return {**figures, "compilation_mode": engine.vllm_config.compilation_config.mode.name}
         finally:
             engine.shutdown()
 

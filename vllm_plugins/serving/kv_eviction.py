@@ -87,7 +87,6 @@ class KvEviction:
         restarts, completes = batch.restarts, batch.completes_prompt
         self._step = []
         next_row = 0
-        self.skipped_rows.zero_()
         for row, req_id in enumerate(batch.req_ids):
             if restarts[row]:  # new, or preempted and recomputed: evicted again at its prompt's end
                 self.skipped_blocks.pop(req_id, None)
@@ -116,9 +115,11 @@ class KvEviction:
         self.clear()
 
     def clear(self) -> None:
-        """No token to capture: what the op sees outside a step (profiling, warm-up)."""
+        """No token to capture and no narrowing: what the op and the metadata builders see
+        outside a step (profiling, warm-up)."""
         if self._step:
             self.token_capture.fill_(-1)
+        self.skipped_rows.zero_()
         self._step = []
 
     def drop(self, req_ids) -> None:

@@ -34,7 +34,7 @@ PINNED = SUPPORTED_VLLM
 OVERRIDDEN: dict[type, dict[str, tuple[str, ...]]] = {
     # class -> method -> its parameters (self first) as the plugins call and override it
     GPUModelRunner: {
-        "load_model": ("self", "load_dummy_weights"),
+        "load_model": ("self", "load_dummy_weights", "model"),
         "initialize_metadata_builders": ("self", "kv_cache_config", "kernel_block_sizes"),
         "_update_states": ("self", "scheduler_output"),
         "_prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
@@ -55,26 +55,35 @@ OVERRIDDEN: dict[type, dict[str, tuple[str, ...]]] = {
 """Read by the contract test; the plugins' overrides keep these signatures."""
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
-    # object kind -> attributes the plugins read or write on it
-    "GPUModelRunner": ("model", "model_config", "cache_config", "vllm_config", "requests", "input_batch", "attn_groups",
+    # the class or module that owns them -> attributes the plugins read or write
+    "vllm.v1.worker.gpu_model_runner.GPUModelRunner": ("model", "model_config", "cache_config", "vllm_config", "requests", "input_batch", "attn_groups",
                        "max_num_tokens", "max_num_reqs"),
-    "InputBatch": ("req_ids", "num_reqs", "num_computed_tokens_cpu"),
-    "CachedRequestState": ("req_id", "num_prompt_tokens", "sampling_params", "block_ids"),
-    "AttentionGroup": ("metadata_builders",),
-    "CommonAttentionMetadata": ("num_reqs", "block_table_tensor", "seq_lens"),
-    "SchedulerOutput": ("finished_req_ids", "preempted_req_ids", "num_scheduled_tokens"),
-    "Scheduler": ("kv_cache_manager", "block_size", "running", "requests", "need_mamba_block_aligned_split"),
-    "KVCacheManager": ("kv_cache_config", "coordinator", "block_pool"),
-    "SingleTypeKVCacheManager": ("req_to_blocks", "_remove_blocks_in_range"),
-    "Request": ("request_id", "sampling_params", "num_prompt_tokens", "num_computed_tokens", "skip_reading_prefix_cache",
+    "vllm.v1.worker.gpu_input_batch.InputBatch": ("req_ids", "num_reqs", "num_computed_tokens_cpu"),
+    "vllm.v1.worker.gpu_input_batch.CachedRequestState": ("req_id", "num_prompt_tokens", "sampling_params", "block_ids"),
+    "vllm.v1.worker.utils.AttentionGroup": ("metadata_builders",),
+    "vllm.v1.attention.backend.CommonAttentionMetadata": ("num_reqs", "block_table_tensor", "seq_lens"),
+    "vllm.v1.core.sched.output.SchedulerOutput": ("finished_req_ids", "preempted_req_ids", "num_scheduled_tokens"),
+    "vllm.v1.core.sched.scheduler.Scheduler": ("kv_cache_manager", "block_size", "running", "requests", "need_mamba_block_aligned_split"),
+    "vllm.v1.core.kv_cache_manager.KVCacheManager": ("kv_cache_config", "coordinator", "block_pool"),
+    "vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager": ("req_to_blocks", "_remove_blocks_in_range"),
+    "vllm.v1.request.Request": ("request_id", "sampling_params", "num_prompt_tokens", "num_computed_tokens", "skip_reading_prefix_cache",
                 "cache_salt", "block_hashes", "update_block_hashes"),
-    "Attention": ("kv_cache", "isa", "impl"),
-    "CPUWorker": ("use_v2_model_runner", "cache_config", "vllm_config", "model_runner"),
-    "punica_cpu": ("bgmv_shrink", "sgmv_shrink"),
-    "Platform": ("register_triton_kernel_overrides",),
+    "vllm.model_executor.layers.attention.attention.Attention": ("kv_cache", "impl"),
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder": ("isa",),  # it sets Attention.isa
+    "vllm.v1.worker.cpu_worker.CPUWorker": ("use_v2_model_runner", "cache_config", "vllm_config", "model_runner"),
+    "vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator": ("single_type_managers",),
+    "vllm.v1.core.block_pool.BlockPool": ("get_num_free_blocks", "get_new_blocks", "free_blocks"),
+    "vllm.v1.core.kv_cache_utils.KVCacheBlock": ("block_id", "is_null"),
+    "vllm.v1.kv_cache_interface.KVCacheConfig": ("kv_cache_groups",),
+    "vllm.v1.kv_cache_interface.KVCacheGroupSpec": ("kv_cache_spec",),
+    "vllm.config.model.ModelConfig": ("model", "hf_config", "architecture", "dtype"),
+    "vllm.config.cache.CacheConfig": ("block_size", "cache_dtype"),
+    "vllm._custom_ops": ("cpu_attn_reshape_and_cache",),
+    "vllm.lora.punica_wrapper.punica_cpu": ("bgmv_shrink", "sgmv_shrink"),
+    "vllm.platforms.interface.Platform": ("register_triton_kernel_overrides",),
 }
-"""Attributes by the class that owns them; the contract test finds each on an instance
-or in the class's source."""
+"""Attributes by the class or module that owns them (dotted path); the contract test finds
+each on the class, among its dataclass fields, or assigned in its source."""
 
 
 # -- model runner ------------------------------------------------------------------------

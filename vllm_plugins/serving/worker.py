@@ -23,6 +23,16 @@ class PromptAwareCPUWorker(CPUWorker):
             )
         self.model_runner = PluginCPUModelRunner(self.vllm_config, torch.device("cpu"))
 
+    def forward_hooks(self) -> int:
+        """Forward hooks and pre-hooks on the served model's modules, global ones included
+        (``collective_rpc("forward_hooks")``): the plugins install none."""
+        from torch.nn.modules import module as torch_module
+
+        hooks = len(torch_module._global_forward_hooks) + len(torch_module._global_forward_pre_hooks)
+        for m in self.model_runner.model.modules():
+            hooks += len(m._forward_hooks) + len(m._forward_pre_hooks)
+        return hooks
+
     def prompt_adapter_stats(self) -> dict[str, int]:
         """Counters for ``collective_rpc("prompt_adapter_stats")``: per-layer request states
         computed, requests holding a state row now, the most distinct adapters one step has
