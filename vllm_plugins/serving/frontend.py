@@ -106,7 +106,7 @@ class PromptAdapterMiddleware:
             args = scope["app"].state.args
             self._settings = PromptAdapterSettings.from_additional_config(args.additional_config)
             self._eviction = eviction_settings(args.additional_config)
-            self._registry = PromptAdapterRegistry(args.model, self._settings.dir)
+            self._registry = PromptAdapterRegistry(args.model, self._settings)
             names = args.served_model_name or [args.model]
             self._served_name = names[0] if isinstance(names, list) else names
         return self._registry

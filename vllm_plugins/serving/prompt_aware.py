@@ -28,28 +28,30 @@ import numpy as np
 import torch
 
 from vllm_plugins.adapters.common.pooling import PoolStats
-from vllm_plugins.adapters.storage import AdapterError
 from vllm_plugins.serving.adapter_slots import AdapterSlots
 from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG, StepBatch
+from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.metadata import PromptAwareMetadata
-from vllm_plugins.serving.methods import METHODS, LayerModules, Limits, ServedMethod
+from vllm_plugins.serving.methods import METHODS, LayerModules, ServedMethod, check_limits
 
 
 class PromptAwareRuntime:
-    def __init__(self, layers: list[LayerModules], limits: Limits, model_dir: str, max_tokens: int):
+    def __init__(self, layers: list[LayerModules], settings: PromptAdapterSettings, model_dir: str,
+                 max_tokens: int, max_rows: int):
+        """``max_tokens``, ``max_rows``: vLLM's max_num_batched_tokens and max_num_seqs."""
         d = layers[0].dims
         self.layers = layers
-        self.limits = limits
-        self.metadata = PromptAwareMetadata(max_tokens, limits.max_rows)
-        self.methods: list[ServedMethod] = [cls(layers, limits) for cls in METHODS]
+        self.settings = settings
+        self.metadata = PromptAwareMetadata(max_tokens, max_rows)
+        self.methods: list[ServedMethod] = [cls(layers, max_rows, settings) for cls in METHODS]
         self.by_name = {m.name: m for m in self.methods}
-        self.slots = AdapterSlots(model_dir, d, limits.max_active, self._load)
-        shape = (len(layers), limits.max_rows, limits.max_soft_tokens)
+        self.slots = AdapterSlots(model_dir, d, settings.max_active, self._load)
+        shape = (len(layers), max_rows, settings.max_soft_tokens)
         self.pool_peak = torch.full(shape, -torch.inf)
         self.pool_total = torch.zeros(shape)
         self.pool_weighted = torch.zeros(*shape, d.hidden)
         self.rows: dict[str, int] = {}  # request id -> state row
-        self._free_rows = list(reversed(range(limits.max_rows)))
+        self._free_rows = list(reversed(range(max_rows)))
         self.compute_state_calls = 0  # (request, layer) states finalised so far
         self.most_adapters_in_a_step = 0
 
@@ -91,7 +93,7 @@ class PromptAwareRuntime:
     def _start(self, req_id: str, method: ServedMethod, request_args: dict) -> None:
         if req_id not in self.rows:
             if not self._free_rows:
-                raise RuntimeError(f"more than {self.limits.max_rows} prompt-aware requests hold state")
+                raise RuntimeError(f"more than {len(self.rows)} prompt-aware requests hold state")
             self.rows[req_id] = self._free_rows.pop()
         row = self.rows[req_id]
         self.pool_peak[:, row] = -torch.inf
@@ -101,10 +103,8 @@ class PromptAwareRuntime:
         method.start(row, request_args)
 
     def _load(self, slot: int, method: str, layers) -> None:
-        served = self.by_name[method]
-        if (reason := served.check(layers)) is not None:
-            raise AdapterError(reason)
-        served.load(slot, layers)
+        check_limits(method, layers, self.layers[0].dims, self.settings)
+        self.by_name[method].load(slot, layers)
 
     # -- op side, inside the forward pass -----------------------------------------------
     def prefill(self, layer: int, hidden: torch.Tensor) -> None:

@@ -1,7 +1,7 @@
 """The front end's table of prompt-aware adapters: name -> validated directory.
 
 Adapters are validated here, before any request can name them: the manifest, the weights,
-their shapes against the served model and the base-model fingerprint
+their shapes against the served model, the base-model fingerprint and the server's limits
 (:func:`~vllm_plugins.adapters.storage.load_prompt_aware_layers`). Run-time registration
 accepts directories inside the configured adapter directory only.
 """
@@ -16,6 +16,8 @@ from transformers import AutoConfig
 from vllm_plugins.adapters.common.model_parts import dims
 from vllm_plugins.adapters.storage import AdapterError, checkpoint_fingerprint, load_prompt_aware_layers, read_manifest
 from vllm_plugins.adapters.registry import METHODS
+from vllm_plugins.serving.config import PromptAdapterSettings
+from vllm_plugins.serving.methods import check_limits
 
 
 @dataclass(frozen=True)
@@ -26,8 +28,10 @@ class RegisteredAdapter:
 
 
 class PromptAdapterRegistry:
-    def __init__(self, model_dir: str, adapter_dir: str | None):
+    def __init__(self, model_dir: str, settings: PromptAdapterSettings):
         self.dims = dims(AutoConfig.from_pretrained(model_dir))
+        self.settings = settings
+        adapter_dir = settings.dir
         self.fingerprint = checkpoint_fingerprint(model_dir)
         self.root = Path(adapter_dir).resolve() if adapter_dir else None
         self.adapters: dict[str, RegisteredAdapter] = {}
@@ -44,7 +48,8 @@ class PromptAdapterRegistry:
         resolved = Path(path).resolve()
         if self.root is None or not resolved.is_relative_to(self.root):
             raise AdapterError(f"{path} is outside the allowed adapter directory {self.root}")
-        _, manifest = load_prompt_aware_layers(resolved, self.dims, self.fingerprint)
+        layers, manifest = load_prompt_aware_layers(resolved, self.dims, self.fingerprint)
+        check_limits(manifest["method"], layers, self.dims, self.settings)
         adapter = RegisteredAdapter(name=name, path=str(resolved), method=manifest["method"])
         self.adapters[name] = adapter
         return adapter

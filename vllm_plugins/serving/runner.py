@@ -23,7 +23,6 @@ from vllm_plugins.serving.batch import StepBatch, requested_adapter
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.kv_eviction import KvEviction, requested_plan
 from vllm_plugins.serving.layers import install_plugin_layers
-from vllm_plugins.serving.methods import Limits
 from vllm_plugins.serving.prompt_aware import PromptAwareRuntime
 
 
@@ -34,9 +33,8 @@ class PluginRunnerMixin:
         hf_config = self.model_config.hf_config
         d = dims(hf_config)
         layers = install_plugin_layers(self.model, self.model_config.architecture, d)
-        limits = Limits(max_rows=self.max_num_reqs, max_active=settings.max_active, max_rank=settings.max_rank,
-                        max_soft_tokens=settings.max_soft_tokens)
-        self.prompt_aware = PromptAwareRuntime(layers, limits, self.model_config.model, self.max_num_tokens)
+        self.prompt_aware = PromptAwareRuntime(layers, settings, self.model_config.model, self.max_num_tokens,
+                                               self.max_num_reqs)
         self.kv_eviction = KvEviction([layer.attn for layer in layers], self.cache_config.block_size, d.num_heads,
                                       d.head_dim, self.max_num_tokens, self.max_num_reqs, self.model_config.dtype)
         ops.bind(self.prompt_aware, self.kv_eviction)

@@ -25,6 +25,7 @@ from torch import nn
 
 from vllm_plugins.adapters.common.model_parts import Dims
 from vllm_plugins.adapters.common.prompt_aware import PromptAwareLayer
+from vllm_plugins.serving.config import PromptAdapterSettings
 
 SITES = ("qkv", "attention", "o_proj", "gate_up", "down")
 """The module sites of a vLLM decoder layer the methods act at, in forward order: the
@@ -53,27 +54,19 @@ class LayerModules:
     dims: Dims
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Sizes the tables are preallocated for (``--additional-config`` prompt_adapters)."""
-
-    max_rows: int  # requests with state at once (vLLM's max_num_seqs)
-    max_active: int  # adapter slots
-    max_rank: int  # MiLoRA experts' rank
-    max_soft_tokens: int  # IAPT soft tokens per layer
-
-
 class ServedMethod:
     name: ClassVar[str]
     code: ClassVar[int]  # the method's number in PromptAwareMetadata.row_method
     sites: ClassVar[frozenset[str]]
 
-    def __init__(self, layers: list[LayerModules], limits: Limits):
+    def __init__(self, layers: list[LayerModules], max_rows: int, settings: PromptAdapterSettings):
+        """Tables for ``max_rows`` requests (vLLM's max_num_seqs) and ``settings.max_active``
+        adapter slots."""
         self.layers = layers
-        self.limits = limits
 
-    def check(self, adapter_layers: nn.ModuleList) -> str | None:
-        """Why an adapter cannot be held within the limits, or None."""
+    @classmethod
+    def check(cls, adapter_layers: nn.ModuleList, d: Dims, settings: PromptAdapterSettings) -> str | None:
+        """Why the server cannot hold this adapter of the method (``settings``' limits), or None."""
         return None
 
     def load(self, slot: int, adapter_layers: nn.ModuleList) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from vllm_plugins.adapters.iapt.layer import IaptLayer
-from vllm_plugins.serving.methods.base import LayerModules, Limits, ServedMethod, linear_without_bias
+from vllm_plugins.serving.methods.base import LayerModules, ServedMethod, linear_without_bias
 from vllm_plugins.serving.paged_cache import paged_key_value
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
 from vllm_plugins_kernels import soft_attention_paged_, write_soft_kv
@@ -25,17 +25,18 @@ class IaptMethod(ServedMethod):
     code = 0
     sites = frozenset({"attention"})
 
-    def __init__(self, layers: list[LayerModules], limits: Limits):
-        super().__init__(layers, limits)
-        self.runs = torch.zeros(limits.max_rows, 3, dtype=torch.int64)
+    def __init__(self, layers: list[LayerModules], max_rows: int, settings):
+        super().__init__(layers, max_rows, settings)
+        self.runs = torch.zeros(max_rows, 3, dtype=torch.int64)
 
-    def check(self, adapter_layers) -> str | None:
+    @classmethod
+    def check(cls, adapter_layers, d, settings) -> str | None:
         count = adapter_layers[0].pool.query.shape[1]
-        if count > self.limits.max_soft_tokens:
-            return f"{count} IAPT soft tokens are above the server's max_soft_tokens {self.limits.max_soft_tokens}"
+        if count > settings.max_soft_tokens:
+            return f"{count} IAPT soft tokens are above the server's max_soft_tokens {settings.max_soft_tokens}"
         bottleneck = adapter_layers[0].down.out_features
-        if bottleneck > self.layers[0].dims.hidden:
-            return f"IAPT bottleneck {bottleneck} is above the model's hidden size {self.layers[0].dims.hidden}"
+        if bottleneck > d.hidden:
+            return f"IAPT bottleneck {bottleneck} is above the model's hidden size {d.hidden}"
         return None
 
     def start(self, row: int, request_args: dict) -> None:

@@ -17,7 +17,7 @@ import torch
 
 from vllm_plugins.adapters.common.model_parts import LINEAR_MODULES
 from vllm_plugins.adapters.milora.layer import MiloraLayer
-from vllm_plugins.serving.methods.base import LayerModules, Limits, ServedMethod
+from vllm_plugins.serving.methods.base import LayerModules, ServedMethod
 from vllm_plugins_kernels import expert_lora_
 
 SITE_MODULES = {
@@ -39,22 +39,20 @@ class MiloraMethod(ServedMethod):
     code = 2
     sites = frozenset(SITE_MODULES)
 
-    def __init__(self, layers: list[LayerModules], limits: Limits):
-        super().__init__(layers, limits)
+    def __init__(self, layers: list[LayerModules], max_rows: int, settings):
+        super().__init__(layers, max_rows, settings)
         d = layers[0].dims
-        self.gates = torch.zeros(len(layers), limits.max_rows, len(LINEAR_MODULES))
+        self.gates = torch.zeros(len(layers), max_rows, len(LINEAR_MODULES))
+        slots, rank = settings.max_active, settings.max_rank
         shapes = {m: d.linear_shape(m) for m in LINEAR_MODULES}
-        self.lora_a = [
-            {m: torch.zeros(limits.max_active, limits.max_rank, shapes[m][0]) for m in LINEAR_MODULES} for _ in layers
-        ]
-        self.lora_b = [
-            {m: torch.zeros(limits.max_active, shapes[m][1], limits.max_rank) for m in LINEAR_MODULES} for _ in layers
-        ]
+        self.lora_a = [{m: torch.zeros(slots, rank, shapes[m][0]) for m in LINEAR_MODULES} for _ in layers]
+        self.lora_b = [{m: torch.zeros(slots, shapes[m][1], rank) for m in LINEAR_MODULES} for _ in layers]
 
-    def check(self, adapter_layers) -> str | None:
+    @classmethod
+    def check(cls, adapter_layers, d, settings) -> str | None:
         rank = adapter_layers[0].experts[LINEAR_MODULES[0]].lora_A.shape[0]
-        if rank > self.limits.max_rank:
-            return f"MiLoRA rank {rank} is above the server's max_rank {self.limits.max_rank}"
+        if rank > settings.max_rank:
+            return f"MiLoRA rank {rank} is above the server's max_rank {settings.max_rank}"
         return None
 
     def load(self, slot: int, adapter_layers) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from vllm_plugins.adapters.para.layer import ParaLayer
-from vllm_plugins.serving.methods.base import LayerModules, Limits, ServedMethod
+from vllm_plugins.serving.methods.base import LayerModules, ServedMethod
 from vllm_plugins_kernels import rescale_columns_
 
 
@@ -21,11 +21,11 @@ class ParaMethod(ServedMethod):
     code = 1
     sites = frozenset({"qkv", "gate_up"})
 
-    def __init__(self, layers: list[LayerModules], limits: Limits):
-        super().__init__(layers, limits)
+    def __init__(self, layers: list[LayerModules], max_rows: int, settings):
+        super().__init__(layers, max_rows, settings)
         d = layers[0].dims
-        self.qkv = torch.ones(len(layers), limits.max_rows, d.q_size + d.kv_size)
-        self.up = torch.ones(len(layers), limits.max_rows, d.intermediate)
+        self.qkv = torch.ones(len(layers), max_rows, d.q_size + d.kv_size)
+        self.up = torch.ones(len(layers), max_rows, d.intermediate)
 
     def finalize(self, layer: int, row: int, adapter: ParaLayer, pooled: torch.Tensor) -> None:
         state = adapter.state_from_pooled(pooled)
