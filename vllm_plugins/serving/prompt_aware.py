@@ -120,10 +120,10 @@ class PromptAwareRuntime:
             tokens = pooled_tokens[rows_of_tokens == row]
             self._pool(layer, row, adapter.pool.partial(adapter.pool_features(hidden[tokens].float())))
         for row in self.metadata.row_completes.nonzero().squeeze(1).tolist():
-            adapter = self._adapter(row)
-            queries, dim = adapter.layers[layer].pool.query.shape[1], adapter.layers[layer].pool.query.shape[0]
-            pooled = (self.pool_weighted[layer, row, :queries, :dim] / self.pool_total[layer, row, :queries, None])
-            self.methods[int(self.metadata.row_method[row])].finalize(layer, row, adapter.layers[layer], pooled[None])
+            adapter = self._adapter(row).layers[layer]
+            dim, queries = adapter.pool.query.shape
+            pooled = self.pool_weighted[layer, row, :queries, :dim] / self.pool_total[layer, row, :queries, None]
+            self.methods[int(self.metadata.row_method[row])].finalize(layer, row, adapter, pooled[None])
             self.compute_state_calls += 1
 
     def _adapter(self, row: int):
