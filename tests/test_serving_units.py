@@ -1,0 +1,87 @@
+"""Pure logic of the worker side: the step's token map, the per-step buffers, the ops'
+registration, KV eviction's narrowed attention metadata, the architectures served."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vllm_plugins.adapters.common.model_parts import Dims
+from vllm_plugins.serving import ops
+from vllm_plugins.serving.batch import StepBatch
+from vllm_plugins.serving.kv_eviction import KvEviction
+from vllm_plugins.serving.layers import install_plugin_layers
+from vllm_plugins.serving.metadata import PromptAwareMetadata
+
+
+def _batch() -> StepBatch:
+    # row 0: a 10-token prompt's second chunk (positions 4..9); row 1: decoding at position 7
+    # of a 5-token prompt; row 2: a fresh 3-token prompt, whole
+    return StepBatch(["a", "b", "c"], np.array([6, 1, 3]), np.array([4, 7, 0]), np.array([10, 5, 3]))
+
+
+def test_step_batch_maps_tokens_to_rows_positions_and_roles():
+    batch = _batch()
+    assert batch.token_row.tolist() == [0] * 6 + [1] + [2] * 3
+    assert batch.positions.tolist() == [4, 5, 6, 7, 8, 9, 7, 0, 1, 2]
+    assert batch.is_prompt.tolist() == [True] * 6 + [False] + [True] * 3
+    assert batch.is_adapted.tolist() == [False] * 5 + [True, True, False, False, True]
+    assert batch.completes_prompt.tolist() == [True, False, True]
+    assert batch.restarts.tolist() == [False, False, True]
+    assert batch.prompt_tail(0, 8) == (0, 6, 2)  # positions 4..9 are the window's last 6 of 8 (2..9)
+    assert batch.prompt_tail(1, 4)[1] == 0  # decoding: nothing of the prompt now
+    assert batch.prompt_tail(2, 2) == (8, 2, 0)
+
+
+def test_metadata_update_then_clear_leaves_no_token_of_the_step():
+    meta = PromptAwareMetadata(max_tokens=16, max_rows=4)
+    rows = np.array([3, 3, -1, 1])
+    meta.update(rows, np.array([True, True, True, False]), np.array([False, True, True, True]), [3])
+    assert meta.token_rows[:5].tolist() == [3, 3, -1, 1, -1]
+    assert meta.token_pooled[:4].tolist() == [True, True, False, False]  # a token without a row is never pooled
+    assert meta.token_adapted[:4].tolist() == [False, True, False, True]
+    assert meta.row_completes.tolist() == [False, False, False, True]
+    meta.clear()
+    assert (meta.token_rows == -1).all() and not meta.token_pooled.any() and not meta.token_adapted.any()
+    assert not meta.row_completes.any()
+
+
+@dataclasses.dataclass
+class _Metadata:  # the fields of vLLM's CommonAttentionMetadata that narrowing reads
+    num_reqs: int
+    block_table_tensor: torch.Tensor
+    seq_lens: torch.Tensor
+
+
+def test_narrowed_metadata_starts_at_the_first_kept_block_and_leaves_the_table_alone():
+    eviction = KvEviction([], block_size=32, num_heads=2, head_dim=4, max_tokens=8, max_reqs=4, dtype=torch.float32)
+    table = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]], dtype=torch.int32)
+    metadata = _Metadata(2, table, torch.tensor([128, 70], dtype=torch.int32))
+    assert eviction.narrow(metadata) is metadata  # nothing evicted: vLLM's metadata as it is
+    eviction.skipped_rows[0] = 2
+    narrowed = eviction.narrow(metadata)
+    assert narrowed.block_table_tensor[0, :2].tolist() == [3, 4] and narrowed.block_table_tensor[1].tolist() == [5, 6, 7, 0]
+    assert narrowed.seq_lens.tolist() == [64, 70] and narrowed.seq_lens.dtype == torch.int32
+    assert table.tolist() == [[1, 2, 3, 4], [5, 6, 7, 0]] and metadata.seq_lens.tolist() == [128, 70]
+    eviction.clear()
+    assert eviction.narrow(metadata) is metadata
+
+
+def test_ops_are_registered_opaque_with_their_mutation_declared():
+    apply = ops.prompt_aware_apply.default._schema
+    assert [a.name for a in apply.arguments if a.alias_info is not None and a.alias_info.is_write] == ["out"]
+    for op in (ops.prompt_aware_prefill, ops.kv_eviction_capture):
+        assert not any(a.alias_info is not None and a.alias_info.is_write for a in op.default._schema.arguments)
+    with torch._subclasses.fake_tensor.FakeTensorMode():  # the fake implementations, as the compiler sees them
+        dep = ops.prompt_aware_prefill(torch.empty(5, 8), 0)
+        assert dep.shape == (0,)
+        ops.prompt_aware_apply(torch.empty(5, 8), torch.empty(5, 12), dep, 0, 0)
+
+
+def test_an_architecture_the_plugins_do_not_know_is_refused_by_name():
+    with pytest.raises(ValueError, match="GPT2LMHeadModel"):
+        install_plugin_layers(nn.Module(), "GPT2LMHeadModel", Dims(8, 16, 1, 2, 1, 4))
