@@ -30,8 +30,7 @@ class PluginRunnerMixin:
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
         settings = PromptAdapterSettings.from_additional_config(self.vllm_config.additional_config)
-        hf_config = self.model_config.hf_config
-        d = dims(hf_config)
+        d = dims(self.model_config.hf_config)
         layers = install_plugin_layers(self.model, self.model_config.architecture, d)
         self.prompt_aware = PromptAwareRuntime(layers, settings, self.model_config.model, self.max_num_tokens,
                                                self.max_num_reqs)
@@ -53,12 +52,13 @@ class PluginRunnerMixin:
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
         result = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         req_ids, num_computed = vi.step_requests(self)
-        states = [vi.request_state(self, req_id) for req_id in req_ids]
+        params = {req_id: vi.request_state(self, req_id).sampling_params for req_id in req_ids}
+        num_prompt = [vi.request_state(self, req_id).num_prompt_tokens for req_id in req_ids]
         batch = StepBatch(list(req_ids), np.asarray(num_scheduled_tokens[: len(req_ids)], dtype=np.int64),
-                          num_computed.astype(np.int64), np.array([s.num_prompt_tokens for s in states], dtype=np.int64))
-        adapted = {s.req_id: s.sampling_params.extra_args for s in states if requested_adapter(s.sampling_params)}
+                          num_computed.astype(np.int64), np.array(num_prompt, dtype=np.int64))
+        adapted = {req_id: p.extra_args for req_id, p in params.items() if requested_adapter(p) is not None}
         self.prompt_aware.begin_step(batch, adapted)
-        self.kv_eviction.begin_step(batch, lambda req_id: requested_plan(vi.request_state(self, req_id).sampling_params))
+        self.kv_eviction.begin_step(batch, lambda req_id: requested_plan(params[req_id]))
         return result
 
     def _model_forward(self, *args, **kwargs):

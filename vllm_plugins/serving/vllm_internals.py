@@ -7,9 +7,12 @@ against the installed vLLM: every class subclassed, every method overridden (wit
 parameters), every private attribute read or written. Another vLLM version is refused at
 start-up (:func:`~vllm_plugins.vllm_version.require_supported_vllm`).
 
-Documented interfaces the plugins also use, not listed here: the ``vllm.general_plugins``
-entry point, ``--worker-cls``, ``--scheduler-cls``, ``--middleware``,
-``--additional-config``, ``SamplingParams.extra_args`` and ``LLM.collective_rpc``.
+The plugins' runner mixin, worker and scheduler subclass vLLM's classes and read the
+attributes listed in :data:`ATTRIBUTES` on ``self``; everything else goes through the
+functions below. Documented interfaces the plugins also use, not listed here: the
+``vllm.general_plugins`` entry point, ``--worker-cls``, ``--scheduler-cls``,
+``--middleware``, ``--additional-config``, ``SamplingParams.extra_args`` and
+``LLM.collective_rpc``.
 """
 
 from __future__ import annotations
@@ -20,14 +23,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from vllm_plugins.vllm_version import SUPPORTED_VLLM
-
 # -- classes the plugins subclass --------------------------------------------------------
-from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402  PromptAwareScheduler
-from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402  KV eviction needs it alone
-from vllm.v1.worker.cpu_model_runner import CPUModelRunner  # noqa: E402  PluginCPUModelRunner
-from vllm.v1.worker.cpu_worker import CPUWorker  # noqa: E402  PromptAwareCPUWorker
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402  the runner mixin's API
+from vllm.v1.core.sched.scheduler import Scheduler  # PromptAwareScheduler
+from vllm.v1.kv_cache_interface import FullAttentionSpec  # KV eviction needs it alone
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner  # PluginCPUModelRunner
+from vllm.v1.worker.cpu_worker import CPUWorker  # PromptAwareCPUWorker
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # the runner mixin's API
+
+from vllm_plugins.vllm_version import SUPPORTED_VLLM
 
 PINNED = SUPPORTED_VLLM
 
@@ -59,7 +62,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner": ("model", "model_config", "cache_config", "vllm_config", "requests", "input_batch", "attn_groups",
                        "max_num_tokens", "max_num_reqs"),
     "vllm.v1.worker.gpu_input_batch.InputBatch": ("req_ids", "num_reqs", "num_computed_tokens_cpu"),
-    "vllm.v1.worker.gpu_input_batch.CachedRequestState": ("req_id", "num_prompt_tokens", "sampling_params", "block_ids"),
+    "vllm.v1.worker.gpu_input_batch.CachedRequestState": ("num_prompt_tokens", "sampling_params", "block_ids"),
     "vllm.v1.worker.utils.AttentionGroup": ("metadata_builders",),
     "vllm.v1.attention.backend.CommonAttentionMetadata": ("num_reqs", "block_table_tensor", "seq_lens"),
     "vllm.v1.core.sched.output.SchedulerOutput": ("finished_req_ids", "preempted_req_ids", "num_scheduled_tokens"),
@@ -70,6 +73,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
                 "cache_salt", "block_hashes", "update_block_hashes"),
     "vllm.model_executor.layers.attention.attention.Attention": ("kv_cache", "impl"),
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder": ("isa",),  # it sets Attention.isa
+    "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": ("scale",),  # Attention.impl
+    "vllm.config.vllm.VllmConfig": ("additional_config",),
     "vllm.v1.worker.cpu_worker.CPUWorker": ("use_v2_model_runner", "cache_config", "vllm_config", "model_runner"),
     "vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator": ("single_type_managers",),
     "vllm.v1.core.block_pool.BlockPool": ("get_num_free_blocks", "get_new_blocks", "free_blocks"),
