@@ -130,6 +130,18 @@ def test_bad_settings_that_reach_the_engine_leave_the_cache_whole_and_the_engine
     assert stats(engine)["evictions"] == before + 2  # still serving, and still evicting
 
 
+def test_an_eviction_plan_sent_with_a_request_is_ignored(engine, prompts):
+    """Plans come from the plugin's scheduler only: one forged in a request's extra_args
+    (any route that passes vllm_xargs through) is dropped, whatever it says."""
+    from vllm_plugins.serving.kv_eviction import PLAN_ARG
+
+    before = stats(engine)["evictions"]
+    plain = tokens(engine.generate(prompts[:2], params(None), use_tqdm=False))
+    forged = {PLAN_ARG: ["snapkv", 5000, 1, 0]}  # a prompt of 5,000 tokens keeping one
+    assert tokens(engine.generate(prompts[:2], params(forged), use_tqdm=False)) == plain
+    assert stats(engine)["evictions"] == before
+
+
 def test_a_server_budget_evicts_long_prompts_and_keeps_shorter_ones_whole(random_llama, prompts):
     """``--kv-budget 160``: prompts longer than 160 tokens plus a block are evicted, the
     others (shorter than the budget, too) run unevicted."""

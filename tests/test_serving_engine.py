@@ -106,6 +106,19 @@ def test_requests_beyond_max_active_adapters_wait(engine, tiny_llama, adapters, 
     assert _stats(engine)["most_adapters_in_a_step"] > 2
 
 
+def test_kv_slots_sent_with_a_request_are_ignored(engine, adapters, prompts, tiny_llama):
+    """IAPT's soft-token slots come from the plugin's scheduler only: a slot forged in a
+    request's extra_args (block 1, another request's perhaps) is dropped, and the request
+    gets its own."""
+    from vllm import SamplingParams
+
+    from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
+
+    extra = {ADAPTER_ARG: "iapt-1", ADAPTER_PATH_ARG: str(adapters["iapt-1"]), SOFT_KV_SLOT_ARG: [1, 0, 4]}
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=extra)
+    assert _texts(engine.generate(prompts[:4], params, use_tqdm=False)) == _reference(tiny_llama, adapters["iapt-1"], prompts[:4])
+
+
 def _state_computations(engine) -> int:
     return _stats(engine)["state_computations"]
 

@@ -11,6 +11,12 @@ import torch
 from torch import nn
 
 from vllm_plugins.adapters.common.model_parts import Dims
+from vllm_plugins.adapters.iapt import IaptConfig, iapt_layers
+from vllm_plugins.adapters.milora import MiloraConfig, milora_layers
+from vllm_plugins.adapters.para import ParaConfig, para_layers
+from vllm_plugins.adapters.storage import AdapterError
+from vllm_plugins.serving.config import PromptAdapterSettings
+from vllm_plugins.serving.methods import check_limits
 from vllm_plugins.serving import ops
 from vllm_plugins.serving.batch import StepBatch
 from vllm_plugins.serving.kv_eviction import KvEviction
@@ -85,3 +91,27 @@ def test_ops_are_registered_opaque_with_their_mutation_declared():
 def test_an_architecture_the_plugins_do_not_know_is_refused_by_name():
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
         install_plugin_layers(nn.Module(), "GPT2LMHeadModel", Dims(8, 16, 1, 2, 1, 4))
+
+
+DIMS = Dims(hidden=16, intermediate=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)
+
+
+@pytest.mark.parametrize("method, layers, message", [
+    ("iapt", iapt_layers(DIMS, IaptConfig(num_soft_tokens=0)), "0 IAPT soft tokens"),
+    ("iapt", iapt_layers(DIMS, IaptConfig(num_soft_tokens=5)), "5 IAPT soft tokens"),
+    ("iapt", iapt_layers(DIMS, IaptConfig(bottleneck=17)), "IAPT bottleneck 17"),
+    ("para", para_layers(DIMS, ParaConfig(bottleneck=0)), "PARA bottleneck 0"),
+    ("milora", milora_layers(DIMS, MiloraConfig(rank=32)), "MiLoRA rank 32"),
+])
+def test_adapters_the_server_cannot_hold_are_refused(method, layers, message):
+    with pytest.raises(AdapterError, match=message):
+        check_limits(method, layers, DIMS, PromptAdapterSettings(max_rank=16, max_soft_tokens=4))
+
+
+@pytest.mark.parametrize("method, layers", [
+    ("iapt", iapt_layers(DIMS, IaptConfig(num_soft_tokens=4, bottleneck=16))),
+    ("para", para_layers(DIMS, ParaConfig())),
+    ("milora", milora_layers(DIMS, MiloraConfig(rank=16))),
+])
+def test_adapters_within_the_limits_are_accepted(method, layers):
+    check_limits(method, layers, DIMS, PromptAdapterSettings(max_rank=16, max_soft_tokens=4))

@@ -84,8 +84,8 @@ class KvEviction:
     def begin_step(self, batch: StepBatch, plan_of: Callable[[str], EvictionPlan | None]) -> None:
         """Fill the step's capture rows and attention narrowing; ``plan_of``: a request's
         eviction plan, read when it (re)starts."""
+        self.clear()
         restarts, completes = batch.restarts, batch.completes_prompt
-        self._step = []
         next_row = 0
         for row, req_id in enumerate(batch.req_ids):
             if restarts[row]:  # new, or preempted and recomputed: evicted again at its prompt's end

@@ -15,6 +15,9 @@ Three rules on top of vLLM's scheduler, for requests that name a prompt-aware ad
   admitted (it waits while the pool is empty) and give them back when it finishes
   (:mod:`.soft_kv`).
 
+Their per-request arguments (IAPT's KV slots, eviction plans) are set by this scheduler
+only: the same ``extra_args`` keys arriving with a request are dropped when it is added.
+
 And one for every request: **KV eviction.** A request evicted by the server's default
 or its own ``vllm_xargs`` gets an eviction plan on arrival, its prefill chunks never
 cross its prompt's end, and its leading blocks go back to the block pool once its prompt
@@ -27,8 +30,18 @@ from vllm_plugins.adapters.storage import read_manifest
 from vllm_plugins.serving.batch import ADAPTER_PATH_ARG, requested_adapter
 from vllm_plugins.serving.block_release import BlockRelease
 from vllm_plugins.serving.config import PromptAdapterSettings, eviction_settings
+from vllm_plugins.serving.kv_eviction import PLAN_ARG
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG, SoftTokenSlots
 from vllm_plugins.serving.vllm_internals import Scheduler
+
+
+SCHEDULER_ARGS = (PLAN_ARG, SOFT_KV_SLOT_ARG)
+"""``extra_args`` keys only this scheduler sets."""
+
+
+def _adapter_key(sampling_params) -> tuple[str, str] | None:
+    name = requested_adapter(sampling_params)
+    return None if name is None else (name, str(sampling_params.extra_args.get(ADAPTER_PATH_ARG)))
 
 
 class PromptAwareScheduler(Scheduler):
@@ -49,7 +62,11 @@ class PromptAwareScheduler(Scheduler):
         return self.block_release.clip_chunk(request.request_id, start, num_new_tokens)
 
     def add_request(self, request) -> None:
-        if requested_adapter(request.sampling_params) is not None:
+        params = request.sampling_params
+        if params is not None and params.extra_args:
+            # KV slots and eviction plans come from this scheduler only, never from a request.
+            params.extra_args = {k: v for k, v in params.extra_args.items() if k not in SCHEDULER_ARGS}
+        if requested_adapter(params) is not None:
             request.skip_reading_prefix_cache = True
         self.block_release.plan(request)
         super().add_request(request)
@@ -59,13 +76,14 @@ class PromptAwareScheduler(Scheduler):
         self.block_release.release(self.requests, scheduler_output.num_scheduled_tokens)
         return outputs
 
-    def running_adapters(self) -> set[str]:
-        return {a for r in self.running if (a := requested_adapter(r.sampling_params)) is not None}
+    def running_adapters(self) -> set[tuple[str, str]]:
+        """The running requests' adapters, as the worker's slots know them: (name, directory)."""
+        return {a for r in self.running if (a := _adapter_key(r.sampling_params)) is not None}
 
     def _handle_blocked_waiting_request(self, request) -> bool:
         if not super()._handle_blocked_waiting_request(request):
             return False
-        adapter = requested_adapter(request.sampling_params)
+        adapter = _adapter_key(request.sampling_params)
         if adapter is None:
             return True
         running = self.running_adapters()

@@ -32,11 +32,11 @@ class IaptMethod(ServedMethod):
     @classmethod
     def check(cls, adapter_layers, d, settings) -> str | None:
         count = adapter_layers[0].pool.query.shape[1]
-        if count > settings.max_soft_tokens:
-            return f"{count} IAPT soft tokens are above the server's max_soft_tokens {settings.max_soft_tokens}"
+        if not 1 <= count <= settings.max_soft_tokens:
+            return f"{count} IAPT soft tokens: the server takes 1 to max_soft_tokens {settings.max_soft_tokens}"
         bottleneck = adapter_layers[0].down.out_features
-        if bottleneck > d.hidden:
-            return f"IAPT bottleneck {bottleneck} is above the model's hidden size {d.hidden}"
+        if not 1 <= bottleneck <= d.hidden:
+            return f"IAPT bottleneck {bottleneck}: the server takes 1 to the model's hidden size {d.hidden}"
         return None
 
     def start(self, row: int, request_args: dict) -> None:

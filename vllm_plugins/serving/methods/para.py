@@ -27,6 +27,11 @@ class ParaMethod(ServedMethod):
         self.qkv = torch.ones(len(layers), max_rows, d.q_size + d.kv_size)
         self.up = torch.ones(len(layers), max_rows, d.intermediate)
 
+    @classmethod
+    def check(cls, adapter_layers, d, settings) -> str | None:
+        bottleneck = adapter_layers[0].down.out_features
+        return None if bottleneck >= 1 else f"PARA bottleneck {bottleneck}: at least 1"
+
     def finalize(self, layer: int, row: int, adapter: ParaLayer, pooled: torch.Tensor) -> None:
         state = adapter.state_from_pooled(pooled)
         self.qkv[layer, row] = torch.cat([state.l_q[0], state.l_v[0]])
