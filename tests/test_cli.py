@@ -49,6 +49,18 @@ def test_serve_refuses_bad_kv_eviction_flags_before_starting_vllm(tmp_path):
     assert result.returncode == 2 and "not allowed with argument" in result.stderr
 
 
+def test_serve_refuses_an_adapter_the_server_cannot_hold_before_starting_vllm(tiny_llama, tmp_path):
+    from helpers import build
+    from vllm_plugins.adapters.iapt import IaptConfig
+    from vllm_plugins.adapters.storage import describe_base, save_adapter
+
+    lm, base, _ = build("iapt", tiny_llama, num_soft_tokens=8)  # the server holds 4 (max_soft_tokens)
+    save_adapter(tmp_path / "wide", "iapt", IaptConfig(num_soft_tokens=8), lm, describe_base(base, tiny_llama))
+    result = _cli("serve", str(tiny_llama), "--adapter-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "8 IAPT soft tokens: the server takes 1 to max_soft_tokens 4" in result.stderr
+
+
 def test_bench_adapters_writes_figures_and_ratios(plugins_home, tmp_path):
     """The benchmark's machinery on a tiny random model: base plus one prompt-aware and
     one stock-LoRA method, each through its own engine (figures are not judged here)."""

@@ -28,7 +28,8 @@ from vllm_plugins.adapters.registry import METHODS
 from vllm_plugins.adapters.storage import read_manifest
 from vllm_plugins.eviction import settings as eviction_settings
 from vllm_plugins.eviction.settings import EvictionSettings
-from vllm_plugins.serving.config import SECTION
+from vllm_plugins.serving.config import SECTION, PromptAdapterSettings
+from vllm_plugins.serving.registry import PromptAdapterRegistry
 
 WORKER = "vllm_plugins.serving.worker.PromptAwareCPUWorker"
 SCHEDULER = "vllm_plugins.serving.scheduler.PromptAwareScheduler"
@@ -62,13 +63,18 @@ def serve_argv(
     root = Path(adapter_dir).resolve()
     if not root.is_dir():
         raise ValueError(f"adapter directory {adapter_dir} does not exist")
-    lora_modules, ranks = [], []
+    lora_modules, ranks, prompt_aware = [], [], False
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         manifest = read_manifest(sub)
         if METHODS[manifest["method"]].family == "lora":
             lora_modules.append(f"{sub.name}={sub}")
             ranks.append(_lora_rank(manifest))
-    settings = {SECTION: {"dir": str(root), "max_active": max_active, "runtime_loading": runtime_loading}}
+        else:
+            prompt_aware = True
+    adapter_settings = PromptAdapterSettings(dir=str(root), max_active=max_active, runtime_loading=runtime_loading)
+    if prompt_aware:  # every one checked as the server will, so a bad one stops the start, not every request
+        PromptAdapterRegistry(model, adapter_settings)
+    settings = {SECTION: dataclasses.asdict(adapter_settings)}
     if eviction.policy is not None:
         eviction.validate()  # a bad ratio or budget fails here, not in the engine
         settings[eviction_settings.SECTION] = dataclasses.asdict(eviction)
