@@ -123,10 +123,13 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     import os
 
     from vllm_plugins.eviction.settings import EvictionSettings
+    from vllm_plugins.serving.config import PromptAdapterSettings
     from vllm_plugins.serving.launcher import serve_argv
 
     eviction = EvictionSettings(args.kv_eviction, args.kv_keep_ratio, args.kv_budget, args.kv_eviction_min_prompt)
-    argv = serve_argv(args.model, args.adapter_dir, args.max_active, args.runtime_loading, vllm_args, eviction)
+    adapters = PromptAdapterSettings(args.adapter_dir, args.max_active, args.max_rank, args.max_soft_tokens,
+                                     args.runtime_loading)
+    argv = serve_argv(args.model, adapters, vllm_args, eviction)
     os.execv(argv[0], argv)
 
 
@@ -166,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--adapter-dir", required=True, help="directory of adapter directories (one per tenant)")
     p.add_argument("--max-active", type=int, default=16, help="adapters a worker holds at once")
+    p.add_argument("--max-rank", type=int, default=16, help="highest MiLoRA expert rank served (as --max-lora-rank)")
+    p.add_argument("--max-soft-tokens", type=int, default=4, help="most IAPT soft tokens per layer served")
     p.add_argument("--runtime-loading", action="store_true", help="enable /v1/load_prompt_adapter")
     p.add_argument("--kv-eviction", choices=sorted(POLICIES), help="evict prompts' KV cache at the end of prefill (default: off)")
     budget = p.add_mutually_exclusive_group()

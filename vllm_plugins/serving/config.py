@@ -55,10 +55,11 @@ class PromptAdapterSettings:
     max_soft_tokens: int = 4
     runtime_loading: bool = False
 
+    def __post_init__(self) -> None:
+        for name in ("max_active", "max_rank", "max_soft_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{SECTION}.{name} must be >= 1, got {getattr(self, name)}")
+
     @classmethod
     def from_additional_config(cls, additional_config) -> PromptAdapterSettings:
-        settings = read_section(additional_config, SECTION, cls)
-        for name in ("max_active", "max_rank", "max_soft_tokens"):
-            if getattr(settings, name) < 1:
-                raise ValueError(f"{SECTION}.{name} must be >= 1, got {getattr(settings, name)}")
-        return settings
+        return read_section(additional_config, SECTION, cls)

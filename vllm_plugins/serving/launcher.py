@@ -1,6 +1,7 @@
 """``vllm-plugins serve``: ``vllm serve`` with the plugins' flags filled in.
 
-    vllm-plugins serve MODEL --adapter-dir DIR [--max-active N] [--runtime-loading]
+    vllm-plugins serve MODEL --adapter-dir DIR [--max-active N] [--max-rank R] [--max-soft-tokens S]
+        [--runtime-loading]
         [--kv-eviction POLICY [--kv-keep-ratio R | --kv-budget N] [--kv-eviction-min-prompt N]]
         [VLLM ARGS...]
 
@@ -57,12 +58,15 @@ def _vllm_serve(model: str) -> list[str]:
 
 
 def serve_argv(
-    model: str, adapter_dir: str, max_active: int, runtime_loading: bool, vllm_args: list[str],
-    eviction: EvictionSettings = EvictionSettings(),
+    model: str, adapters: PromptAdapterSettings, vllm_args: list[str], eviction: EvictionSettings = EvictionSettings(),
 ) -> list[str]:
-    root = Path(adapter_dir).resolve()
+    """The ``vllm serve`` command line; ``adapters.dir`` is the adapter directory.
+
+    Raises ValueError (an AdapterError for an adapter the server cannot hold) before
+    anything starts."""
+    root = Path(adapters.dir).resolve()
     if not root.is_dir():
-        raise ValueError(f"adapter directory {adapter_dir} does not exist")
+        raise ValueError(f"adapter directory {adapters.dir} does not exist")
     lora_modules, ranks, prompt_aware = [], [], False
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         manifest = read_manifest(sub)
@@ -71,10 +75,10 @@ def serve_argv(
             ranks.append(_lora_rank(manifest))
         else:
             prompt_aware = True
-    adapter_settings = PromptAdapterSettings(dir=str(root), max_active=max_active, runtime_loading=runtime_loading)
+    adapters = dataclasses.replace(adapters, dir=str(root))
     if prompt_aware:  # every one checked as the server will, so a bad one stops the start, not every request
-        PromptAdapterRegistry(model, adapter_settings)
-    settings = {SECTION: dataclasses.asdict(adapter_settings)}
+        PromptAdapterRegistry(model, adapters)
+    settings = {SECTION: dataclasses.asdict(adapters)}
     if eviction.policy is not None:
         eviction.validate()  # a bad ratio or budget fails here, not in the engine
         settings[eviction_settings.SECTION] = dataclasses.asdict(eviction)
@@ -86,6 +90,6 @@ def serve_argv(
     ]
     if lora_modules:
         max_rank = next(r for r in LORA_RANKS if r >= max(ranks))
-        argv += ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(min(len(lora_modules), max_active))]
+        argv += ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(min(len(lora_modules), adapters.max_active))]
         argv += ["--lora-modules", *lora_modules]
     return argv + vllm_args
