@@ -90,12 +90,21 @@ def prompt_aware_adapter_dir(served_adapter_dir, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_llama, served_adapter_dir, tmp_path_factory):
+def server_process(tiny_llama, served_adapter_dir, tmp_path_factory):
     """One real server for the HTTP tests, as vLLM runs by default (prefix caching on;
     with stock LoRA tenants, uncompiled on the CPU) except for a 64-token scheduler chunk,
     shorter than the long test prompts."""
-    from vllm_plugins.serving.process import running_server
+    from vllm_plugins.serving.process import ServerProcess
 
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with running_server(tiny_llama, served_adapter_dir, log, *SERVER_ARGS) as url:
-        yield url
+    server = ServerProcess.start(tiny_llama, served_adapter_dir, tmp_path_factory.mktemp("server") / "server.log",
+                                 *SERVER_ARGS)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(server_process) -> str:
+    """The base URL of :func:`server_process`."""
+    return server_process.url

@@ -32,7 +32,7 @@ TASKS = ("reverse", "shift", "upper", "count")
 SHORT_PER_TASK = 11
 LONG_PROMPTS = 6
 SERVERS = {  # name -> (adapter directory fixture, extra vLLM arguments, compilation mode in vLLM's log)
-    "mixed": ("served_adapter_dir", (), "'mode': <CompilationMode.NONE: 0>"),
+    "mixed": ("served_adapter_dir", (), "'mode': <CompilationMode.NONE: 0>"),  # the shared `server`
     "compiled": ("prompt_aware_adapter_dir", (), "'mode': <CompilationMode.DYNAMO_TRACE_ONCE: 2>"),
     "eager": ("prompt_aware_adapter_dir", ("--enforce-eager",), "'mode': <CompilationMode.NONE: 0>"),
 }
@@ -46,12 +46,17 @@ def _method(model: str) -> str:
 def served(request, tiny_llama, tmp_path_factory):
     """(URL, the served models) of one of the three servers."""
     dir_fixture, extra, mode = SERVERS[request.param]
-    adapter_dir = request.getfixturevalue(dir_fixture)
+    names = [name for name, (method, _) in SERVED_ADAPTERS.items() if dir_fixture == "served_adapter_dir" or method != "lora"]
+    if request.param == "mixed":
+        server = request.getfixturevalue("server_process")
+        assert mode in server.log.read_text()
+        yield server.url, [BASE, *names]
+        return
     log = tmp_path_factory.mktemp(f"parity-{request.param}") / "server.log"
-    server = ServerProcess.start(tiny_llama, adapter_dir, log, *SERVER_ARGS, *extra)
+    server = ServerProcess.start(tiny_llama, request.getfixturevalue(dir_fixture), log, *SERVER_ARGS, *extra)
     try:
         assert mode in log.read_text()  # the engine runs in the mode this server stands for
-        yield server.url, [BASE, *sorted(p.name for p in adapter_dir.iterdir())]
+        yield server.url, [BASE, *names]
     finally:
         server.stop()
 
