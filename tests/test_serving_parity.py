@@ -14,15 +14,16 @@ with prefix caching on as vLLM runs by default:
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
-from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from conftest import SERVED_ADAPTERS, SERVER_ARGS
 from serving_fixtures import reference_answers
-from vllm_plugins.serving.process import ServerProcess, request_json
+from vllm_plugins.serving.process import REQUEST_SECONDS, ServerProcess, request_json
 from vllm_plugins.tasks import load_task
 from vllm_plugins.tasks.retrieval import make_retrieval_example
 
@@ -79,13 +80,31 @@ def expected(tiny_llama, served_adapter_dir, prompts) -> dict[str, list[str]]:
     }
 
 
-def _answer(url: str, model: str, prompt: str) -> tuple[str, float, float]:
-    start = time.monotonic()
-    status, body = request_json(
-        f"{url}/v1/completions", {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
-    )
+def _body(model: str, prompt: str) -> dict:
+    return {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+
+
+def _answer(url: str, model: str, prompt: str) -> str:
+    status, body = request_json(f"{url}/v1/completions", _body(model, prompt))
     assert status == 200, body
-    return body["choices"][0]["text"].strip(), start, time.monotonic()
+    return body["choices"][0]["text"].strip()
+
+
+async def _answer_all(url: str, requests: list[tuple[str, str]], clients: int) -> list[tuple[str, float, float]]:
+    """(answer, sent, answered) of every (model, prompt), ``clients`` requests in flight at
+    a time from one event loop (threads would start them too slowly to overlap on a fast
+    server)."""
+    gate = asyncio.Semaphore(clients)
+    async with httpx.AsyncClient(timeout=REQUEST_SECONDS, limits=httpx.Limits(max_connections=clients)) as client:
+
+        async def one(model: str, prompt: str) -> tuple[str, float, float]:
+            async with gate:
+                sent = time.monotonic()
+                reply = await client.post(f"{url}/v1/completions", json=_body(model, prompt))
+                assert reply.status_code == 200, reply.text
+                return reply.json()["choices"][0]["text"].strip(), sent, time.monotonic()
+
+        return list(await asyncio.gather(*(one(model, prompt) for model, prompt in requests)))
 
 
 def test_every_adapter_changes_the_reference_answers(expected):
@@ -99,7 +118,7 @@ def test_one_request_at_a_time_matches_the_reference(served, prompts, expected):
     for method in sorted({_method(m) for m in models}):
         chosen = [m for m in models if _method(m) == method]
         jobs = [(chosen[i % len(chosen)], i) for i in range(len(prompts))]  # 50 prompts per method
-        got = [_answer(url, model, prompts[i])[0] for model, i in jobs]
+        got = [_answer(url, model, prompts[i]) for model, i in jobs]
         assert got == [expected[model][i] for model, i in jobs], method
 
 
@@ -107,8 +126,7 @@ def test_all_prompts_at_once_in_one_mixed_batch_match_the_reference(served, prom
     url, models = served
     jobs = [(model, i) for model in models for i in range(len(prompts))]
     random.Random(1).shuffle(jobs)
-    with ThreadPoolExecutor(max_workers=64) as pool:
-        results = list(pool.map(lambda job: _answer(url, job[0], prompts[job[1]]), jobs))
+    results = asyncio.run(_answer_all(url, [(model, prompts[i]) for model, i in jobs], clients=64))
     for method in sorted({_method(m) for m in models}):
         got = [r[0] for (model, i), r in zip(jobs, results) if _method(model) == method]
         want = [expected[model][i] for model, i in jobs if _method(model) == method]
