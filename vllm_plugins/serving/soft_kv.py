@@ -9,7 +9,7 @@ vLLM counts them like any other cached token (a full pool makes IAPT requests wa
 The run is reserved when the scheduler first admits the request and released when the
 request finishes; a preempted request keeps it (its soft tokens are recomputed in place).
 The slot travels to the worker in the request's ``extra_args`` (:data:`SOFT_KV_SLOT_ARG`);
-the IAPT applier writes the soft keys/values there at prefill and reads them at every
+IAPT's served method writes the soft keys/values there at prefill and reads them at every
 adapted token through :func:`~.paged_cache.paged_key_value`, a token-major view of the
 layer's cache as vLLM's CPU attention backend lays it out.
 """
