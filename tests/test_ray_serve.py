@@ -166,12 +166,15 @@ def test_same_load_through_ray_serve_and_a_plain_server(ray_service, server, tmp
     print("Ray Serve overhead (same load test, plain server then Ray Serve):", json.dumps(figures, indent=1))
 
 
+RECOVERY_S = 2
+
+
 def test_killing_a_replica_under_load(ray_service, server, tmp_path):
     from ray import serve
 
     from vllm_plugins.loadtest.runner import run_loadtest
 
-    config = _load_config(tmp_path / "loadtest.toml", requests=80, timeout_s=30)
+    config = _load_config(tmp_path / "loadtest.toml", requests=120, timeout_s=30)
     out = tmp_path / "run"
     victim = _replicas()[0]
     started = time.monotonic()
@@ -181,12 +184,16 @@ def test_killing_a_replica_under_load(ray_service, server, tmp_path):
             assert not run.done() and time.monotonic() - started < 180, "the load test did not get going"
             time.sleep(0.5)
         os.kill(victim["pid"], signal.SIGKILL)
+        killed_at = time.time()  # the clock of requests.csv's start_s
         run.result(timeout=400)  # raises if Locust failed, TimeoutError if the load test hung
 
     rows = read_records(out / "requests.csv")
     failed = [r for r in rows if r["status"] != 200 or r["error"]]
-    after_kill = [r for r in rows if r["start_s"] > rows[-1]["start_s"] - 5]
-    assert len(rows) == 80 and len(failed) < len(rows) / 2
+    # Requests sent in the first seconds after the kill may still reach the dead replica;
+    # from RECOVERY_S on, every one must be answered (the run is about 6 s on a quiet machine).
+    after_kill = [r for r in rows if r["start_s"] > killed_at + RECOVERY_S]
+    assert len(rows) == 120 and len(failed) < len(rows) / 2
+    assert len(after_kill) >= 10, "too few requests after the kill to tell"
     assert all(r["status"] == 200 and not r["error"] for r in after_kill), "the service did not keep answering"
     assert all(r["e2e_ms"] <= 32_000 for r in rows), "a request outlived its 30 s timeout"
     summary = json.loads((out / "summary.json").read_text())
