@@ -42,7 +42,6 @@ class AdapterSlots:
         self.capacity = capacity
         self._on_load = on_load
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
-        self.by_slot: list[LoadedAdapter | None] = [None] * capacity
         self.loads = 0  # weight loads so far; more than the adapters named means reloads
 
     @cached_property
@@ -70,13 +69,17 @@ class AdapterSlots:
         if free:
             return free[0]
         oldest = next(key for key in self._resident if key not in wanted)
-        slot = self._resident.pop(oldest).slot
-        self.by_slot[slot] = None
-        return slot
+        return self._resident.pop(oldest).slot
+
+    def in_slot(self, slot: int) -> LoadedAdapter:
+        """The adapter resident in ``slot``; ``KeyError`` if the slot is empty."""
+        for adapter in self._resident.values():
+            if adapter.slot == slot:
+                return adapter
+        raise KeyError(f"no prompt-aware adapter is resident in slot {slot}")
 
     def _load(self, name: str, path: str, slot: int) -> LoadedAdapter:
         layers, manifest = load_prompt_aware_layers(path, self.dims, self.fingerprint)
         self._on_load(slot, manifest["method"], layers)
         self.loads += 1
-        self.by_slot[slot] = LoadedAdapter(name=name, method=manifest["method"], layers=layers, slot=slot)
-        return self.by_slot[slot]
+        return LoadedAdapter(name=name, method=manifest["method"], layers=layers, slot=slot)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vllm_plugins.adapters.common.pooling import PoolStats
-from vllm_plugins.serving.adapter_slots import AdapterSlots
+from vllm_plugins.serving.adapter_slots import AdapterSlots, LoadedAdapter
 from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG, StepBatch
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.metadata import PromptAwareMetadata
@@ -126,9 +126,9 @@ class PromptAwareRuntime:
             self.methods[int(self.metadata.row_method[row])].finalize(layer, row, adapter, pooled[None])
             self.compute_state_calls += 1
 
-    def _adapter(self, row: int):
+    def _adapter(self, row: int) -> LoadedAdapter:
         """The adapter of state row ``row`` this step (its slot's)."""
-        return self.slots.by_slot[int(self.metadata.row_slot[row])]
+        return self.slots.in_slot(int(self.metadata.row_slot[row]))
 
     def _pool(self, layer: int, row: int, part: PoolStats) -> None:
         queries, dim = part.weighted.shape
