@@ -5,7 +5,10 @@ all against the same server in the same run. Each user streams completions in a 
 loop, for its method's tenants picked by Zipf popularity, with prompt and output lengths
 drawn from the spec's distributions (``ignore_eos`` makes the drawn output length exact).
 Every request becomes one CSV row: TTFT, mean inter-token latency, end-to-end latency,
-tokens, tenant, method, status.
+tokens, tenant, method, status, and for a failed request its ``error`` (see
+:func:`read_stream`): an HTTP status other than 200, an ``error`` event in the stream, a
+stream cut before its final usage chunk or ``[DONE]``, or fewer tokens than asked with
+``ignore_eos``. Locust counts the same requests as failures.
 
 Run through ``vllm-plugins loadtest`` (vllm_plugins/loadtest/runner.py), which writes the
 spec to ``$VLLM_PLUGINS_LOADTEST_SPEC``, names the CSV in
@@ -91,52 +94,83 @@ class TenantUser(HttpUser):
             self.environment.runner.quit()
 
     def _stream(self, model: str, prompt: str, max_tokens: int) -> dict:
+        """Send one streamed completion; its status, and its figures or why it failed."""
         body = {
             "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True},
         }
         began = time.perf_counter()
-        deadline = began + SPEC.request_timeout_s
-        first = last = None
-        usage: dict = {}
         result: dict = {"status": 0, "error": ""}
         try:
             with self.client.post("/v1/completions", json=body, stream=True, catch_response=True,
                                   timeout=SPEC.request_timeout_s, name=self.method) as resp:
                 result["status"] = resp.status_code
-                if resp.status_code != 200:
-                    result["error"] = resp.text[:300]
+                try:
+                    if resp.error:  # no response: connection refused or reset
+                        raise resp.error
+                    if resp.status_code != 200:
+                        raise FailedRequest(resp.text or "no body")
+                    result.update(read_stream(resp.iter_lines(), body, began))
+                    resp.success()
+                except Exception as err:  # a bad status or stream, a reset connection: a failed request
+                    result["error"] = describe(err)
                     resp.failure(result["error"])
-                    return result
-                for line in resp.iter_lines():
-                    if time.perf_counter() > deadline:
-                        result["error"] = f"timed out after {SPEC.request_timeout_s} s"
-                        resp.failure(result["error"])
-                        return result
-                    if not line.startswith(b"data: ") or line == b"data: [DONE]":
-                        continue
-                    chunk = json.loads(line[len(b"data: "):])
-                    if chunk.get("choices"):
-                        last = time.perf_counter()
-                        first = first or last
-                    usage = chunk.get("usage") or usage
-                resp.success()
-        except Exception as err:  # connection reset, read timeout: a failed request, not a crash
-            result["error"] = f"{type(err).__name__}: {err}"[:300]
-            return result
-        end = time.perf_counter()
-        tokens = usage.get("completion_tokens", 0)
-        if first is None:
-            result["error"] = "stream ended without tokens"
-            return result
-        result.update(
-            ttft_ms=(first - began) * 1e3,
-            itl_ms=(last - first) * 1e3 / (tokens - 1) if tokens > 1 else "",
-            e2e_ms=(end - began) * 1e3,
-            prompt_tokens=usage.get("prompt_tokens", ""),
-            output_tokens=tokens,
-        )
+        except Exception as err:  # the request could not be sent at all
+            result["error"] = describe(err)
         return result
+
+
+class FailedRequest(Exception):
+    """A request that counts as failed; its message is the ``error`` column of requests.csv."""
+
+
+def describe(err: Exception) -> str:
+    return (str(err) if isinstance(err, FailedRequest) else f"{type(err).__name__}: {err}")[:300]
+
+
+def read_stream(lines, body: dict, began: float) -> dict:
+    """TTFT, mean inter-token latency, end-to-end latency and token counts of one completion
+    streamed as server-sent events (``data: {...}`` lines, then ``data: [DONE]``).
+
+    Raises FailedRequest for a stream that carries an ``error`` event, one that ends (or
+    times out) before its final usage chunk or ``[DONE]``, one without tokens, and one with
+    fewer completion tokens than ``max_tokens`` when ``body`` set ``ignore_eos``.
+    """
+    deadline = began + SPEC.request_timeout_s
+    first = last = None
+    usage: dict = {}
+    for line in lines:
+        if time.perf_counter() > deadline:
+            raise FailedRequest(f"timed out after {SPEC.request_timeout_s} s")
+        if not line.startswith(b"data: "):
+            continue
+        if line == b"data: [DONE]":
+            break
+        chunk = json.loads(line[len(b"data: "):])
+        if "error" in chunk:
+            error = chunk["error"]
+            raise FailedRequest(f"error event: {error.get('message', error) if isinstance(error, dict) else error}")
+        if chunk.get("choices"):
+            last = time.perf_counter()
+            first = first or last
+        usage = chunk.get("usage") or usage
+    else:  # the lines ran out before [DONE]
+        raise FailedRequest("stream ended without [DONE]")
+    end = time.perf_counter()
+    if "completion_tokens" not in usage:
+        raise FailedRequest("stream ended without its final usage chunk")
+    tokens = usage["completion_tokens"]
+    if first is None:
+        raise FailedRequest("stream ended without tokens")
+    if body.get("ignore_eos") and tokens < body["max_tokens"]:
+        raise FailedRequest(f"fewer completion tokens than asked with ignore_eos ({tokens} of {body['max_tokens']})")
+    return {
+        "ttft_ms": (first - began) * 1e3,
+        "itl_ms": (last - first) * 1e3 / (tokens - 1) if tokens > 1 else "",
+        "e2e_ms": (end - began) * 1e3,
+        "prompt_tokens": usage.get("prompt_tokens", ""),
+        "output_tokens": tokens,
+    }
 
 
 # One user class per method (BaseUser, LoraUser, FanloraUser, IaptUser, ParaUser, MiloraUser),

@@ -49,16 +49,15 @@ def test_serve_refuses_bad_kv_eviction_flags_before_starting_vllm(tmp_path):
     assert result.returncode == 2 and "not allowed with argument" in result.stderr
 
 
-def test_serve_refuses_an_adapter_the_server_cannot_hold_before_starting_vllm(tiny_llama, tmp_path):
-    from helpers import build
-    from vllm_plugins.adapters.iapt import IaptConfig
-    from vllm_plugins.adapters.storage import describe_base, save_adapter
+def test_serve_listens_on_loopback_unless_told_otherwise(tmp_path):
+    from vllm_plugins.serving.config import PromptAdapterSettings
+    from vllm_plugins.serving.launcher import serve_argv
 
-    lm, base, _ = build("iapt", tiny_llama, num_soft_tokens=8)  # the server holds 4 (max_soft_tokens)
-    save_adapter(tmp_path / "wide", "iapt", IaptConfig(num_soft_tokens=8), lm, describe_base(base, tiny_llama))
-    result = _cli("serve", str(tiny_llama), "--adapter-dir", str(tmp_path))
-    assert result.returncode == 2
-    assert "8 IAPT soft tokens: the server takes 1 to max_soft_tokens 4" in result.stderr
+    argv = serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), ["--port", "9000"])
+    assert argv[argv.index("--host") + 1] == "127.0.0.1"
+    for given in (["--host", "0.0.0.0"], ["--host=0.0.0.0"]):
+        argv = serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), given)
+        assert "127.0.0.1" not in argv and argv[-len(given):] == given
 
 
 def test_bench_adapters_writes_figures_and_ratios(plugins_home, tmp_path):
@@ -78,3 +77,19 @@ def test_bench_adapters_writes_figures_and_ratios(plugins_home, tmp_path):
     assert len(base["runs"]) == 2  # measured first and last
     assert base["ratio_to_base"]["tpot_p50_ms"] == 1.0
     assert "TPOT p50/base" in result.stdout
+
+
+def test_serve_leaves_out_a_lora_adapter_vllm_cannot_serve(tiny_llama, tmp_path):
+    from serving_fixtures import save_random_adapter
+    from vllm_plugins.adapters.storage import MANIFEST
+    from vllm_plugins.serving.config import PromptAdapterSettings
+    from vllm_plugins.serving.launcher import serve_argv
+
+    for name, rank in (("good", 8), ("huge", 1024), ("text", "8")):
+        save_random_adapter("lora", tiny_llama, tmp_path / name, seed=1)
+        manifest = json.loads((tmp_path / name / MANIFEST).read_text())
+        manifest["lora"]["rank"] = rank
+        (tmp_path / name / MANIFEST).write_text(json.dumps(manifest))
+    argv = serve_argv(str(tiny_llama), PromptAdapterSettings(dir=str(tmp_path)), [])
+    modules = argv[argv.index("--lora-modules") + 1:]
+    assert [m.split("=")[0] for m in modules if "=" in m] == ["good"]

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vllm_plugins.eviction.budget import EvictionPlan, plan_eviction
+from vllm_plugins.eviction.budget import EvictionPlan, min_budget, plan_eviction
 from vllm_plugins.eviction.farthest_points import farthest_points
 from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
 from vllm_plugins.eviction.policies.base import keep_best, window_attention
@@ -64,8 +64,8 @@ def test_window_attention_sums_causal_softmax_over_the_group_and_window():
 
 
 def test_streaming_llm_keeps_the_sinks_and_the_most_recent_tokens():
-    kept = POLICIES["streaming_llm"]().select(cached_prompt(n=50, window=0), 10)
-    assert kept.tolist() == [[0, 1, 2, 3, 44, 45, 46, 47, 48, 49]] * 2
+    kept = POLICIES["streaming_llm"]().select(cached_prompt(n=50, window=0), 16)
+    assert kept.tolist() == [[0, 1, 2, 3] + list(range(38, 50))] * 2
 
 
 def test_snapkv_keeps_its_window_and_the_neighbours_of_what_the_window_attends_to():
@@ -162,6 +162,104 @@ def test_the_lazy_farthest_point_loop_chooses_as_the_eager_loop(num_pieces: int,
             chosen.append(int(nearest.argmin()))
             nearest = torch.maximum(nearest, similarity[:, chosen[-1]])
         assert got.tolist() == sorted(chosen)
+
+
+ISSUE_PROMPT = 1035  # the retrieval prompt of the report: kv_budget 1 kept 0-3 and 1024-1030, not its question's end
+
+
+def layered_prompt(name: str, n: int, seed: int = 0) -> CachedPrompt:
+    """Two layers of two KV heads each (SCA chooses per layer), with the policy's query window."""
+    return cached_prompt(n, rows=4, window=POLICIES[name]().query_window(n), seed=seed, kv_heads=2)
+
+
+def test_every_policy_protects_the_prompts_last_tokens_then_its_sinks():
+    n = ISSUE_PROMPT
+    expected = {  # (last tokens, sinks): the end of the question first
+        "nacl": (11, 4),  # the proxy tokens, max(8, 1% of 1,035)
+        "snapkv": (32, 0),  # the observation window
+        "sca": (8, 4), "streaming_llm": (8, 4), "random": (8, 0),
+    }
+    assert set(expected) == set(POLICIES)
+    for name, (recent, sinks) in expected.items():
+        protected = POLICIES[name]().protected_tokens(n)
+        assert protected == list(range(n - 1, n - 1 - recent, -1)) + list(range(sinks)), name
+        assert min_budget(name, n) == recent + sinks
+    assert POLICIES["sca"]().protected_tokens(10) == list(range(9, 1, -1)) + [0, 1]  # no token twice
+    assert min_budget("snapkv", 20) == 20  # a prompt shorter than the window: all of it
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_every_policy_keeps_the_last_prompt_tokens_at_the_smallest_accepted_budget(name):
+    """The report's case for every policy: at the smallest budget ``rule_for`` accepts, the
+    plan's kept tokens, in every layer and KV head, hold the prompt's last tokens (its
+    question), and the selection at exactly that budget keeps every protected token."""
+    n = ISSUE_PROMPT
+    smallest = min_budget(name, n)
+    rule = EvictionSettings().rule_for({"kv_eviction": name, "kv_budget": smallest}, n)
+    plan = plan_eviction(rule.policy, n, rule.tokens_to_keep(n), 32, 0)
+    policy = POLICIES[name]()
+    last = set(range(n - policy.recent_window(n), n))
+    assert last >= set(range(n - policy.recent, n))
+    for num_kept in (plan.num_kept, smallest):
+        kept = policy.select(layered_prompt(name, n), num_kept)
+        assert kept.shape == (4, num_kept)
+        for row in kept.tolist():
+            assert set(policy.protected_tokens(n)) <= set(row) and last <= set(row), (name, num_kept)
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_below_its_protected_tokens_a_policy_keeps_the_most_recent_first(name):
+    """Defence in depth: asked for fewer tokens than it protects (no plan does that), a
+    policy keeps the end of the prompt before its sinks."""
+    n = 300
+    policy = POLICIES[name]()
+    window = policy.recent_window(n)
+    for num_kept in (1, 4, window, min_budget(name, n) - 1):
+        for row in policy.select(layered_prompt(name, n), num_kept).tolist():
+            assert row[-min(num_kept, window):] == list(range(n - min(num_kept, window), n)), (name, num_kept)
+            assert len(row) == num_kept
+
+
+def test_keep_best_keeps_the_protected_tokens_whatever_the_scores():
+    scores = torch.tensor([[float("inf"), 5.0, float("inf"), 1.0, 7.0, 0.0]])
+    assert keep_best(scores, 3, protected=[5, 3]).tolist() == [[0, 3, 5]]
+    assert keep_best(scores, 1, protected=[5, 3]).tolist() == [[5]]  # the first protected win
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_request_budget_below_the_protected_tokens_is_refused_with_the_smallest_budget(name):
+    n = ISSUE_PROMPT
+    smallest = min_budget(name, n)
+    for server in (EvictionSettings(), EvictionSettings(policy=name, keep_ratio=0.5)):
+        xargs = {"kv_budget": smallest - 1} if server.policy else {"kv_eviction": name, "kv_budget": smallest - 1}
+        message = f"too small for {name} on a {n}-token prompt: the smallest budget is {smallest} "
+        with pytest.raises(EvictionSettingsError, match=message):
+            server.rule_for(xargs, num_prompt=n)
+        assert server.rule_for({**xargs, "kv_budget": smallest}, num_prompt=n) == EvictionRule(name, budget=smallest)
+    with pytest.raises(EvictionSettingsError, match=r"the smallest budget is 15 \(nacl always keeps the prompt's last 11 tokens"):
+        EvictionSettings().rule_for({"kv_eviction": "nacl", "kv_budget": 1}, num_prompt=n)  # the report's request
+
+
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_the_server_default_and_keep_ratios_never_plan_fewer_than_the_protected_tokens(name):
+    """The server's own budget or ratio, and a request's ratio, are no error below the
+    minimum: the plan keeps the protected tokens, and so the question."""
+    n = ISSUE_PROMPT
+    smallest = min_budget(name, n)
+    for server, xargs in [
+        (EvictionSettings(policy=name, budget=1), None),
+        (EvictionSettings(policy=name, keep_ratio=0.001), None),
+        (EvictionSettings(), {"kv_eviction": name, "kv_keep_ratio": 0.001}),
+    ]:
+        server.validate()
+        rule = server.rule_for(xargs, num_prompt=n)
+        assert rule.tokens_to_keep(n) < smallest
+        plan = plan_eviction(rule.policy, n, rule.tokens_to_keep(n), 32, 0)
+        assert plan.num_kept >= smallest and plan.num_evicted % 32 == 0
+        assert plan == plan_eviction(name, n, smallest, 32, 0)  # the floor, rounded to whole blocks
+        for row in POLICIES[name]().select(layered_prompt(name, n), plan.num_kept).tolist():
+            assert set(range(n - 8, n)) <= set(row)
+    assert plan_eviction("snapkv", 40, 1, 32, 0) is None  # the floor leaves no whole block to free
 
 
 def test_plans_free_whole_blocks_and_keep_at_most_a_block_more_than_the_budget():

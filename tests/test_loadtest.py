@@ -3,9 +3,15 @@ a real server with tenants of every served method."""
 
 from __future__ import annotations
 
+import html
 import json
 import random
+import re
+import threading
+import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 from conftest import SERVED_ADAPTERS
@@ -73,20 +79,26 @@ def test_summary_percentiles_goodput_and_ratios():
     assert summary["by_tenant"]["t"]["method"] == "para"
 
 
-def test_load_test_against_a_real_server(server, tmp_path):
-    from vllm_plugins.loadtest.runner import run_loadtest
-
-    tenants = [("base", "base", "demo")] + [(name, method, name) for name, (method, _) in SERVED_ADAPTERS.items()]
-    lines = [
-        "[load]", "users = 6", "spawn_rate = 6", "max_requests = 30", "run_time_s = 120", "request_timeout_s = 60", "seed = 1",
+def _config(path, tenants, **load) -> Path:
+    """A load-test TOML at ``path``: ``tenants`` as (name, method, model), short uniform
+    requests, SLOs every answered request meets, ``load`` overriding the [load] table."""
+    load = {"users": 6, "spawn_rate": 6, "max_requests": 30, "run_time_s": 120, "request_timeout_s": 60, "seed": 1, **load}
+    lines = ["[load]"] + [f"{key} = {value}" for key, value in load.items()] + [
         "[slo]", "ttft_ms = 60000", "tpot_ms = 60000",
         "[prompt_tokens]", 'kind = "uniform"', "low = 8", "high = 24",
         "[output_tokens]", 'kind = "uniform"', "low = 3", "high = 8",
     ]
     for name, method, model in tenants:
         lines += ["[[tenant]]", f'name = "{name}"', f'method = "{method}"', f'model = "{model}"']
-    config = tmp_path / "loadtest.toml"
-    config.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_load_test_against_a_real_server(server, tmp_path):
+    from vllm_plugins.loadtest.runner import run_loadtest
+
+    tenants = [("base", "base", "demo")] + [(name, method, name) for name, (method, _) in SERVED_ADAPTERS.items()]
+    config = _config(tmp_path / "loadtest.toml", tenants)
 
     page = run_loadtest(config, server, tmp_path / "run")
 
@@ -106,3 +118,102 @@ def test_load_test_against_a_real_server(server, tmp_path):
     assert text.count("<img ") == 5 and "data:image/png;base64," in text
     for method in summary["by_method"]:
         assert f"<td>{method}</td>" in text
+
+
+class _MisbehavingServer(BaseHTTPRequestHandler):
+    """/v1/completions, streamed the way vLLM streams it, or broken the way the request's
+    ``model`` names: ``ok``, ``error-event`` (vLLM's mid-stream error event, then [DONE]),
+    ``no-usage``, ``short`` (fewer tokens than asked with ignore_eos), ``cut`` (the
+    connection closes before usage and [DONE]) or ``http-500``."""
+
+    protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        kind, asked = body["model"], body["max_tokens"]
+        time.sleep(0.02)  # every kind about as slow, so that every user gets its share of the requests
+        if kind == "http-500":
+            self.send_response(500)
+            self.end_headers()
+            self.wfile.write(b'{"error": {"message": "boom", "type": "InternalServerError", "code": 500}}')
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        tokens = asked - 2 if kind == "short" else asked
+        for i in range(2 if kind == "error-event" else tokens):
+            self._event({"choices": [{"index": 0, "text": f" w{i}", "finish_reason": None}]})
+        if kind == "error-event":
+            self._event({"error": {"message": "Internal server error", "type": "InternalServerError", "param": None, "code": 500}})
+        elif kind == "cut":
+            return
+        elif kind != "no-usage":
+            self._event({"choices": [], "usage": {"prompt_tokens": 8, "completion_tokens": tokens, "total_tokens": 8 + tokens}})
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def _event(self, chunk: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        self.wfile.flush()
+
+
+@pytest.fixture
+def misbehaving_server():
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _MisbehavingServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_port}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_load_test_counts_broken_streams_as_failures(misbehaving_server, tmp_path):
+    """Every kind of broken answer is a failed request in requests.csv, in Locust's own
+    statistics, in the summary (failed, SLO attainment, goodput) and in the HTML report."""
+    from vllm_plugins.loadtest.runner import run_loadtest
+
+    expected = {  # method: (the server's behaviour, the error recorded)
+        "lora": ("error-event", "error event: Internal server error"),
+        "fanlora": ("no-usage", "stream ended without its final usage chunk"),
+        "iapt": ("short", "fewer completion tokens than asked with ignore_eos"),
+        "para": ("cut", "stream ended without [DONE]"),
+        "milora": ("http-500", "boom"),
+    }
+    tenants = [("ok", "base", "ok")] + [(kind, method, kind) for method, (kind, _) in expected.items()]
+    config = _config(tmp_path / "loadtest.toml", tenants, spawn_rate=100, max_requests=60, run_time_s=30, request_timeout_s=10)
+
+    page = run_loadtest(config, misbehaving_server, tmp_path / "run")
+
+    rows = read_records(tmp_path / "run" / "requests.csv")
+    assert len(rows) == 60
+    assert {r["method"] for r in rows} == {"base", *expected}
+    for r in rows:
+        if r["method"] == "base":
+            assert r["status"] == 200 and not r["error"] and r["output_tokens"] == r["requested_tokens"]
+        else:
+            assert expected[r["method"]][1] in r["error"] and r["ttft_ms"] is None, r
+            assert r["status"] == (500 if r["method"] == "milora" else 200)
+    failed = sum(r["method"] != "base" for r in rows)
+
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["failed"] == failed
+    assert summary["by_method"]["base"]["failed"] == 0 and summary["by_method"]["base"]["slo_attainment"] == 1.0
+    for method in expected:
+        stats = summary["by_method"][method]
+        assert stats["failed"] == stats["requests"] > 0
+        assert stats["slo_attainment"] == 0.0 and stats["goodput_per_s"] == 0.0
+    assert sum(summary["failures"].values()) == failed
+
+    # Locust's own statistics: its final table (its CSVs are written once a second, too rarely for this short run)
+    table = re.findall(r"^POST +(\w+) +(\d+) +(\d+)\(", (tmp_path / "run" / "locust.log").read_text(), re.MULTILINE)
+    locust = {name: (int(requests), int(fails)) for name, requests, fails in table}
+    assert locust["base"][1] == 0
+    for method in expected:
+        assert locust[method][1] == locust[method][0] > 0
+
+    text = page.read_text()
+    assert f"{failed} failed." in text and "No failed requests" not in text
+    for _, error in expected.values():  # the failures table
+        assert html.escape(error) in text

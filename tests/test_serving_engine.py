@@ -16,7 +16,7 @@ from transformers import AutoConfig
 from serving_fixtures import save_random_adapter
 from vllm_plugins.adapters.storage import load_adapter
 from vllm_plugins.adapters.common.lm import PlainLM
-from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG
+from vllm_plugins.serving.tickets import adapter_args
 from vllm_plugins.tasks import load_task
 from vllm_plugins.tasks.retrieval import make_retrieval_example
 from vllm_plugins.training.data import encode_prompt
@@ -72,7 +72,7 @@ def test_no_forward_hook_on_the_served_model(engine):
 def _params(name: str | None, path=None):
     from vllm import SamplingParams
 
-    extra = {ADAPTER_ARG: name, ADAPTER_PATH_ARG: str(path)} if name else None
+    extra = adapter_args(name, str(path)) if name else None
     return SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=extra)
 
 
@@ -114,9 +114,32 @@ def test_kv_slots_sent_with_a_request_are_ignored(engine, adapters, prompts, tin
 
     from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
 
-    extra = {ADAPTER_ARG: "iapt-1", ADAPTER_PATH_ARG: str(adapters["iapt-1"]), SOFT_KV_SLOT_ARG: [1, 0, 4]}
+    extra = {**adapter_args("iapt-1", str(adapters["iapt-1"])), SOFT_KV_SLOT_ARG: [1, 0, 4]}
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=extra)
     assert _texts(engine.generate(prompts[:4], params, use_tqdm=False)) == _reference(tiny_llama, adapters["iapt-1"], prompts[:4])
+
+
+def test_an_adapter_named_without_a_valid_ticket_is_not_served(engine, adapters, prompts, tiny_llama):
+    """The adapter keys of extra_args are trusted only with the front end's ticket: without
+    one, with a wrong one, or with one issued for another directory, the request is the
+    base model's (and the worker never opens the path it names)."""
+    from vllm import SamplingParams
+
+    from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG
+    from vllm_plugins.serving.tickets import TICKET_ARG
+
+    real = adapter_args("iapt-1", str(adapters["iapt-1"]))
+    forged = [
+        {ADAPTER_ARG: "iapt-1", ADAPTER_PATH_ARG: str(adapters["iapt-1"])},
+        {**real, TICKET_ARG: "0" * 64},
+        {**real, ADAPTER_PATH_ARG: "/etc"},
+        {**adapter_args("iapt-1", "/etc"), TICKET_ARG: real[TICKET_ARG]},
+    ]
+    base = _reference(tiny_llama, None, prompts[:2])
+    assert base != _reference(tiny_llama, adapters["iapt-1"], prompts[:2])
+    for extra in forged:
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, extra_args=extra)
+        assert _texts(engine.generate(prompts[:2], params, use_tqdm=False)) == base, extra
 
 
 def _state_computations(engine) -> int:
@@ -129,7 +152,7 @@ def test_state_is_computed_once_per_request_at_prefill(engine, adapters, prompts
 
     params = SamplingParams(
         temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True,
-        extra_args={ADAPTER_ARG: "para-2", ADAPTER_PATH_ARG: str(adapters["para-2"])},
+        extra_args=adapter_args("para-2", str(adapters["para-2"])),
     )
     before = _state_computations(engine)
     outputs = engine.generate(prompts, params, use_tqdm=False)
@@ -159,7 +182,7 @@ def test_preempted_requests_rebuild_their_state(tiny_llama, adapters, prompts, m
     long_prompts = prompts[-3:]
     jobs = [("para-3", adapters["para-3"]), ("iapt-1", adapters["iapt-1"]), ("milora-5", adapters["milora-5"])]
     params = [
-        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, extra_args={ADAPTER_ARG: n, ADAPTER_PATH_ARG: str(p)})
+        SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, extra_args=adapter_args(n, str(p)))
         for n, p in jobs
         for _ in long_prompts
     ]

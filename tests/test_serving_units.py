@@ -4,6 +4,7 @@ registration, KV eviction's narrowed attention metadata, the architectures serve
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -11,9 +12,9 @@ import torch
 from torch import nn
 
 from vllm_plugins.adapters.common.model_parts import Dims
-from vllm_plugins.adapters.iapt import IaptConfig, iapt_layers
-from vllm_plugins.adapters.milora import MiloraConfig, milora_layers
-from vllm_plugins.adapters.para import ParaConfig, para_layers
+from vllm_plugins.adapters.iapt import IaptConfig
+from vllm_plugins.adapters.milora import MiloraConfig
+from vllm_plugins.adapters.para import ParaConfig
 from vllm_plugins.adapters.storage import AdapterError
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.methods import check_limits
@@ -96,22 +97,70 @@ def test_an_architecture_the_plugins_do_not_know_is_refused_by_name():
 DIMS = Dims(hidden=16, intermediate=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)
 
 
-@pytest.mark.parametrize("method, layers, message", [
-    ("iapt", iapt_layers(DIMS, IaptConfig(num_soft_tokens=0)), "0 IAPT soft tokens"),
-    ("iapt", iapt_layers(DIMS, IaptConfig(num_soft_tokens=5)), "5 IAPT soft tokens"),
-    ("iapt", iapt_layers(DIMS, IaptConfig(bottleneck=17)), "IAPT bottleneck 17"),
-    ("para", para_layers(DIMS, ParaConfig(bottleneck=0)), "PARA bottleneck 0"),
-    ("milora", milora_layers(DIMS, MiloraConfig(rank=32)), "MiLoRA rank 32"),
+@pytest.mark.parametrize("method, config, message", [
+    ("iapt", IaptConfig(num_soft_tokens=0), "0 IAPT soft tokens"),
+    ("iapt", IaptConfig(num_soft_tokens=5), "5 IAPT soft tokens"),
+    ("iapt", IaptConfig(bottleneck=17), "IAPT bottleneck 17"),
+    ("para", ParaConfig(bottleneck=0), "PARA bottleneck 0"),
+    ("para", ParaConfig(bottleneck=10**9), "PARA bottleneck 1000000000"),
+    ("milora", MiloraConfig(rank=32), "MiLoRA rank 32"),
+    ("milora", MiloraConfig(rank=0), "MiLoRA rank 0"),
 ])
-def test_adapters_the_server_cannot_hold_are_refused(method, layers, message):
+def test_adapters_the_server_cannot_hold_are_refused(method, config, message):
     with pytest.raises(AdapterError, match=message):
-        check_limits(method, layers, DIMS, PromptAdapterSettings(max_rank=16, max_soft_tokens=4))
+        check_limits(method, config, DIMS, PromptAdapterSettings(max_rank=16, max_soft_tokens=4))
 
 
-@pytest.mark.parametrize("method, layers", [
-    ("iapt", iapt_layers(DIMS, IaptConfig(num_soft_tokens=4, bottleneck=16))),
-    ("para", para_layers(DIMS, ParaConfig())),
-    ("milora", milora_layers(DIMS, MiloraConfig(rank=16))),
+@pytest.mark.parametrize("method, config", [
+    ("iapt", IaptConfig(num_soft_tokens=4, bottleneck=16)),
+    ("para", ParaConfig()),
+    ("milora", MiloraConfig(rank=16)),
 ])
-def test_adapters_within_the_limits_are_accepted(method, layers):
-    check_limits(method, layers, DIMS, PromptAdapterSettings(max_rank=16, max_soft_tokens=4))
+def test_adapters_within_the_limits_are_accepted(method, config):
+    check_limits(method, config, DIMS, PromptAdapterSettings(max_rank=16, max_soft_tokens=4))
+
+
+def test_a_ticket_holds_for_its_adapter_and_directory_only(monkeypatch):
+    from vllm_plugins.serving.batch import ADAPTER_PATH_ARG
+    from vllm_plugins.serving.tickets import KEY_ENV, TICKET_ARG, adapter_args, verified
+
+    monkeypatch.setenv(KEY_ENV, "k" * 64)
+    args = adapter_args("para-1", "/srv/snapshots/abc")
+    assert verified(args)
+    assert not verified({**args, ADAPTER_PATH_ARG: "/etc"})
+    assert not verified({**args, TICKET_ARG: "0" * 64})
+    assert not verified({k: v for k, v in args.items() if k != TICKET_ARG})
+    monkeypatch.setenv(KEY_ENV, "another server's key")
+    assert not verified(args)
+
+
+def test_responses_are_renamed_in_json_bodies_and_in_split_event_streams():
+    import asyncio
+
+    from vllm_plugins.serving.asgi import naming_model
+
+    def run(start_headers, chunks):
+        sent = []
+
+        async def send(message):
+            sent.append(message)
+
+        async def go():
+            wrapped = naming_model(send, "demo", "para-1")
+            await wrapped({"type": "http.response.start", "status": 200, "headers": start_headers})
+            for i, chunk in enumerate(chunks):
+                await wrapped({"type": "http.response.body", "body": chunk, "more_body": i < len(chunks) - 1})
+
+        asyncio.run(go())
+        return sent
+
+    body = b'{"model": "demo", "choices": []}'
+    sent = run([(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())], [body[:10], body[10:]])
+    out = b"".join(m.get("body", b"") for m in sent)
+    assert json.loads(out)["model"] == "para-1"
+    assert dict(sent[0]["headers"])[b"content-length"] == str(len(out)).encode()
+    stream = b'data: {"model": "demo", "n": 1}\n\ndata: {"model": "demo", "n": 2}\n\ndata: [DONE]\n\n'
+    sent = run([(b"content-type", b"text/event-stream; charset=utf-8")], [stream[:20], stream[20:50], stream[50:]])
+    events = b"".join(m.get("body", b"") for m in sent).split(b"\n\n")
+    assert [json.loads(e[6:])["model"] for e in events if e.startswith(b"data: {")] == ["para-1", "para-1"]
+    assert events[-2] == b"data: [DONE]" and sent[-1]["more_body"] is False

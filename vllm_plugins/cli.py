@@ -127,8 +127,9 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     from vllm_plugins.serving.launcher import serve_argv
 
     eviction = EvictionSettings(args.kv_eviction, args.kv_keep_ratio, args.kv_budget, args.kv_eviction_min_prompt)
-    adapters = PromptAdapterSettings(args.adapter_dir, args.max_active, args.max_rank, args.max_soft_tokens,
-                                     args.runtime_loading)
+    adapters = PromptAdapterSettings(dir=args.adapter_dir, max_active=args.max_active, max_rank=args.max_rank,
+                                     max_soft_tokens=args.max_soft_tokens, max_adapters=args.max_adapters,
+                                     runtime_loading=args.runtime_loading)
     argv = serve_argv(args.model, adapters, vllm_args, eviction)
     os.execv(argv[0], argv)
 
@@ -171,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-active", type=int, default=16, help="adapters a worker holds at once")
     p.add_argument("--max-rank", type=int, default=16, help="highest MiLoRA expert rank served (as --max-lora-rank)")
     p.add_argument("--max-soft-tokens", type=int, default=4, help="most IAPT soft tokens per layer served")
+    p.add_argument("--max-adapters", type=int, default=1024, help="most prompt-aware adapters registered at once")
     p.add_argument("--runtime-loading", action="store_true", help="enable /v1/load_prompt_adapter")
     p.add_argument("--kv-eviction", choices=sorted(POLICIES), help="evict prompts' KV cache at the end of prefill (default: off)")
     budget = p.add_mutually_exclusive_group()

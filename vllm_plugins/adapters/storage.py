@@ -29,7 +29,7 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
@@ -45,6 +45,8 @@ FORMAT = "vllm-plugins-adapter/1"
 MANIFEST = "adapter_manifest.json"
 PROMPT_AWARE_WEIGHTS = "adapter.safetensors"
 PEFT_WEIGHTS = "adapter_model.safetensors"
+MAX_MANIFEST_BYTES = 1 << 20
+SAFETENSORS_OVERHEAD = 1 << 20  # header and alignment allowed beside the tensors' bytes
 
 
 class AdapterError(ValueError):
@@ -84,7 +86,8 @@ def describe_base(model: nn.Module, path: str | Path) -> dict:
 
 
 def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def save_adapter(
@@ -126,28 +129,46 @@ def save_adapter(
     return out
 
 
+def file_inside(adapter_dir: Path, name: str) -> Path:
+    """``adapter_dir / name``, refused unless it resolves (symbolic links followed) to a
+    path inside ``adapter_dir``; the error is the same whether that path exists or not."""
+    root = adapter_dir.resolve()
+    path = (root / name).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise AdapterError(f"{adapter_dir}: {name!r} is not a file inside the adapter directory")
+    return path
+
+
 def read_manifest(adapter_dir: str | Path) -> dict:
     adapter_dir = Path(adapter_dir)
-    path = adapter_dir / MANIFEST
+    path = file_inside(adapter_dir, MANIFEST)
     if not path.is_file():
         raise AdapterError(f"{adapter_dir} is not an adapter directory: {MANIFEST} is missing")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise AdapterError(f"{path} is larger than {MAX_MANIFEST_BYTES} bytes")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
         raise AdapterError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise AdapterError(f"{path}: unsupported format {manifest.get('format') if isinstance(manifest, dict) else None!r}, expected {FORMAT!r}")
     method = manifest.get("method")
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise AdapterError(f"{path}: unknown method {method!r}; known methods: {', '.join(METHODS)}")
     return manifest
 
 
-def _read_weights(adapter_dir: Path, manifest: dict) -> dict[str, torch.Tensor]:
-    info = manifest.get("weights") or {}
-    path = adapter_dir / str(info.get("file", ""))
-    if not info.get("file") or not path.is_file():
-        raise AdapterError(f"{adapter_dir}: weights file {info.get('file')!r} is missing")
+def _read_weights(adapter_dir: Path, manifest: dict, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """The manifest's weights file, checked before it is read: inside ``adapter_dir``, at
+    most ``max_bytes`` long, with the manifest's SHA-256."""
+    info = manifest.get("weights")
+    if not isinstance(info, dict) or not isinstance(info.get("file"), str) or not info["file"]:
+        raise AdapterError(f"{adapter_dir}: the manifest names no weights file")
+    path = file_inside(adapter_dir, info["file"])
+    if not path.is_file():
+        raise AdapterError(f"{adapter_dir}: weights file {info['file']!r} is missing")
+    if max_bytes is not None and path.stat().st_size > max_bytes:
+        raise AdapterError(f"{path}: {path.stat().st_size} bytes, more than the {max_bytes} this adapter's tensors take")
     if _file_sha256(path) != info.get("sha256"):
         raise AdapterError(f"{path}: corrupt weights (checksum does not match the manifest)")
     try:
@@ -172,7 +193,8 @@ def _check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
 
 def check_base(manifest: dict, actual: str, where: Path) -> None:
     """Refuse an adapter trained on a base model other than the one fingerprinted ``actual``."""
-    trained_on = (manifest.get("base_model") or {}).get("fingerprint")
+    base = manifest.get("base_model")
+    trained_on = base.get("fingerprint") if isinstance(base, dict) else None
     if trained_on != actual:
         raise AdapterError(
             f"{where}: adapter was trained on another base model "
@@ -180,11 +202,16 @@ def check_base(manifest: dict, actual: str, where: Path) -> None:
         )
 
 
-def load_prompt_aware_layers(adapter_dir: str | Path, d: Dims, fingerprint: str) -> tuple[nn.ModuleList, dict]:
+def load_prompt_aware_layers(
+    adapter_dir: str | Path, d: Dims, fingerprint: str, check: Callable[[str, Any], None] | None = None,
+) -> tuple[nn.ModuleList, dict]:
     """The per-layer adapter modules of a prompt-aware adapter, checked and loaded.
 
     Needs no base model object: a server passes its model's dimensions and
-    :func:`checkpoint_fingerprint`.
+    :func:`checkpoint_fingerprint`. ``check(method, config)`` (a server's limits, raising
+    AdapterError) sees the manifest's configuration before any module is built; the
+    weights file may then be no larger than the modules' tensors in float32. Raises
+    :class:`AdapterError`.
     """
     adapter_dir = Path(adapter_dir)
     manifest = read_manifest(adapter_dir)
@@ -192,11 +219,17 @@ def load_prompt_aware_layers(adapter_dir: str | Path, d: Dims, fingerprint: str)
     if spec.family != "prompt-aware":
         raise AdapterError(f"{adapter_dir}: {spec.name} is a LoRA adapter, not a prompt-aware one")
     check_base(manifest, fingerprint, adapter_dir)
-    weights = _read_weights(adapter_dir, manifest)
     try:
-        layers = nn.ModuleList(spec.layers(d, spec.config_from_dict(manifest["config"])))
-    except (TypeError, KeyError, ValueError) as err:
+        config = spec.config_from_dict(manifest["config"])
+        if check is not None:
+            check(spec.name, config)
+        layers = nn.ModuleList(spec.layers(d, config))
+    except (TypeError, KeyError, ValueError, AttributeError, RuntimeError, ArithmeticError) as err:
+        if isinstance(err, AdapterError):
+            raise
         raise AdapterError(f"{adapter_dir}: invalid adapter config ({err})") from None
+    tensor_bytes = sum(4 * t.numel() for t in layers.state_dict().values())
+    weights = _read_weights(adapter_dir, manifest, tensor_bytes + SAFETENSORS_OVERHEAD)
     prefix = "adapter_layers."
     if not all(k.startswith(prefix) for k in weights):
         raise AdapterError(f"{adapter_dir}: weights do not fit the model (names outside {prefix!r})")

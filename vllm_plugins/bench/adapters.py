@@ -32,7 +32,7 @@ from vllm_plugins.adapters.storage import MANIFEST, describe_base, save_adapter
 from vllm_plugins.bench.latency import Job, run_closed_loop
 from vllm_plugins.bench.model import LLAMA_125M, LLAMA_TINY, RandomLlama, build_random_llama
 from vllm_plugins.progress import log
-from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG
+from vllm_plugins.serving.tickets import adapter_args
 from vllm_plugins.serving.config import SECTION
 
 BENCH_METHODS = ("base", "lora", "fanlora", "iapt", "para", "milora")
@@ -146,7 +146,7 @@ def _jobs(method: str, bench: AdapterBench, adapter_dirs: list[Path], count: int
             if METHODS[method].family == "lora":
                 lora = LoRARequest(path.name, 1 + i % len(adapter_dirs), str(path))
             else:
-                extra = {ADAPTER_ARG: path.name, ADAPTER_PATH_ARG: str(path)}
+                extra = adapter_args(path.name, str(path))
         params = SamplingParams(
             temperature=0.0, max_tokens=bench.output_tokens, ignore_eos=True, detokenize=False, extra_args=extra
         )

@@ -6,6 +6,12 @@ not tokens). The number kept is therefore the rule's budget rounded up until the
 evicted part is a whole number of blocks: at most ``block_size - 1`` tokens more, at most
 one block more than the budget alone would take. Every layer and KV head keeps that same
 number (one block table serves them all).
+
+A plan never keeps fewer tokens than its policy protects (:func:`min_budget`: the
+prompt's last tokens, which hold its question, and the attention sinks), whatever the
+rule asked: this is the floor for the server's own default rule and a request's keep
+ratio. A request's token budget below it is refused before it gets here
+(:meth:`vllm_plugins.eviction.settings.EvictionSettings.rule_for`).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from vllm_plugins.eviction.policies import POLICIES
 
 
 @dataclass(frozen=True)
@@ -44,9 +52,16 @@ class EvictionPlan:
         return cls(*args)
 
 
+def min_budget(policy: str, num_prompt: int) -> int:
+    """The fewest of ``num_prompt`` tokens ``policy`` may keep: the tokens it protects
+    (:meth:`~vllm_plugins.eviction.policies.base.EvictionPolicy.protected_tokens`)."""
+    return len(POLICIES[policy]().protected_tokens(num_prompt))
+
+
 def plan_eviction(policy: str, num_prompt: int, budget: int, block_size: int, seed: int) -> EvictionPlan | None:
-    """The plan keeping at least ``budget`` of ``num_prompt`` tokens, or None when no
-    whole block would be freed."""
+    """The plan keeping at least ``budget`` of ``num_prompt`` tokens, and never fewer than
+    :func:`min_budget`, or None when no whole block would be freed."""
+    budget = max(budget, min_budget(policy, num_prompt))
     evicted_blocks = max(0, num_prompt - budget) // block_size
     if evicted_blocks == 0:
         return None

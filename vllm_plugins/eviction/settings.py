@@ -15,6 +15,11 @@ A request that names a policy is evicted whatever its length (as long as a whole
 is freed, :mod:`.budget`); the server's default acts only on prompts of at least
 ``min_prompt`` tokens. Keep ratio and budget are exclusive; with neither, the keep ratio
 is 0.2 (NACL's reported setting).
+
+Every policy always keeps some tokens, the prompt's last ones (its question) and, for most,
+the attention sinks (:func:`.budget.min_budget`). A request's ``kv_budget`` below that
+minimum is refused, with the minimum named; a keep ratio, and the server's own budget,
+keep at least the minimum instead (the floor is in :func:`.budget.plan_eviction`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vllm_plugins.eviction.budget import min_budget
 from vllm_plugins.eviction.policies import POLICIES
 
 SECTION = "kv_eviction"
@@ -82,8 +88,10 @@ class EvictionSettings:
     def rule_for(self, xargs: dict | None, num_prompt: int | None = None) -> EvictionRule | None:
         """The rule a request is evicted by, or None. ``xargs`` are its ``vllm_xargs``;
         with ``num_prompt`` (its prompt's tokens) the server default's ``min_prompt``
-        applies, and a budget the request asked for above it is an error. The server's
-        own budget is no error on a shorter prompt: that prompt keeps all its tokens.
+        applies, and a budget the request asked for is an error above the prompt or below
+        the policy's :func:`~.budget.min_budget` (the message names that minimum). The
+        server's own budget is no error on a shorter prompt: that prompt keeps all its
+        tokens; nor below the minimum, which it then keeps (as a keep ratio does).
 
         Raises :class:`EvictionSettingsError` for a bad request setting."""
         xargs = xargs or {}
@@ -106,6 +114,16 @@ class EvictionSettings:
             raise EvictionSettingsError(f"{POLICY_ARG} must be a policy name, got {policy!r}")
         rule = EvictionRule(policy, ratio, budget)
         asked = xargs.get(BUDGET_ARG)
-        if asked is not None and num_prompt is not None and asked > num_prompt:
-            raise EvictionSettingsError(f"a KV budget of {asked} tokens is larger than the prompt ({num_prompt} tokens)")
+        if asked is not None and num_prompt is not None:
+            if asked > num_prompt:
+                raise EvictionSettingsError(f"a KV budget of {asked} tokens is larger than the prompt ({num_prompt} tokens)")
+            smallest = min_budget(rule.policy, num_prompt)
+            if asked < smallest:
+                recent = POLICIES[rule.policy]().recent_window(num_prompt)
+                sinks = f", and its first {smallest - recent}, the attention sinks" if smallest > recent else ""
+                raise EvictionSettingsError(
+                    f"a KV budget of {asked} tokens is too small for {rule.policy} on a {num_prompt}-token prompt: "
+                    f"the smallest budget is {smallest} ({rule.policy} always keeps the prompt's last {recent} tokens, "
+                    f"which hold the question{sinks})"
+                )
         return rule

@@ -30,6 +30,11 @@ def read_records(path: Path) -> list[dict]:
 
 
 def succeeded(row: dict) -> bool:
+    """A request answered in full: HTTP 200, a first token and no ``error``, which the
+    locustfile records for an ``error`` event, a stream cut before its final usage chunk or
+    ``[DONE]``, fewer tokens than asked with ``ignore_eos``, or a timeout. Any other request
+    is failed: counted in ``failed``, never within the SLOs (goodput, attainment), and
+    listed in the report's failures."""
     return row["status"] == 200 and not row["error"] and row["ttft_ms"] is not None
 
 

@@ -33,14 +33,16 @@ class LoadedAdapter:
 
 class AdapterSlots:
     def __init__(self, model_dir: str | Path, d: Dims, capacity: int,
-                 on_load: Callable[[int, str, nn.ModuleList], None]):
-        """``on_load(slot, method, layers)`` writes an adapter's weights into its slot."""
+                 on_load: Callable[[int, str, nn.ModuleList], None], check: Callable[[str, object], None]):
+        """``on_load(slot, method, layers)`` writes an adapter's weights into its slot;
+        ``check(method, config)`` raises for an adapter the worker's tables cannot hold."""
         if capacity < 1:
             raise ValueError(f"the adapter capacity must be >= 1, got {capacity}")
         self.model_dir = model_dir
         self.dims = d
         self.capacity = capacity
         self._on_load = on_load
+        self._check = check
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.loads = 0  # weight loads so far; more than the adapters named means reloads
 
@@ -79,7 +81,7 @@ class AdapterSlots:
         raise KeyError(f"no prompt-aware adapter is resident in slot {slot}")
 
     def _load(self, name: str, path: str, slot: int) -> LoadedAdapter:
-        layers, manifest = load_prompt_aware_layers(path, self.dims, self.fingerprint)
+        layers, manifest = load_prompt_aware_layers(path, self.dims, self.fingerprint, self._check)
         self._on_load(slot, manifest["method"], layers)
         self.loads += 1
         return LoadedAdapter(name=name, method=manifest["method"], layers=layers, slot=slot)

@@ -19,8 +19,8 @@ tokens are recomputed, and they see the same kept cache they saw when first deco
 request resumes exactly where it was.
 
 An evicting request never shares blocks through the prefix cache: it does not read
-cached blocks, and its blocks are hashed under a salt of its own, so that nobody reads
-the blocks it rewrites.
+cached blocks, and its blocks are hashed under a salt of its own (with a secret no
+client knows), so that nobody reads the blocks it rewrites.
 """
 
 from __future__ import annotations
@@ -37,12 +37,15 @@ logger = logging.getLogger(__name__)
 
 
 class BlockRelease:
-    def __init__(self, settings: EvictionSettings, kv_cache_manager, block_size: int):
+    def __init__(self, settings: EvictionSettings, kv_cache_manager, block_size: int, salt_secret: str):
+        """``salt_secret``: a secret of the scheduler's in every salt, so that no client's
+        ``cache_salt`` equals one."""
         self.blocks = vi.full_attention_manager(kv_cache_manager)
         if self.blocks is None:
             raise RuntimeError("KV eviction needs a model whose layers all use full attention (one KV cache group)")
         self.settings = settings
         self.block_size = block_size
+        self.salt_secret = salt_secret
         self.evicting: dict[str, EvictionPlan] = {}
 
     def plan(self, request) -> None:
@@ -67,7 +70,7 @@ class BlockRelease:
         if plan is None:
             return
         params.extra_args = {**(params.extra_args or {}), PLAN_ARG: plan.as_args()}
-        vi.rehash_with_salt(request, f"kv-eviction:{request.request_id}")
+        vi.rehash_with_salt(request, f"kv-eviction:{self.salt_secret}:{request.request_id}")
         self.evicting[request.request_id] = plan
 
     def clip_chunk(self, request_id: str, start: int, num_new_tokens: int) -> int:

@@ -2,7 +2,7 @@
 
     --additional-config '{"prompt_adapters": {"dir": "/srv/adapters", "max_active": 16,
                                               "max_rank": 16, "max_soft_tokens": 4,
-                                              "runtime_loading": false},
+                                              "max_adapters": 1024, "runtime_loading": false},
                           "kv_eviction": {"policy": "nacl", "keep_ratio": 0.2, "min_prompt": 1024}}'
 
 ``dir``: the adapter directory; every sub-directory holding a prompt-aware adapter is
@@ -11,7 +11,8 @@ it only. ``max_active``: prompt-aware adapters whose weights a worker holds at o
 ``max_rank``: the highest MiLoRA expert rank a worker's stacked expert slots hold (as
 vLLM's ``--max-lora-rank``). ``max_soft_tokens``: the most IAPT soft tokens per layer; the
 pooling tables hold that many running sums of hidden size per request and layer.
-Adapters above either are refused when registered. ``runtime_loading``: enables ``POST /v1/load_prompt_adapter`` and
+Adapters above either are refused when registered. ``max_adapters``: the most
+prompt-aware adapters registered at once. ``runtime_loading``: enables ``POST /v1/load_prompt_adapter`` and
 ``/v1/unload_prompt_adapter`` (off by default, as vLLM's run-time LoRA loading is).
 
 ``kv_eviction``: the server's default KV eviction (:mod:`vllm_plugins.eviction.settings`).
@@ -53,11 +54,12 @@ class PromptAdapterSettings:
     max_active: int = 16
     max_rank: int = 16
     max_soft_tokens: int = 4
+    max_adapters: int = 1024
     runtime_loading: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("max_active", "max_rank", "max_soft_tokens"):
-            if getattr(self, name) < 1:
+        for name in ("max_active", "max_rank", "max_soft_tokens", "max_adapters"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{SECTION}.{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod

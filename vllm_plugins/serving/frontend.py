@@ -1,20 +1,33 @@
 """``--middleware vllm_plugins.serving.frontend.PromptAdapterMiddleware``.
 
-An ASGI middleware in front of vLLM's OpenAI server that makes prompt-aware adapters
-addressable exactly like LoRA adapters:
+An ASGI middleware in front of vLLM's OpenAI server (outermost: vLLM adds ``--middleware``
+classes after its own) that makes prompt-aware adapters addressable exactly like LoRA
+adapters:
 
-* ``POST /v1/completions`` and ``/v1/chat/completions`` with ``model=<adapter>``: the
-  request is passed on for the base model, with the adapter's name and validated
-  directory in ``vllm_xargs`` and a per-adapter ``cache_salt``. Clients may not set those
-  ``vllm_xargs`` keys themselves (400). Unknown names reach vLLM unchanged, which answers
-  404 as for any unknown model.
+* ``POST /v1/completions``, ``/v1/chat/completions`` (and SageMaker's ``/invocations``)
+  with ``model=<adapter>``: the request is passed on for the base model, with the
+  adapter's name, validated snapshot and ticket in ``vllm_xargs`` (:mod:`.tickets`).
+  Responses name the adapter in ``model``, streamed chunks included. Unknown names reach
+  vLLM unchanged, which answers 404 as for any unknown model.
+* Every JSON ``POST``, on every route: a body over the size bound is a 413 before it is
+  read; ``vllm_xargs`` must be an object, and its keys that only the front end and the
+  scheduler set (adapter, ticket, KV slots, eviction plan) are a 400. The engine drops
+  them anyway without a valid ticket: this is the clear error, not the protection.
+* With stock LoRA enabled, ``prompt_logprobs`` is a 400 on every route: vLLM 0.32's CPU
+  LoRA logits path fails on them beside other requests, which stops the engine.
 * KV eviction settings in ``vllm_xargs`` (``kv_eviction``, ``kv_keep_ratio``,
-  ``kv_budget``) are checked before vLLM sees the request: an unknown policy, a ratio
-  outside (0, 1] or a budget larger than the prompt (counted by vLLM's own
-  ``/tokenize``) is a 400.
-* ``GET /v1/models`` lists the prompt-aware adapters too, each with its ``method``.
+  ``kv_budget``) are checked before vLLM sees the request, on the generation routes only
+  (elsewhere they are a 400): an unknown policy, a ratio outside (0, 1] or a budget larger
+  than the prompt as the engine will see it (vLLM's own ``/tokenize``, then
+  ``truncate_prompt_tokens``) is a 400.
+* ``GET /v1/models`` lists the prompt-aware adapters too, each with its ``method``, and
+  under ``prompt_adapters_refused`` the adapters found at start that are not served.
 * ``POST /v1/load_prompt_adapter`` ``{"adapter_name", "adapter_path"}`` and
   ``POST /v1/unload_prompt_adapter`` ``{"adapter_name"}``, when run-time loading is on.
+
+``--api-key`` (or ``VLLM_API_KEY``) guards every ``/v1`` route here as vLLM guards its
+own, and ``/invocations`` too (it serves the tenants), before any work is done. Adapter validation runs in a worker thread, never on the
+event loop.
 
 Settings come from vLLM's ``--additional-config`` (:mod:`.config`); the served model from
 vLLM's own arguments.
@@ -22,161 +35,164 @@ vLLM's own arguments.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
-from typing import Any
+import os
+import secrets
 
 from vllm_plugins.adapters.storage import AdapterError
 from vllm_plugins.eviction.settings import BUDGET_ARG, KEEP_RATIO_ARG, POLICY_ARG, EvictionSettingsError
-from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG
+from vllm_plugins.serving import vllm_internals as vi
+from vllm_plugins.serving.asgi import LARGE, HttpError, call_app, header, naming_model, read_body, respond, with_body
 from vllm_plugins.serving.config import PromptAdapterSettings, eviction_settings
 from vllm_plugins.serving.kv_eviction import PLAN_ARG
 from vllm_plugins.serving.registry import PromptAdapterRegistry
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
+from vllm_plugins.serving.tickets import ADAPTER_KEYS, adapter_args
 
-GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
-RESERVED_XARGS = (ADAPTER_ARG, ADAPTER_PATH_ARG, SOFT_KV_SLOT_ARG, PLAN_ARG)
+GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/invocations")
+ADMIN_PATHS = ("/v1/load_prompt_adapter", "/v1/unload_prompt_adapter")
+RESERVED_XARGS = (*ADAPTER_KEYS, SOFT_KV_SLOT_ARG, PLAN_ARG)
 EVICTION_XARGS = (POLICY_ARG, KEEP_RATIO_ARG, BUDGET_ARG)
+CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
+                        "chat_template", "chat_template_kwargs", "tools", "mm_processor_kwargs")
+"""What shapes a chat prompt's tokens: passed on to ``/tokenize`` to count them."""
 
 
-def error_body(status: int, message: str, kind: str) -> bytes:
-    """An error in the OpenAI format, as vLLM writes it."""
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": status}}).encode()
-
-
-async def _read_body(receive) -> bytes:
-    chunks = []
-    while True:
-        message = await receive()
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            return b"".join(chunks)
-
-
-async def _respond(send, status: int, body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
-
-
-async def _call_app(app, scope: dict, receive, path: str, body: dict) -> tuple[int, Any]:
-    """POST ``body`` to ``path`` of ``app`` in-process, on the caller's connection."""
-    raw = json.dumps(body).encode()
-    sub_scope, receive = _with_body({**scope, "path": path, "raw_path": path.encode(), "query_string": b""}, receive, raw)
-    status, chunks = 500, []
-
-    async def capture(message):
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    await app(sub_scope, receive, capture)
-    try:
-        return status, json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return status, None
-
-
-def _with_body(scope: dict, receive, body: bytes) -> tuple[dict, Any]:
-    """``scope`` and ``receive`` replaying ``body``; later calls reach the client's own
-    ``receive``, so vLLM still hears a real disconnect (and only a real one)."""
-    headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-    headers.append((b"content-length", str(len(body)).encode()))
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return {**scope, "headers": headers}, replay
+def body_limit(max_model_len: int) -> int:
+    """The largest request body taken, in bytes: 64 per token of the longest prompt (a
+    prompt's text or its token ids never take more) plus 64 KiB for the rest."""
+    return 64 * max_model_len + (1 << 16)
 
 
 class PromptAdapterMiddleware:
     def __init__(self, app):
         self.app = app
         self._registry: PromptAdapterRegistry | None = None
-        self._settings: PromptAdapterSettings | None = None
+        self._setup_lock = asyncio.Lock()
 
-    def _setup(self, scope: dict) -> PromptAdapterRegistry:
-        if self._registry is None:
-            args = scope["app"].state.args
-            self._settings = PromptAdapterSettings.from_additional_config(args.additional_config)
-            self._eviction = eviction_settings(args.additional_config)
-            self._registry = PromptAdapterRegistry(args.model, self._settings)
-            names = args.served_model_name or [args.model]
-            self._served_name = names[0] if isinstance(names, list) else names
+    async def _setup(self, scope: dict) -> PromptAdapterRegistry:
+        async with self._setup_lock:
+            if self._registry is None:
+                state = scope["app"].state
+                args = state.args
+                self._settings = PromptAdapterSettings.from_additional_config(args.additional_config)
+                self._eviction = eviction_settings(args.additional_config)
+                names = args.served_model_name or [args.model]
+                names = names if isinstance(names, list) else [names]
+                self._served_name = names[0]
+                reserved = frozenset([*names, args.model, *(m.name for m in args.lora_modules or [])])
+                keys = [k for k in (args.api_key or [os.environ.get("VLLM_API_KEY")]) if k]
+                self._api_keys = [hashlib.sha256(k.encode()).digest() for k in keys]
+                self._body_limit = body_limit(vi.max_model_len(state))
+                self._lora = bool(args.enable_lora)
+                self._registry = await asyncio.to_thread(PromptAdapterRegistry, args.model, self._settings, reserved)
         return self._registry
+
+    def _authorized(self, scope: dict) -> bool:
+        if not self._api_keys:
+            return True
+        scheme, _, token = (header(scope, b"authorization") or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.encode()).digest()
+        return any(secrets.compare_digest(digest, key) for key in self._api_keys)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        registry = self._setup(scope)
+        registry = await self._setup(scope)
         path, method = scope["path"], scope["method"]
-        if method == "POST" and path in GENERATION_PATHS:
-            return await self._generation(registry, scope, receive, send)
-        if method == "GET" and path == "/v1/models":
-            return await self._models(registry, scope, receive, send)
-        if method == "POST" and path in ("/v1/load_prompt_adapter", "/v1/unload_prompt_adapter"):
-            return await self._load_or_unload(registry, path, receive, send)
-        return await self.app(scope, receive, send)
-
-    async def _generation(self, registry, scope, receive, send):
-        raw = await _read_body(receive)
         try:
-            body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None  # vLLM answers malformed JSON itself
-        if isinstance(body, dict):
-            xargs = body.get("vllm_xargs")
-            if isinstance(xargs, dict) and any(k in xargs for k in RESERVED_XARGS):
-                return await _respond(
-                    send, 400, error_body(400, f"vllm_xargs keys {list(RESERVED_XARGS)} are reserved", "BadRequestError")
-                )
-            adapter = registry.adapters.get(body.get("model")) if isinstance(body.get("model"), str) else None
-            if adapter is not None:
-                body["model"] = self._served_name
-                body["vllm_xargs"] = {**(xargs or {}), ADAPTER_ARG: adapter.name, ADAPTER_PATH_ARG: adapter.path}
-                body["cache_salt"] = f"prompt-adapter:{adapter.name}"
+            guarded = path.startswith("/v1") or path in GENERATION_PATHS
+            if guarded and method != "OPTIONS" and not self._authorized(scope):
+                raise HttpError(401, "a valid API key is required (Authorization: Bearer <key>)")
+            if method == "GET" and path == "/v1/models":
+                return await self._models(registry, scope, receive, send)
+            if method != "POST":
+                return await self.app(scope, receive, send)
+            raw = await read_body(scope, receive, self._body_limit)
+            body = await self._parse(raw)
+            if path in ADMIN_PATHS:
+                return await self._load_or_unload(registry, path, body, send)
+            if isinstance(body, dict):
+                body, send = await self._checked(registry, scope, receive, send, path, body)
                 raw = json.dumps(body).encode()
-            if isinstance(xargs, dict) and any(k in xargs for k in EVICTION_XARGS):
-                error = await self._eviction_error(scope, receive, body, xargs)
-                if error is not None:
-                    return await _respond(send, 400, error_body(400, error, "BadRequestError"))
-        scope, receive = _with_body(scope, receive, raw)
+        except HttpError as err:
+            return await respond(send, err.status, err.body())
+        scope, receive = with_body(scope, receive, raw)
         return await self.app(scope, receive, send)
 
-    async def _eviction_error(self, scope: dict, receive, body: dict, xargs: dict) -> str | None:
-        """Why the request's eviction settings cannot be honoured, or None."""
+    @staticmethod
+    async def _parse(raw: bytes):
+        """The JSON body, or None (vLLM answers malformed JSON and other bodies itself)."""
+        try:
+            return await asyncio.to_thread(json.loads, raw) if len(raw) > LARGE else json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        except RecursionError:
+            raise HttpError(400, "the JSON body is nested too deeply") from None
+
+    async def _checked(self, registry, scope, receive, send, path: str, body: dict):
+        """The body vLLM gets, and the ``send`` its answer goes through; HttpError if refused."""
+        xargs = body.get("vllm_xargs")
+        if xargs is not None and not isinstance(xargs, dict):
+            raise HttpError(400, "vllm_xargs must be a JSON object")
+        xargs = xargs or {}
+        if reserved := sorted(k for k in RESERVED_XARGS if k in xargs):
+            raise HttpError(400, f"vllm_xargs keys {reserved} are reserved for the server")
+        if self._lora and any(isinstance(b, dict) and b.get("prompt_logprobs") is not None
+                              for b in (body, body.get("sampling_params"))):
+            raise HttpError(400, "prompt_logprobs is not served while LoRA adapters are enabled: vLLM 0.32's CPU "
+                                 "LoRA logits cannot compute them beside other requests (docs/serving.md)")
+        if path == "/v1/load_lora_adapter" and body.get("lora_name") in registry.adapters:
+            raise HttpError(400, f"{body['lora_name']!r} is the name of a prompt adapter")
+        evicts = any(k in xargs for k in EVICTION_XARGS)
+        if path not in GENERATION_PATHS:
+            if evicts:
+                raise HttpError(400, f"KV eviction settings are taken on {', '.join(GENERATION_PATHS)} only")
+            return body, send
+        if evicts:
+            await self._check_eviction(scope, receive, body, xargs)
+        adapter = registry.adapters.get(body.get("model")) if isinstance(body.get("model"), str) else None
+        if adapter is None:
+            return body, send
+        body = {**body, "model": self._served_name, "vllm_xargs": {**xargs, **adapter_args(adapter.name, adapter.path)}}
+        return body, naming_model(send, self._served_name, adapter.name)
+
+    async def _check_eviction(self, scope: dict, receive, body: dict, xargs: dict) -> None:
         try:
             rule = self._eviction.rule_for(xargs)
             if rule is None or rule.budget is None:
-                return None
+                return
             for count in await self._prompt_lengths(scope, receive, body):
                 self._eviction.rule_for(xargs, count)
         except EvictionSettingsError as err:
-            return str(err)
-        return None
+            raise HttpError(400, str(err)) from None
 
     async def _prompt_lengths(self, scope: dict, receive, body: dict) -> list[int]:
-        """Each prompt's length in tokens, as vLLM's ``/tokenize`` counts it; prompts it
-        cannot count are left to vLLM's own validation."""
+        """Each prompt's length in tokens as the engine will see it: vLLM's ``/tokenize``
+        count, cut to ``truncate_prompt_tokens``. Prompts it cannot count are left to
+        vLLM's own validation."""
         if "messages" in body:
-            requests = [{"model": body.get("model"), "messages": body["messages"]}]
+            requests = [{k: body[k] for k in CHAT_TOKENIZE_FIELDS if k in body}]
+            counts = []
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-                return [len(prompt)]
+                prompt = [prompt]
             prompts = prompt if isinstance(prompt, list) else [prompt]
-            requests = [{"model": body.get("model"), "prompt": p} for p in prompts if isinstance(p, str)]
-        counts = []
-        for request in requests:
-            status, answer = await _call_app(self.app, scope, receive, "/tokenize", request)
+            counts = [len(p) for p in prompts if isinstance(p, list) and all(isinstance(t, int) for t in p)]
+            requests = [{"prompt": p, **{k: body[k] for k in ("add_special_tokens",) if k in body}}
+                        for p in prompts if isinstance(p, str)]
+        for request in requests:  # every tenant shares the served model's tokenizer
+            status, answer = await call_app(self.app, scope, receive, "/tokenize", {**request, "model": self._served_name})
             if status == 200 and isinstance(answer, dict) and isinstance(answer.get("count"), int):
                 counts.append(answer["count"])
+        truncate = body.get("truncate_prompt_tokens")
+        if isinstance(truncate, int) and not isinstance(truncate, bool) and truncate >= 0:
+            counts = [min(c, truncate) for c in counts]
         return counts
 
     async def _models(self, registry, scope, receive, send):
@@ -194,40 +210,30 @@ class PromptAdapterMiddleware:
         if start.get("status") == 200:
             listing = json.loads(body)
             for adapter in registry.adapters.values():
-                listing["data"].append(
-                    {
-                        "id": adapter.name,
-                        "object": "model",
-                        "owned_by": "vllm-plugins",
-                        "root": adapter.path,
-                        "parent": self._served_name,
-                        "method": adapter.method,
-                    }
-                )
+                listing["data"].append({
+                    "id": adapter.name, "object": "model", "owned_by": "vllm-plugins", "root": adapter.source,
+                    "parent": self._served_name, "method": adapter.method,
+                })
+            listing["prompt_adapters_refused"] = [{"id": name, "error": why} for name, why in registry.refused.items()]
             body = json.dumps(listing).encode()
-        return await _respond(send, start.get("status", 500), body)
+        return await respond(send, start.get("status", 500), body)
 
-    async def _load_or_unload(self, registry, path, receive, send):
+    async def _load_or_unload(self, registry, path: str, body, send):
         if not self._settings.runtime_loading:
-            message = "run-time adapter loading is off (prompt_adapters.runtime_loading)"
-            return await _respond(send, 404, error_body(404, message, "NotFoundError"))
-        try:
-            body = json.loads(await _read_body(receive))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            body = None
+            raise HttpError(404, "run-time adapter loading is off (prompt_adapters.runtime_loading)")
         if not isinstance(body, dict) or not isinstance(body.get("adapter_name"), str):
-            return await _respond(send, 400, error_body(400, "expected a JSON object with adapter_name", "BadRequestError"))
+            raise HttpError(400, "expected a JSON object with adapter_name")
         name = body["adapter_name"]
         if path.endswith("/unload_prompt_adapter"):
             if name not in registry.adapters:
-                return await _respond(send, 404, error_body(404, f"no prompt adapter named {name!r}", "NotFoundError"))
+                raise HttpError(404, f"no prompt adapter named {name[:128]!r}")
             registry.unregister(name)
-            return await _respond(send, 200, json.dumps({"message": f"prompt adapter {name!r} unloaded"}).encode())
+            return await respond(send, 200, json.dumps({"message": f"prompt adapter {name!r} unloaded"}).encode())
         if not isinstance(body.get("adapter_path"), str):
-            return await _respond(send, 400, error_body(400, "expected adapter_path", "BadRequestError"))
+            raise HttpError(400, "expected adapter_path")
         try:
-            adapter = registry.register(name, body["adapter_path"])
+            adapter = await asyncio.to_thread(registry.register, name, body["adapter_path"])
         except AdapterError as err:
-            return await _respond(send, 400, error_body(400, str(err), "BadRequestError"))
+            raise HttpError(400, str(err)) from None
         message = f"prompt adapter {adapter.name!r} ({adapter.method}) loaded"
-        return await _respond(send, 200, json.dumps({"message": message}).encode())
+        return await respond(send, 200, json.dumps({"message": message}).encode())

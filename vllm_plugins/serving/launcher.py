@@ -15,6 +15,11 @@ runs
 
 Every sub-directory of DIR is an adapter named after the directory: prompt-aware ones
 are served by the plugin, LoRA-family ones (lora, fanlora, alora) by vLLM's stock LoRA.
+A prompt-aware adapter the server cannot hold is left out by the server, which serves the
+rest and says why in its log and in ``/v1/models`` (:mod:`.registry`).
+
+The server listens on 127.0.0.1 unless ``--host`` is among the vLLM arguments (``vllm
+serve`` alone listens on every interface).
 """
 
 from __future__ import annotations
@@ -26,11 +31,10 @@ from importlib import metadata
 from pathlib import Path
 
 from vllm_plugins.adapters.registry import METHODS
-from vllm_plugins.adapters.storage import read_manifest
+from vllm_plugins.adapters.storage import AdapterError, read_manifest
 from vllm_plugins.eviction import settings as eviction_settings
 from vllm_plugins.eviction.settings import EvictionSettings
 from vllm_plugins.serving.config import SECTION, PromptAdapterSettings
-from vllm_plugins.serving.registry import PromptAdapterRegistry
 
 WORKER = "vllm_plugins.serving.worker.PromptAwareCPUWorker"
 SCHEDULER = "vllm_plugins.serving.scheduler.PromptAwareScheduler"
@@ -39,8 +43,13 @@ LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as
 
 
 def _lora_rank(manifest: dict) -> int:
+    """The highest rank of a LoRA-family adapter; AdapterError if vLLM cannot serve it."""
     lora = manifest.get("lora") or {}
-    return max([lora.get("rank", 8), *(lora.get("rank_pattern") or {}).values()])
+    pattern = lora.get("rank_pattern") or {} if isinstance(lora, dict) else None
+    ranks = [lora.get("rank", 8), *pattern.values()] if isinstance(pattern, dict) else []
+    if not ranks or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= LORA_RANKS[-1] for r in ranks):
+        raise AdapterError(f"LoRA ranks must be integers from 1 to {LORA_RANKS[-1]} (vLLM's largest --max-lora-rank)")
+    return max(ranks)
 
 
 def _vllm_serve(model: str) -> list[str]:
@@ -62,22 +71,20 @@ def serve_argv(
 ) -> list[str]:
     """The ``vllm serve`` command line; ``adapters.dir`` is the adapter directory.
 
-    Raises ValueError (an AdapterError for an adapter the server cannot hold) before
-    anything starts."""
+    Raises ValueError for settings the server cannot take, before anything starts."""
     root = Path(adapters.dir).resolve()
     if not root.is_dir():
         raise ValueError(f"adapter directory {adapters.dir} does not exist")
-    lora_modules, ranks, prompt_aware = [], [], False
+    lora_modules, ranks = [], []
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        manifest = read_manifest(sub)
-        if METHODS[manifest["method"]].family == "lora":
-            lora_modules.append(f"{sub.name}={sub}")
-            ranks.append(_lora_rank(manifest))
-        else:
-            prompt_aware = True
+        try:
+            manifest = read_manifest(sub)
+            if METHODS[manifest["method"]].family == "lora":
+                ranks.append(_lora_rank(manifest))
+                lora_modules.append(f"{sub.name}={sub}")
+        except (AdapterError, OSError) as err:  # prompt-aware ones: the server's registry logs and lists them
+            print(f"vllm-plugins serve: adapter {sub.name!r} is not served: {err}", file=sys.stderr)
     adapters = dataclasses.replace(adapters, dir=str(root))
-    if prompt_aware:  # every one checked as the server will, so a bad one stops the start, not every request
-        PromptAdapterRegistry(model, adapters)
     settings = {SECTION: dataclasses.asdict(adapters)}
     if eviction.policy is not None:
         eviction.validate()  # a bad ratio or budget fails here, not in the engine
@@ -92,4 +99,6 @@ def serve_argv(
         max_rank = next(r for r in LORA_RANKS if r >= max(ranks))
         argv += ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(min(len(lora_modules), adapters.max_active))]
         argv += ["--lora-modules", *lora_modules]
+    if not any(a == "--host" or a.startswith("--host=") for a in vllm_args):
+        argv += ["--host", "127.0.0.1"]
     return argv + vllm_args

@@ -45,7 +45,7 @@ class PromptAwareRuntime:
         self.metadata = PromptAwareMetadata(max_tokens, max_rows)
         self.methods: list[ServedMethod] = [cls(layers, max_rows, settings) for cls in METHODS]
         self.by_name = {m.name: m for m in self.methods}
-        self.slots = AdapterSlots(model_dir, d, settings.max_active, self._load)
+        self.slots = AdapterSlots(model_dir, d, settings.max_active, self._load, self._check)
         shape = (len(layers), max_rows, settings.max_soft_tokens)
         self.pool_peak = torch.full(shape, -torch.inf)
         self.pool_total = torch.zeros(shape)
@@ -103,8 +103,10 @@ class PromptAwareRuntime:
         method.start(row, request_args)
 
     def _load(self, slot: int, method: str, layers) -> None:
-        check_limits(method, layers, self.layers[0].dims, self.settings)
         self.by_name[method].load(slot, layers)
+
+    def _check(self, method: str, config) -> None:
+        check_limits(method, config, self.layers[0].dims, self.settings)
 
     # -- op side, inside the forward pass -----------------------------------------------
     def prefill(self, layer: int, hidden: torch.Tensor) -> None:

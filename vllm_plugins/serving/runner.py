@@ -8,7 +8,9 @@ runner).
   them build from KV eviction's narrowed metadata;
 * each step, before the forward pass: the step's token -> request map into the
   persistent buffers; after it: evict the prompts the step completed, clear the map;
-* finished and preempted requests give their state rows back.
+* finished and preempted requests give their state rows back;
+* seeded requests' CPU generators can be rewound, as vLLM does after a step that
+  sampled for an incomplete prompt (:mod:`.vllm_fixes`).
 
 Every access to vLLM internals goes through :mod:`.vllm_internals`.
 """
@@ -24,6 +26,7 @@ from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.kv_eviction import KvEviction, requested_plan
 from vllm_plugins.serving.layers import install_plugin_layers
 from vllm_plugins.serving.prompt_aware import PromptAwareRuntime
+from vllm_plugins.serving.vllm_fixes import mark_seeded_generators
 
 
 class PluginRunnerMixin:
@@ -59,6 +62,7 @@ class PluginRunnerMixin:
         adapted = {req_id: p.extra_args for req_id, p in params.items() if requested_adapter(p) is not None}
         self.prompt_aware.begin_step(batch, adapted)
         self.kv_eviction.begin_step(batch, lambda req_id: requested_plan(params[req_id]))
+        mark_seeded_generators(self)
         return result
 
     def _model_forward(self, *args, **kwargs):

@@ -17,6 +17,10 @@ Three rules on top of vLLM's scheduler, for requests that name a prompt-aware ad
 
 Their per-request arguments (IAPT's KV slots, eviction plans) are set by this scheduler
 only: the same ``extra_args`` keys arriving with a request are dropped when it is added.
+The adapter a request names is kept only with the front end's ticket (:mod:`.tickets`);
+without one the request is the base model's, as the ``model`` it named. Its blocks are
+hashed under a salt that includes a secret of this scheduler's, so no client-chosen
+``cache_salt`` can name them.
 
 And one for every request: **KV eviction.** A request evicted by the server's default
 or its own ``vllm_xargs`` gets an eviction plan on arrival, its prefill chunks never
@@ -26,13 +30,19 @@ has run (:mod:`.block_release`).
 
 from __future__ import annotations
 
+import logging
+import secrets
+
 from vllm_plugins.adapters.storage import read_manifest
 from vllm_plugins.serving.batch import ADAPTER_PATH_ARG, requested_adapter
 from vllm_plugins.serving.block_release import BlockRelease
 from vllm_plugins.serving.config import PromptAdapterSettings, eviction_settings
 from vllm_plugins.serving.kv_eviction import PLAN_ARG
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG, SoftTokenSlots
-from vllm_plugins.serving.vllm_internals import Scheduler
+from vllm_plugins.serving.tickets import ADAPTER_KEYS, verified
+from vllm_plugins.serving.vllm_internals import Scheduler, rehash_with_salt
+
+logger = logging.getLogger(__name__)
 
 
 SCHEDULER_ARGS = (PLAN_ARG, SOFT_KV_SLOT_ARG)
@@ -50,8 +60,9 @@ class PromptAwareScheduler(Scheduler):
         self.max_active_adapters = PromptAdapterSettings.from_additional_config(vllm_config.additional_config).max_active
         self.soft_kv = SoftTokenSlots(self.kv_cache_manager.block_pool, self.block_size)
         self._soft_tokens: dict[str, int] = {}  # adapter directory -> soft tokens per layer
+        self._salt_secret = secrets.token_hex(16)
         eviction = eviction_settings(vllm_config.additional_config)
-        self.block_release = BlockRelease(eviction, self.kv_cache_manager, self.block_size)
+        self.block_release = BlockRelease(eviction, self.kv_cache_manager, self.block_size, self._salt_secret)
         # vLLM's one hook to clip a request's prefill chunk (named after Mamba, which uses
         # it): on, so that a recomputed evicting request's chunk ends at its prompt's end.
         self.need_mamba_block_aligned_split = True
@@ -66,8 +77,12 @@ class PromptAwareScheduler(Scheduler):
         if params is not None and params.extra_args:
             # KV slots and eviction plans come from this scheduler only, never from a request.
             params.extra_args = {k: v for k, v in params.extra_args.items() if k not in SCHEDULER_ARGS}
-        if requested_adapter(params) is not None:
-            request.skip_reading_prefix_cache = True
+            if any(k in params.extra_args for k in ADAPTER_KEYS) and not verified(params.extra_args):
+                logger.warning("request %s names a prompt-aware adapter without a valid ticket: "
+                               "served as the base model", request.request_id)
+                params.extra_args = {k: v for k, v in params.extra_args.items() if k not in ADAPTER_KEYS}
+        if (adapter := _adapter_key(params)) is not None:
+            rehash_with_salt(request, f"prompt-adapter:{self._salt_secret}:{adapter[0]}@{adapter[1]}")
         self.block_release.plan(request)
         super().add_request(request)
 

@@ -10,6 +10,16 @@ linear layer. The fix zeroes the shrink result (x A^T) of tokens with a negative
 so the expand step (which adds B h) adds nothing to them. The GPU kernels skip such tokens
 and need no fix.
 
+**A seeded request whose prompt spans several steps stops the engine (CPU).** vLLM
+samples a token for every request of a step, also for one whose prompt is not complete,
+and throws that token away; for a seeded request it then rewinds the request's generator
+with ``set_offset(get_offset() - 4)``, which only CUDA generators support: a CPU
+generator raises and the engine dies, for every tenant. The fix gives seeded requests on
+the CPU a :class:`RewindableCpuGenerator`, which the runner marks before each step's
+sampling (:func:`mark_seeded_generators`) and whose ``set_offset`` goes back to the mark:
+the request's random stream continues as if the discarded token had not been drawn, as
+on a GPU.
+
 **A worker does not start in a process that has loaded numba (CPU without triton-cpu).**
 At start-up the worker replaces vLLM's Triton kernels with C++ ones and rebinds every
 reference to them by scanning the attributes of every loaded module. llvmlite (numba's
@@ -34,7 +44,8 @@ def _zero_rows_without_lora(shrink, index_of):
     @functools.wraps(shrink)
     def wrapped(inputs, lora_a_weights, output_tensor, *args, **kwargs):
         shrink(inputs, lora_a_weights, output_tensor, *args, **kwargs)
-        output_tensor[index_of(*args) < 0] = 0
+        # One index for all rows (vLLM's logits path with prompt logprobs) or one per row.
+        output_tensor[(index_of(*args) < 0).expand(output_tensor.shape[0])] = 0
 
     return wrapped
 
@@ -55,6 +66,35 @@ def skip_lora_for_tokens_without_adapter() -> None:
         return  # already applied in this process
     punica_cpu.bgmv_shrink = _zero_rows_without_lora(punica_cpu.bgmv_shrink, _bgmv_token_indices)
     punica_cpu.sgmv_shrink = _zero_rows_without_lora(punica_cpu.sgmv_shrink, _sgmv_token_indices)
+
+
+class RewindableCpuGenerator(torch.Generator):
+    """A CPU generator that vLLM can rewind: :meth:`set_offset` returns to the state of
+    the last :meth:`mark` (whatever offset it is given; vLLM only rewinds the draws of the
+    step it marked)."""
+
+    def mark(self) -> None:
+        self._mark = self.get_state()
+
+    def get_offset(self) -> int:
+        return 0
+
+    def set_offset(self, offset: int) -> None:
+        self.set_state(self._mark)
+
+
+def mark_seeded_generators(runner) -> None:
+    """Before a step samples: make every CPU generator of the step's seeded requests a
+    :class:`RewindableCpuGenerator` (same seed, same position) and mark it."""
+    for row, generator in list(vi.seeded_generators(runner).items()):
+        if generator.device.type != "cpu":
+            continue
+        if not isinstance(generator, RewindableCpuGenerator):
+            rewindable = RewindableCpuGenerator()
+            rewindable.set_state(generator.get_state())
+            vi.replace_generator(runner, row, rewindable)
+            generator = rewindable
+        generator.mark()
 
 
 def hide_llvmlite_from_the_kernel_scan() -> None:

@@ -61,8 +61,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     # the class or module that owns them -> attributes the plugins read or write
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner": ("model", "model_config", "cache_config", "vllm_config", "requests", "input_batch", "attn_groups",
                        "max_num_tokens", "max_num_reqs"),
-    "vllm.v1.worker.gpu_input_batch.InputBatch": ("req_ids", "num_reqs", "num_computed_tokens_cpu"),
-    "vllm.v1.worker.gpu_input_batch.CachedRequestState": ("num_prompt_tokens", "sampling_params", "block_ids"),
+    "vllm.v1.worker.gpu_input_batch.InputBatch": ("req_ids", "num_reqs", "num_computed_tokens_cpu", "generators"),
+    "vllm.v1.worker.gpu_input_batch.CachedRequestState": ("num_prompt_tokens", "sampling_params", "block_ids", "generator"),
     "vllm.v1.worker.utils.AttentionGroup": ("metadata_builders",),
     "vllm.v1.attention.backend.CommonAttentionMetadata": ("num_reqs", "block_table_tensor", "seq_lens"),
     "vllm.v1.core.sched.output.SchedulerOutput": ("finished_req_ids", "preempted_req_ids", "num_scheduled_tokens"),
@@ -74,7 +74,8 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "vllm.model_executor.layers.attention.attention.Attention": ("kv_cache", "impl"),
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder": ("isa",),  # it sets Attention.isa
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": ("scale",),  # Attention.impl
-    "vllm.config.vllm.VllmConfig": ("additional_config",),
+    "vllm.config.vllm.VllmConfig": ("additional_config", "model_config"),
+    "vllm.config.model.ModelConfig": ("max_model_len",),
     "vllm.v1.worker.cpu_worker.CPUWorker": ("use_v2_model_runner", "cache_config", "vllm_config", "model_runner"),
     "vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator": ("single_type_managers",),
     "vllm.v1.core.block_pool.BlockPool": ("get_num_free_blocks", "get_new_blocks", "free_blocks"),
@@ -103,6 +104,19 @@ def request_state(runner, req_id: str):
     """vLLM's ``CachedRequestState`` of a request: ``num_prompt_tokens``,
     ``sampling_params``, ``block_ids``."""
     return runner.requests[req_id]
+
+
+def seeded_generators(runner) -> dict[int, torch.Generator]:
+    """The step's seeded requests' generators by batch row (``InputBatch.generators``),
+    the same objects as their ``CachedRequestState.generator``."""
+    return runner.input_batch.generators
+
+
+def replace_generator(runner, row: int, generator: torch.Generator) -> None:
+    """Give the request in batch row ``row`` another generator, in the batch and in its
+    cached state (which vLLM puts back in the batch when the request resumes)."""
+    runner.input_batch.generators[row] = generator
+    runner.requests[runner.input_batch.req_ids[row]].generator = generator
 
 
 def first_group_block_ids(runner, req_id: str) -> list[int]:
@@ -161,6 +175,12 @@ def free_leading_blocks(manager, req_id: str, num_blocks: int) -> None:
 
 def blocks_held(manager, req_id: str) -> int:
     return sum(not block.is_null for block in manager.req_to_blocks.get(req_id, ()))
+
+
+def max_model_len(app_state) -> int:
+    """The served model's context length, from the API server's ``app.state.vllm_config``
+    (set by vLLM's ``init_app_state``)."""
+    return app_state.vllm_config.model_config.max_model_len
 
 
 def rehash_with_salt(request, salt: str) -> None:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt
 from vllm_plugins.eviction.policies.nacl import NaclPolicy
 from vllm_plugins.eviction.policies.random_tokens import RandomPolicy
 from vllm_plugins.eviction.policies.sca import ScaPolicy
 from vllm_plugins.eviction.policies.snapkv import SnapKVPolicy
 from vllm_plugins.eviction.policies.streaming_llm import StreamingLLMPolicy
+
+if TYPE_CHECKING:  # budget.py imports the policies (their protected tokens), not the reverse
+    from vllm_plugins.eviction.budget import EvictionPlan
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (NaclPolicy, ScaPolicy, StreamingLLMPolicy, SnapKVPolicy, RandomPolicy)

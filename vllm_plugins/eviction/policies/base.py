@@ -6,20 +6,24 @@ and head), its own choice for each. How many, where the kept tokens go and which
 decided elsewhere (:mod:`vllm_plugins.eviction.budget`, :mod:`vllm_plugins.serving.kv_eviction`,
 :mod:`vllm_plugins.serving.block_release`).
 
-Most policies only score tokens and keep the best ones (:meth:`EvictionPolicy.scores`);
-NACL (random sampling) and SCA (greedy selection) choose differently and override
-:meth:`EvictionPolicy.select`.
+Every policy protects some tokens, kept whatever the scores (:meth:`EvictionPolicy.protected_tokens`):
+the prompt's last tokens, which hold its question (at least :attr:`EvictionPolicy.recent`,
+and the query window the policy reads), and its leading attention sinks. A budget never
+keeps fewer (:func:`vllm_plugins.eviction.budget.min_budget`); should a policy still be
+asked for fewer, the most recent tokens win.
+
+Most policies only score tokens and keep the best ones besides the protected tokens
+(:meth:`EvictionPolicy.scores`); NACL (random sampling) and SCA (greedy selection) choose
+differently and override :meth:`EvictionPolicy.select`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
-PROTECTED = float("inf")
-"""The score of a token a policy always keeps (sinks, the proxy or observation window)."""
 
 
 @dataclass(frozen=True)
@@ -55,25 +59,45 @@ class EvictionPolicy:
     :meth:`scores`, or :meth:`select` when keeping the best-scored tokens is not the rule."""
 
     name: ClassVar[str]
-    sinks: ClassVar[int] = 4  # leading "attention sink" tokens (StreamingLLM), kept by every policy that protects them
+    sinks: ClassVar[int] = 4  # leading "attention sink" tokens (StreamingLLM), always kept
+    recent: ClassVar[int] = 8  # the prompt's last tokens (its question), always kept by every policy
 
     def query_window(self, num_tokens: int) -> int:
         """How many of the prompt's last queries the policy reads."""
         return 0
 
+    def recent_window(self, num_tokens: int) -> int:
+        """How many of the prompt's last tokens the policy always keeps: at least
+        :attr:`recent`, and the query window it reads (NACL's proxy tokens, SnapKV's
+        observation window)."""
+        return min(num_tokens, max(self.recent, self.query_window(num_tokens)))
+
+    def protected_tokens(self, num_tokens: int) -> list[int]:
+        """The tokens kept whatever the scores, most important first: the recent window,
+        newest first, then the sinks. A budget keeps at least all of them; below that, the
+        first ones win (the end of the question before the sinks)."""
+        window = self.recent_window(num_tokens)
+        return list(range(num_tokens - 1, num_tokens - window - 1, -1)) + list(range(min(self.sinks, num_tokens - window)))
+
     def scores(self, prompt: CachedPrompt) -> torch.Tensor:
-        """(rows, n) float scores; the highest are kept, :data:`PROTECTED` always."""
+        """(rows, n) float scores; besides the protected tokens, the highest are kept."""
         raise NotImplementedError
 
     def select(self, prompt: CachedPrompt, num_kept: int) -> torch.Tensor:
         """(rows, num_kept) ascending indices of the tokens each row keeps."""
-        return keep_best(self.scores(prompt), num_kept)
+        return keep_best(self.scores(prompt), num_kept, self.protected_tokens(prompt.num_tokens))
 
 
-def keep_best(scores: torch.Tensor, num_kept: int) -> torch.Tensor:
-    """Per row, the ``num_kept`` highest scores' indices, ascending. Equal scores go to the
-    earlier token (a stable sort), so the choice does not depend on the sort's internals."""
+def keep_best(scores: torch.Tensor, num_kept: int, protected: Sequence[int] = ()) -> torch.Tensor:
+    """Per row, the indices of the ``num_kept`` tokens kept, ascending: the ``protected``
+    ones first (token indices, most important first, as many as fit), then the highest
+    scores. Equal scores go to the earlier token (a stable sort), so the choice does not
+    depend on the sort's internals."""
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    if protected:  # the protected ones to the front, whatever their scores
+        first = torch.zeros(scores.shape[-1], dtype=torch.int8, device=scores.device)
+        first[list(protected)[:num_kept]] = 1
+        order = order.gather(-1, torch.sort(first[order], dim=-1, descending=True, stable=True).indices)
     return order[:, :num_kept].sort(dim=-1).values
 
 
@@ -93,12 +117,3 @@ def window_attention(prompt: CachedPrompt) -> torch.Tensor:
     position = (n - window + torch.arange(window)).repeat(group)
     logits = logits.masked_fill(torch.arange(n)[None, :] > position[:, None], float("-inf"))
     return torch.softmax(logits, dim=-1).sum(dim=1)
-
-
-def protect_edges(scores: torch.Tensor, sinks: int, window: int) -> torch.Tensor:
-    """``scores`` with the first ``sinks`` and the last ``window`` tokens protected."""
-    scores = scores.clone()
-    scores[:, :sinks] = PROTECTED
-    if window:
-        scores[:, -window:] = PROTECTED
-    return scores

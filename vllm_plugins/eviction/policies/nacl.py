@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from vllm_plugins.eviction.policies.base import PROTECTED, EvictionPolicy, CachedPrompt, keep_best, protect_edges, window_attention
+from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt, keep_best, window_attention
 
 
 class NaclPolicy(EvictionPolicy):
@@ -33,11 +33,10 @@ class NaclPolicy(EvictionPolicy):
 
     def select(self, prompt: CachedPrompt, num_kept: int) -> torch.Tensor:
         scores = window_attention(prompt)
-        ranked = protect_edges(scores, self.sinks, prompt.queries.shape[1])
-        num_protected = int((ranked[0] == PROTECTED).sum())
-        unprotected = max(0, num_kept - num_protected)
+        protected = self.protected_tokens(prompt.num_tokens)  # the sinks and the proxy tokens
+        unprotected = max(0, num_kept - len(protected))
         num_sampled = unprotected - round(self.proxy_share * unprotected)
-        chosen = keep_best(ranked, num_kept - num_sampled)
+        chosen = keep_best(scores, num_kept - num_sampled, protected)
         if num_sampled == 0:
             return chosen
         uniform = torch.rand(scores.shape, generator=prompt.generator).clamp_min(1e-20)

@@ -1,5 +1,6 @@
 """Uniformly random tokens, drawn independently per layer and KV head: the floor any
-scoring policy must beat."""
+scoring policy must beat. Like every policy it keeps the prompt's last tokens (its
+question, :meth:`~.base.EvictionPolicy.recent_window`); it protects no sinks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt
 
 class RandomPolicy(EvictionPolicy):
     name = "random"
+    sinks = 0
 
     def scores(self, prompt: CachedPrompt) -> torch.Tensor:
         return torch.rand(prompt.num_rows, prompt.num_tokens, generator=prompt.generator)

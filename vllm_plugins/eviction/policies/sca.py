@@ -18,11 +18,9 @@ from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt
 
 class ScaPolicy(EvictionPolicy):
     name = "sca"
-    recent: int = 8
 
     def select(self, prompt: CachedPrompt, num_kept: int) -> torch.Tensor:
-        n = prompt.num_tokens
-        seeds = (list(range(min(self.sinks, n))) + list(range(max(self.sinks, n - self.recent), n)))[:num_kept]
+        seeds = sorted(self.protected_tokens(prompt.num_tokens)[:num_kept])  # the sinks and recent tokens
         # imported here: numba adds half a second to the start-up of every process that
         # imports the policies (front end, CLI), most of which never run SCA
         from vllm_plugins.eviction.farthest_points import farthest_points

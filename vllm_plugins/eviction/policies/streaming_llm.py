@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
-from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt, protect_edges
+from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt
 
 
 class StreamingLLMPolicy(EvictionPolicy):
     name = "streaming_llm"
 
     def scores(self, prompt: CachedPrompt) -> torch.Tensor:
-        recency = torch.arange(prompt.num_tokens, dtype=torch.float32).expand(prompt.num_rows, -1)
-        return protect_edges(recency, self.sinks, 0)
+        """Recency: besides the protected sinks and recent window, the newest tokens."""
+        return torch.arange(prompt.num_tokens, dtype=torch.float32).expand(prompt.num_rows, -1)

@@ -11,12 +11,12 @@ METHODS: tuple[type[ServedMethod], ...] = (IaptMethod, ParaMethod, MiloraMethod)
 """In the order of their ``code``."""
 
 
-def check_limits(method: str, adapter_layers, d, settings) -> None:
+def check_limits(method: str, config, d, settings) -> None:
     """Raise :class:`~vllm_plugins.adapters.storage.AdapterError` if the server's limits
-    (``settings``) cannot hold this adapter."""
+    (``settings``) cannot hold an adapter of ``method`` with ``config``."""
     from vllm_plugins.adapters.storage import AdapterError
 
-    reason = next(m for m in METHODS if m.name == method).check(adapter_layers, d, settings)
+    reason = next(m for m in METHODS if m.name == method).check(config, d, settings)
     if reason is not None:
         raise AdapterError(reason)
 

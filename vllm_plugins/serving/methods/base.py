@@ -65,8 +65,9 @@ class ServedMethod:
         self.layers = layers
 
     @classmethod
-    def check(cls, adapter_layers: nn.ModuleList, d: Dims, settings: PromptAdapterSettings) -> str | None:
-        """Why the server cannot hold this adapter of the method (``settings``' limits), or None."""
+    def check(cls, config, d: Dims, settings: PromptAdapterSettings) -> str | None:
+        """Why the server cannot hold an adapter of the method with ``config`` (its
+        manifest's configuration dataclass) within ``settings``' limits, or None."""
         return None
 
     def load(self, slot: int, adapter_layers: nn.ModuleList) -> None:

@@ -30,11 +30,11 @@ class IaptMethod(ServedMethod):
         self.runs = torch.zeros(max_rows, 3, dtype=torch.int64)
 
     @classmethod
-    def check(cls, adapter_layers, d, settings) -> str | None:
-        count = adapter_layers[0].pool.query.shape[1]
+    def check(cls, config, d, settings) -> str | None:
+        count = config.num_soft_tokens
         if not 1 <= count <= settings.max_soft_tokens:
             return f"{count} IAPT soft tokens: the server takes 1 to max_soft_tokens {settings.max_soft_tokens}"
-        bottleneck = adapter_layers[0].down.out_features
+        bottleneck = config.bottleneck
         if not 1 <= bottleneck <= d.hidden:
             return f"IAPT bottleneck {bottleneck}: the server takes 1 to the model's hidden size {d.hidden}"
         return None

@@ -49,10 +49,10 @@ class MiloraMethod(ServedMethod):
         self.lora_b = [{m: torch.zeros(slots, shapes[m][1], rank) for m in LINEAR_MODULES} for _ in layers]
 
     @classmethod
-    def check(cls, adapter_layers, d, settings) -> str | None:
-        rank = adapter_layers[0].experts[LINEAR_MODULES[0]].lora_A.shape[0]
-        if rank > settings.max_rank:
-            return f"MiLoRA rank {rank} is above the server's max_rank {settings.max_rank}"
+    def check(cls, config, d, settings) -> str | None:
+        rank = config.rank
+        if not 1 <= rank <= settings.max_rank:
+            return f"MiLoRA rank {rank}: the server takes 1 to max_rank {settings.max_rank}"
         return None
 
     def load(self, slot: int, adapter_layers) -> None:

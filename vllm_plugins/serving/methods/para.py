@@ -28,9 +28,9 @@ class ParaMethod(ServedMethod):
         self.up = torch.ones(len(layers), max_rows, d.intermediate)
 
     @classmethod
-    def check(cls, adapter_layers, d, settings) -> str | None:
-        bottleneck = adapter_layers[0].down.out_features
-        return None if bottleneck >= 1 else f"PARA bottleneck {bottleneck}: at least 1"
+    def check(cls, config, d, settings) -> str | None:
+        bottleneck = config.bottleneck
+        return None if 1 <= bottleneck <= d.hidden else f"PARA bottleneck {bottleneck}: the server takes 1 to the model's hidden size {d.hidden}"
 
     def finalize(self, layer: int, row: int, adapter: ParaLayer, pooled: torch.Tensor) -> None:
         state = adapter.state_from_pooled(pooled)
