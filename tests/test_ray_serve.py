@@ -1,7 +1,9 @@
 """The plugins' server on Ray Serve, on a real two-node Ray cluster on this machine (a head
 and a second node started with ``ray start --address``): two replicas, one per node,
 answering OpenAI requests for adapters of every kind as a plain server does, and
-surviving the loss of a replica under a Locust load test."""
+surviving the loss of a replica under a Locust load test. A run-time load through the
+router reaches every replica and the replica that replaces a killed one; the client's
+``Authorization`` reaches the servers."""
 
 from __future__ import annotations
 
@@ -21,9 +23,36 @@ from vllm_plugins.loadtest.report import read_records
 from vllm_plugins.serving.process import free_port, request_json
 
 BASE = "demo"
+APP = "vllm-plugins"
+KEYED_APP = "vllm-plugins-keyed"
+API_KEY = "ray-serve-test-key"
+LOAD, UNLOAD = "/v1/load_prompt_adapter", "/v1/unload_prompt_adapter"
+LATE = "late-para"  # loaded at run time through the router: para-2's directory under a new name
 RAY = str(Path(sys.executable).parent / "ray")
 PROMPTS = ("c a b = reverse", "x y z w = upper", "d e f g h = count")
 MAX_TOKENS = 8
+
+
+def test_the_record_of_runtime_loads_and_the_replicas_own_key(monkeypatch):
+    """Without Ray: what the record keeps, and the key a replica replays loads with."""
+    from vllm_plugins.deploy.ray_serve import AdapterLedger, _api_key
+
+    ledger = AdapterLedger()
+    assert ledger.record("a", "/adapters/x") == 1 and ledger.record("iapt-1", None) == 2
+    epoch, version, record = ledger.read()
+    assert version == 2 and record == {"a": "/adapters/x", "iapt-1": None}
+    recreated = AdapterLedger()  # what Serve starts if the record's actor dies
+    recreated.record("a", None)  # recorded since: wins over a replica's older copy
+    new_epoch, version, record = recreated.restore({"a": "/adapters/x", "b": "/adapters/y"})
+    assert new_epoch != epoch and version == 2 and record == {"a": None, "b": "/adapters/y"}
+    assert recreated.restore({"a": "/adapters/x"})[1] == 2  # nothing missing: no new version
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert _api_key(["--dtype", "float32"]) is None
+    assert _api_key(["--api-key", "k1", "k2", "--dtype", "float32"]) == "k1"
+    assert _api_key(["--api-key=k3"]) == "k3"
+    monkeypatch.setenv("VLLM_API_KEY", "k4")
+    assert _api_key([]) == "k4" and _api_key(["--api-key", "k1"]) == "k1"
 
 
 def _ray(*args: str) -> None:
@@ -58,7 +87,7 @@ def ray_service(ray_cluster, tiny_llama, served_adapter_dir):
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     config = RayServeConfig(model=str(tiny_llama), adapter_dir=str(served_adapter_dir), serve_args=list(SERVER_ARGS), num_replicas=2,
                             max_replicas_per_node=1)
-    serve.run(build_app(config), name="vllm-plugins", route_prefix="/")
+    serve.run(build_app(config), name=APP, route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -73,21 +102,67 @@ def _where(replica) -> dict:
     return {"pid": os.getpid(), "node_id": context.get_node_id(), "actor_id": context.get_actor_id()}
 
 
-def _replicas() -> list[dict]:
-    """The live PluginServer replicas: each one's process, node and actor id."""
+def _replicas(app: str = APP) -> list[dict]:
+    """The live PluginServer replicas of ``app``: each one's process, node, actor id and
+    replica tag (the ``replica`` of the answers it gives through ``call``)."""
     import ray
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray's workers cannot import this test module
+    prefix = f"SERVE_REPLICA::{app}#PluginServer#"
     found = []
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["namespace"] == "serve" and "PluginServer" in entry["name"]:
+        if entry["namespace"] == "serve" and entry["name"].startswith(prefix):
             try:
                 actor = ray.get_actor(entry["name"], namespace="serve")
-                found.append(ray.get(actor.__ray_call__.remote(_where), timeout=30))
+                found.append({**ray.get(actor.__ray_call__.remote(_where), timeout=30), "tag": entry["name"].removeprefix(prefix)})
             except (ValueError, ray.exceptions.RayActorError):
                 continue  # gone since it was listed
     return found
+
+
+def _wait_for_replacement(victim: dict, app: str = APP, count: int = 2) -> None:
+    """Until Serve has replaced the killed ``victim``: ``count`` replicas running, the
+    victim not among them."""
+    from ray import serve
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        status = serve.status().applications[app].deployments["PluginServer"]
+        states = status.replica_states
+        replicas = _replicas(app)
+        if (status.status == "HEALTHY" and all(state == "RUNNING" for state, n in states.items() if n) and sum(states.values()) == count
+                and len(replicas) == count and victim["actor_id"] not in {r["actor_id"] for r in replicas}):
+            return
+        time.sleep(2)
+    pytest.fail("Ray Serve did not bring the killed replica back")
+
+
+def _every_replica(model: str, prompt: str, app: str = APP, key: str | None = None) -> dict[str, tuple[int, dict]]:
+    """Each live replica's own answer to a greedy completion for ``model``, by replica
+    tag: sent to every replica through the deployment's handle, since the router would
+    keep sending an adapter's requests to the replica that served it first."""
+    from ray import serve
+
+    from vllm_plugins.deploy.ray_serve import Reply
+
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}).encode()
+    headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
+    handle = serve.get_deployment_handle("PluginServer", app_name=app)
+    deadline = time.monotonic() + 120
+    while True:  # the handle learns of a new replica, and forgets a dead one, within seconds
+        results = handle.broadcast("call", "POST", "/v1/completions", body, headers).results(timeout_s=120, return_exceptions=True)
+        answers = {r.replica: (r.status, json.loads(r.body)) for r in results if isinstance(r, Reply)}
+        live = {r["tag"] for r in _replicas(app)}
+        if set(answers) == live:
+            return answers
+        assert time.monotonic() < deadline, f"answered: {sorted(answers)}, live replicas: {sorted(live)}"
+        time.sleep(1)
+
+
+def _texts(answers: dict[str, tuple[int, dict]]) -> set[str]:
+    assert all(status == 200 for status, _ in answers.values()), answers
+    return {body["choices"][0]["text"] for _, body in answers.values()}
 
 
 def _greedy(url: str, model: str, prompt: str) -> str:
@@ -135,6 +210,47 @@ def test_bad_requests_get_openai_errors_through_ray_serve(ray_service):
     assert _greedy(ray_service, BASE, PROMPTS[0])
 
 
+def test_a_runtime_load_reaches_every_replica_and_the_replacement_of_a_killed_one(ray_service, server, served_adapter_dir):
+    expected = {_greedy(server, "para-2", PROMPTS[0])}
+    assert all(status == 404 for status, _ in _every_replica(LATE, PROMPTS[0]).values())
+    load = {"adapter_name": LATE, "adapter_path": str(served_adapter_dir / "para-2")}
+    status, body = request_json(f"{ray_service}{LOAD}", load)
+    assert status == 200, body
+    try:
+        answers = _every_replica(LATE, PROMPTS[0])
+        assert len(answers) == 2 and _texts(answers) == expected
+        assert {_greedy(ray_service, LATE, PROMPTS[0])} == expected
+        # A second load under the name: every server refuses it, as a plain server does.
+        status, body = request_json(f"{ray_service}{LOAD}", load)
+        assert status == 400 and LATE in body["error"]["message"], body
+
+        victim = _replicas()[0]
+        os.kill(victim["pid"], signal.SIGKILL)
+        _wait_for_replacement(victim)
+        answers = _every_replica(LATE, PROMPTS[0])  # the replacement replayed the load before taking traffic
+        assert len(answers) == 2 and victim["tag"] not in answers and _texts(answers) == expected
+    finally:
+        status, body = request_json(f"{ray_service}{UNLOAD}", {"adapter_name": LATE})
+    assert status == 200, body
+    assert all(status == 404 for status, _ in _every_replica(LATE, PROMPTS[0]).values())
+
+
+def test_a_load_that_one_replica_refuses_is_undone_on_every_replica(ray_service, served_adapter_dir):
+    from ray import serve
+
+    name = "stray-iapt"
+    load = {"adapter_name": name, "adapter_path": str(served_adapter_dir / "iapt-2")}
+    handle = serve.get_deployment_handle("PluginServer", app_name=APP)
+    # Loaded on one replica behind the router's back, so that one refuses the router's load.
+    reply = handle.call.remote("POST", LOAD, json.dumps(load).encode(), {"content-type": "application/json"}).result(timeout_s=120)
+    assert reply.status == 200, reply
+    status, body = request_json(f"{ray_service}{LOAD}", load)
+    assert status == 400 and "already loaded" in body["error"]["message"], body
+    # Not recorded, and every replica reconciled with the record: the other replica's
+    # accepted load is undone, and the stray one with it.
+    assert all(status == 404 for status, _ in _every_replica(name, PROMPTS[0]).values())
+
+
 def _load_config(path: Path, requests: int, timeout_s: int) -> Path:
     lines = [
         "[load]", "users = 5", "spawn_rate = 5", f"max_requests = {requests}", "run_time_s = 240",
@@ -170,8 +286,6 @@ RECOVERY_S = 2
 
 
 def test_killing_a_replica_under_load(ray_service, server, tmp_path):
-    from ray import serve
-
     from vllm_plugins.loadtest.runner import run_loadtest
 
     config = _load_config(tmp_path / "loadtest.toml", requests=120, timeout_s=30)
@@ -200,14 +314,60 @@ def test_killing_a_replica_under_load(ray_service, server, tmp_path):
     assert summary["failed"] == len(failed)
     print(f"replica killed under load: {len(failed)} of {len(rows)} requests failed:", summary["failures"])
 
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        status = serve.status().applications["vllm-plugins"].deployments["PluginServer"]
-        replicas = _replicas()
-        if status.status == "HEALTHY" and len(replicas) == 2 and victim["actor_id"] not in {r["actor_id"] for r in replicas}:
-            break
-        time.sleep(2)
-    else:
-        pytest.fail("Ray Serve did not bring the killed replica back")
+    _wait_for_replacement(victim)
     for model in (BASE, "para-1", "iapt-1"):
         assert _greedy(ray_service, model, PROMPTS[1]) == _greedy(server, model, PROMPTS[1])
+
+
+@pytest.fixture
+def keyed_service(ray_service, tiny_llama, served_adapter_dir):
+    """A second application, at ``/keyed``: one replica whose server wants ``API_KEY``."""
+    from ray import serve
+
+    from vllm_plugins.deploy.ray_serve import RayServeConfig, build_app
+
+    config = RayServeConfig(model=str(tiny_llama), adapter_dir=str(served_adapter_dir),
+                            serve_args=[*SERVER_ARGS, "--api-key", API_KEY], num_replicas=1)
+    serve.run(build_app(config), name=KEYED_APP, route_prefix="/keyed")
+    try:
+        yield f"{ray_service}/keyed"
+    finally:
+        serve.delete(KEYED_APP)
+
+
+def test_the_client_authorization_reaches_the_servers(keyed_service, server, served_adapter_dir):
+    import httpx
+
+    def post(path: str, body: dict, key: str | None = None) -> tuple[int, dict]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        reply = httpx.post(f"{keyed_service}{path}", json=body, headers=headers, timeout=120)
+        return reply.status_code, reply.json()
+
+    completion = {"model": BASE, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+    assert post("/v1/completions", completion)[0] == 401
+    assert post("/v1/completions", completion, "not-the-key")[0] == 401
+    status, body = post("/v1/completions", completion, API_KEY)
+    assert status == 200 and body["choices"][0]["text"] == _greedy(server, BASE, PROMPTS[0]), body
+    assert httpx.get(f"{keyed_service}/v1/models", timeout=60).status_code == 401
+    assert httpx.get(f"{keyed_service}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60).status_code == 200
+
+    # A load is the client's, checked by the servers with the client's key; the router adds none.
+    load = {"adapter_name": LATE, "adapter_path": str(served_adapter_dir / "para-2")}
+    assert post(LOAD, load)[0] == 401
+    assert post(LOAD, {"adapter_name": "unkeyed", "adapter_path": str(served_adapter_dir / "para-3")})[0] == 401
+    status, body = post(LOAD, load, API_KEY)
+    assert status == 200, body
+    expected = _greedy(server, "para-2", PROMPTS[0])
+    late = {**completion, "model": LATE}
+    status, body = post("/v1/completions", late, API_KEY)
+    assert status == 200 and body["choices"][0]["text"] == expected, body
+
+    # The replacement of a killed replica replays the load with its own key (from its
+    # serve_args), and nothing refused for want of a key.
+    victim = _replicas(KEYED_APP)[0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    _wait_for_replacement(victim, KEYED_APP, count=1)
+    status, body = post("/v1/completions", late, API_KEY)
+    assert status == 200 and body["choices"][0]["text"] == expected, body
+    assert post("/v1/completions", {**completion, "model": "unkeyed"}, API_KEY)[0] == 404
+    assert post("/v1/completions", late)[0] == 401
