@@ -75,14 +75,13 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder": ("isa",),  # it sets Attention.isa
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": ("scale",),  # Attention.impl
     "vllm.config.vllm.VllmConfig": ("additional_config", "model_config"),
-    "vllm.config.model.ModelConfig": ("max_model_len",),
     "vllm.v1.worker.cpu_worker.CPUWorker": ("use_v2_model_runner", "cache_config", "vllm_config", "model_runner"),
     "vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator": ("single_type_managers",),
     "vllm.v1.core.block_pool.BlockPool": ("get_num_free_blocks", "get_new_blocks", "free_blocks"),
     "vllm.v1.core.kv_cache_utils.KVCacheBlock": ("block_id", "is_null"),
     "vllm.v1.kv_cache_interface.KVCacheConfig": ("kv_cache_groups",),
     "vllm.v1.kv_cache_interface.KVCacheGroupSpec": ("kv_cache_spec",),
-    "vllm.config.model.ModelConfig": ("model", "hf_config", "architecture", "dtype"),
+    "vllm.config.model.ModelConfig": ("model", "hf_config", "architecture", "dtype", "max_model_len"),
     "vllm.config.cache.CacheConfig": ("block_size", "cache_dtype"),
     "vllm._custom_ops": ("cpu_attn_reshape_and_cache",),
     "vllm.lora.punica_wrapper.punica_cpu": ("bgmv_shrink", "sgmv_shrink"),
