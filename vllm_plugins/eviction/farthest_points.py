@@ -22,10 +22,7 @@ overhead.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -37,31 +34,10 @@ _VECTORISED_SUMS = {"reassoc", "contract"}  # dot products may be reordered; inf
 
 def farthest_points(pieces: np.ndarray, seeds: list[int], num_kept: int) -> np.ndarray:
     """(rows, num_kept) ascending token indices: per row of ``pieces`` (rows, num_pieces,
-    n, d), the ``seeds`` and the tokens the greedy rule adds to them, ``num_kept`` in all.
-
-    Rows are independent: on a machine with more than one core, the second half of them
-    runs on a helper thread while the caller runs the first (the compiled loop releases
-    the GIL)."""
+    n, d), the ``seeds`` and the tokens the greedy rule adds to them, ``num_kept`` in all."""
     pieces = np.ascontiguousarray(pieces, dtype=np.float32)
-    rows, num_pieces, _, d = pieces.shape
-    loop, seeds = _compiled_loop(num_pieces * d), np.asarray(seeds, dtype=np.int64)
-    if rows < 2 or (os.cpu_count() or 1) < 2:
-        return loop(pieces, seeds, num_kept)
-    half = rows // 2
-    second = _helper().submit(loop, pieces[half:], seeds, num_kept)
-    return np.concatenate([loop(pieces[:half], seeds, num_kept), second.result()])
-
-
-@functools.cache
-def _helper() -> ThreadPoolExecutor:
-    """One thread, free to run on any core: vLLM's CPU worker pins its threads to the
-    cores it gives torch (one on a 2-core machine), and a new thread inherits the pin of
-    the thread that starts it."""
-    def unpin() -> None:
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, range(os.cpu_count() or 1))
-
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="farthest-points", initializer=unpin)
+    _, num_pieces, _, d = pieces.shape
+    return _compiled_loop(num_pieces * d)(pieces, np.asarray(seeds, dtype=np.int64), num_kept)
 
 
 @functools.cache
@@ -127,7 +103,7 @@ def _compiled_loop(width: int):
             _sift_down(index, bound, size, 0)
         return np.flatnonzero(is_chosen)
 
-    @numba.njit(cache=True, nogil=True)
+    @numba.njit(cache=True)
     def choose_per_row(pieces, seeds, num_kept):
         kept = np.empty((pieces.shape[0], num_kept), np.int64)
         for row in range(pieces.shape[0]):
