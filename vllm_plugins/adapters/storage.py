@@ -224,9 +224,9 @@ def load_prompt_aware_layers(
         if check is not None:
             check(spec.name, config)
         layers = nn.ModuleList(spec.layers(d, config))
+    except AdapterError:
+        raise  # the server's limits, already said
     except (TypeError, KeyError, ValueError, AttributeError, RuntimeError, ArithmeticError) as err:
-        if isinstance(err, AdapterError):
-            raise
         raise AdapterError(f"{adapter_dir}: invalid adapter config ({err})") from None
     tensor_bytes = sum(4 * t.numel() for t in layers.state_dict().values())
     weights = _read_weights(adapter_dir, manifest, tensor_bytes + SAFETENSORS_OVERHEAD)

@@ -26,8 +26,8 @@ adapters:
   ``POST /v1/unload_prompt_adapter`` ``{"adapter_name"}``, when run-time loading is on.
 
 ``--api-key`` (or ``VLLM_API_KEY``) guards every ``/v1`` route here as vLLM guards its
-own, and ``/invocations`` too (it serves the tenants), before any work is done. Adapter validation runs in a worker thread, never on the
-event loop.
+own, and ``/invocations`` too (it serves the tenants), before any work is done. Adapter
+validation runs in a worker thread, never on the event loop.
 
 Settings come from vLLM's ``--additional-config`` (:mod:`.config`); the served model from
 vLLM's own arguments.
@@ -58,6 +58,11 @@ EVICTION_XARGS = (POLICY_ARG, KEEP_RATIO_ARG, BUDGET_ARG)
 CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
                         "chat_template", "chat_template_kwargs", "tools", "mm_processor_kwargs")
 """What shapes a chat prompt's tokens: passed on to ``/tokenize`` to count them."""
+
+
+def _token_ids(prompt) -> bool:
+    """Whether a completions ``prompt`` is one prompt given as token ids."""
+    return isinstance(prompt, list) and bool(prompt) and all(isinstance(t, int) for t in prompt)
 
 
 def body_limit(max_model_len: int) -> int:
@@ -180,10 +185,8 @@ class PromptAdapterMiddleware:
             counts = []
         else:
             prompt = body.get("prompt")
-            if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-                prompt = [prompt]
-            prompts = prompt if isinstance(prompt, list) else [prompt]
-            counts = [len(p) for p in prompts if isinstance(p, list) and all(isinstance(t, int) for t in p)]
+            prompts = [prompt] if _token_ids(prompt) or not isinstance(prompt, list) else prompt
+            counts = [len(p) for p in prompts if _token_ids(p)]
             requests = [{"prompt": p, **{k: body[k] for k in ("add_special_tokens",) if k in body}}
                         for p in prompts if isinstance(p, str)]
         for request in requests:  # every tenant shares the served model's tokenizer

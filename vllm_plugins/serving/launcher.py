@@ -46,8 +46,10 @@ def _lora_rank(manifest: dict) -> int:
     """The highest rank of a LoRA-family adapter; AdapterError if vLLM cannot serve it."""
     lora = manifest.get("lora") or {}
     pattern = lora.get("rank_pattern") or {} if isinstance(lora, dict) else None
-    ranks = [lora.get("rank", 8), *pattern.values()] if isinstance(pattern, dict) else []
-    if not ranks or not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= LORA_RANKS[-1] for r in ranks):
+    if not isinstance(pattern, dict):
+        raise AdapterError("the manifest's lora settings are not a JSON object")
+    ranks = [lora.get("rank", 8), *pattern.values()]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= LORA_RANKS[-1] for r in ranks):
         raise AdapterError(f"LoRA ranks must be integers from 1 to {LORA_RANKS[-1]} (vLLM's largest --max-lora-rank)")
     return max(ranks)
 
