@@ -158,6 +158,11 @@ class Reply(NamedTuple):
     content_type: str
     replica: str
 
+    @classmethod
+    def error(cls, status: int, message: str) -> Reply:
+        """An answer the router makes itself, in the OpenAI error format."""
+        return cls(status, json.dumps({"error": {"message": message, "code": status}}).encode(), "application/json", "")
+
     def response(self) -> Response:
         return Response(content=self.body, status_code=self.status, media_type=self.content_type)
 
@@ -369,9 +374,7 @@ class OpenAIRouter:
             for result in results:
                 if isinstance(result, ray.exceptions.RayActorError):
                     continue  # died or unreachable: its replacement (or itself) reconciles to the record
-                replies.append(result if isinstance(result, Reply) else
-                               Reply(502, json.dumps({"error": {"message": f"a replica failed: {result}", "code": 502}}).encode(),
-                                     "application/json", ""))
+                replies.append(result if isinstance(result, Reply) else Reply.error(502, f"a replica failed: {result}"))
             refused = [r for r in replies if r.status != 200]
             if replies and not refused:
                 request = json.loads(body)
@@ -379,8 +382,7 @@ class OpenAIRouter:
                     await self.replicas.remember.remote(request["adapter_name"], request["adapter_path"] if path == LOAD else None)
                     return replies[0].response()
                 except Exception as err:
-                    refused = [Reply(503, json.dumps({"error": {"message": f"not recorded: {err}", "code": 503}}).encode(),
-                                     "application/json", "")]
+                    refused = [Reply.error(503, f"not recorded: {err}")]
             if any(r.status == 200 for r in replies):
                 await self._reconcile_all()
             return refused[0].response() if refused else _error(503, "no replica answered")
