@@ -10,7 +10,7 @@ import torch
 from vllm_plugins.eviction.budget import EvictionPlan, min_budget, plan_eviction
 from vllm_plugins.eviction.farthest_points import farthest_points
 from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
-from vllm_plugins.eviction.policies.base import keep_best, window_attention
+from vllm_plugins.eviction.policies.base import keep_best, keep_best_torch, window_attention
 from vllm_plugins.eviction.policies.nacl import NaclPolicy
 from vllm_plugins.eviction.settings import EvictionRule, EvictionSettings, EvictionSettingsError
 from vllm_plugins.serving.config import eviction_settings
@@ -319,3 +319,20 @@ def test_server_settings_are_checked_at_start_up():
         eviction_settings({"kv_eviction": {"policy": "nacl", "min_prompt": -1}})
     assert eviction_settings('{"kv_eviction": {"policy": "sca"}}').policy == "sca"
     assert eviction_settings(None) == EvictionSettings()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_keep_best_compiled_on_cpu_equals_the_torch_selection(seed):
+    """The CPU worker's compiled selection and the torch one (other devices) keep the same
+    tokens, ties, infinities, zeros of both signs and protected tokens included."""
+    g = torch.Generator().manual_seed(seed)
+    n = 300
+    scores = torch.rand(6, n, generator=g)
+    scores[1] = (scores[1] * 4).round()  # many ties
+    scores[2] = scores[2].log() - 0.5  # negative
+    scores[3, ::7] = float("-inf")
+    scores[4, ::5], scores[4, 1::5] = 0.0, -0.0
+    protected = [n - 1 - i for i in range(10)] + [0, 1, 2]
+    for num_kept in (1, 5, 13, 40, 150, n):
+        for first in ([], protected[: num_kept]):
+            assert torch.equal(keep_best(scores, num_kept, first), keep_best_torch(scores, num_kept, first)), (num_kept, first)

@@ -214,6 +214,22 @@ def test_cpu_compaction_matches_reference(dtype, keys_dim_major, requests, kv_he
     assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
 
 
+def test_cpu_compaction_of_every_layer_at_once_matches_the_reference_per_layer():
+    """compact_kept_layers_: one compiled call, the layers in parallel, each layer's own
+    tokens moved in its own cache."""
+    seq_lens, kv_heads, block_size, layers = [40, 33], 2, 8, 3
+    table, num_blocks = random_block_tables(seq_lens, block_size)
+    caches = [paged_cache(num_blocks, kv_heads, block_size, 16, torch.float32) for _ in range(layers)]
+    keep = torch.stack([random_keep(seq_lens, kv_heads, 12) for _ in range(layers)])
+    assert not torch.equal(keep[0], keep[1])
+    refs = [(k.clone(), v.clone()) for k, v in caches]
+    for (ref_k, ref_v), layer_keep in zip(refs, keep):
+        eviction.compact_kept_torch(ref_k, ref_v, table, layer_keep, torch.tensor(seq_lens))
+    eviction.compact_kept_layers_(caches, table, keep, torch.tensor(seq_lens))
+    for (got_k, got_v), (ref_k, ref_v) in zip(caches, refs):
+        assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
+
+
 def test_compaction_reference_moves_kept_tokens_in_order_to_the_trailing_slots():
     block_size, seq_len = 4, 10
     table, num_blocks = random_block_tables([seq_len], block_size)

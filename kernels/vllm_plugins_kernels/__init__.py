@@ -3,7 +3,7 @@ reference of the same function.
 
 Every public op takes the same arguments on any device: on CUDA tensors it launches the
 Triton kernel, elsewhere it runs the torch reference (``*_torch``); ``*_triton`` names the
-kernel's launcher. One exception: on CPU tensors ``compact_kept_`` runs a compiled loop
+kernel's launcher. One exception: on CPU tensors ``compact_kept_`` (and ``compact_kept_layers_``) runs a compiled loop
 (:mod:`.eviction_cpu`), because the reference is slow there. On a machine without a GPU
 the kernels still run in Triton's interpreter (``TRITON_INTERPRET=1`` before Triton is
 imported), which is how the test suite checks them.
@@ -14,13 +14,14 @@ imported), which is how the test suite checks them.
 - :mod:`.eviction`: proxy-attention scores and in-place compaction of kept tokens.
 """
 
-from vllm_plugins_kernels.eviction import compact_kept_, proxy_attention_scores
+from vllm_plugins_kernels.eviction import compact_kept_, compact_kept_layers_, proxy_attention_scores
 from vllm_plugins_kernels.expert_lora import expert_lora_
 from vllm_plugins_kernels.rescale import rescale_columns_
 from vllm_plugins_kernels.soft_kv import soft_attention_paged_, write_soft_kv
 
 __all__ = [
     "compact_kept_",
+    "compact_kept_layers_",
     "expert_lora_",
     "proxy_attention_scores",
     "rescale_columns_",

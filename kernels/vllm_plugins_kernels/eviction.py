@@ -20,6 +20,8 @@ a request to its physical block.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
@@ -267,3 +269,16 @@ def compact_kept_(key_cache, value_cache, block_table, keep, seq_lens) -> None:
         compact_kept_cpu(key_cache, value_cache, block_table, keep, seq_lens)
     else:
         compact_kept_torch(key_cache, value_cache, block_table, keep, seq_lens)
+
+
+def compact_kept_layers_(caches: Sequence[tuple[torch.Tensor, torch.Tensor]], block_table, keep, seq_lens) -> None:
+    """:func:`compact_kept_` for every layer of a model at once: ``caches``, per layer,
+    its (key_cache, value_cache); keep: (layers, requests, kv_heads, kept). On CPU tensors
+    one compiled call moves every layer's tokens, the layers in parallel."""
+    if caches and caches[0][0].device.type == "cpu":
+        from vllm_plugins_kernels.eviction_cpu import compact_kept_layers_cpu
+
+        compact_kept_layers_cpu(caches, block_table, keep, seq_lens)
+        return
+    for (key_cache, value_cache), layer_keep in zip(caches, keep):
+        compact_kept_(key_cache, value_cache, block_table, layer_keep, seq_lens)

@@ -1,5 +1,6 @@
-"""The compaction of kept tokens (:func:`vllm_plugins_kernels.eviction.compact_kept_`) on
-CPU tensors: one compiled loop (numba) over the tokens that move.
+"""The compaction of kept tokens (:func:`vllm_plugins_kernels.eviction.compact_kept_`,
+:func:`~vllm_plugins_kernels.eviction.compact_kept_layers_`) on CPU tensors: one
+compiled loop (numba) over the tokens that move.
 
 The torch reference builds index tensors and moves every kept token through advanced
 indexing, twice per cache; on the CPU worker that costs about 0.5 ms per layer for a
@@ -17,13 +18,27 @@ _SAME_SIZE_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.in
 
 
 def compact_kept_cpu(key_cache, value_cache, block_table, keep, seq_lens) -> None:
-    _compact(_bits(key_cache), _bits(value_cache), block_table.numpy(), keep.numpy(), seq_lens.numpy())
+    compact_kept_layers_cpu([(key_cache, value_cache)], block_table, keep[None], seq_lens)
+
+
+def compact_kept_layers_cpu(caches, block_table, keep, seq_lens) -> None:
+    """Every layer's compaction in one compiled call, the layers in parallel on numba's
+    threads (as many as torch has: the cores vLLM's CPU worker was given)."""
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    keys, values = tuple(_bits(k) for k, _ in caches), tuple(_bits(v) for _, v in caches)
+    _compact_layers(keys, values, block_table.numpy(), keep.numpy(), seq_lens.numpy())
 
 
 def _bits(cache: torch.Tensor) -> np.ndarray:
     """The cache's elements as integers of their size, so any dtype (bfloat16 included,
     which numpy lacks) moves bit for bit; strides are kept."""
     return cache.view(_SAME_SIZE_INTEGER[cache.element_size()]).numpy()
+
+
+@numba.njit(cache=True, parallel=True)
+def _compact_layers(key_caches, value_caches, block_table, keep, seq_lens):
+    for layer in numba.prange(len(key_caches)):
+        _compact(key_caches[layer], value_caches[layer], block_table, keep[layer], seq_lens)
 
 
 @numba.njit(cache=True)

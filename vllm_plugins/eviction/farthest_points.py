@@ -17,7 +17,8 @@ the choices are the same up to rounding in the dot products; on prompt keys the 
 computes about half of the eager loop's dot products. Memory is O(n * d) per row (the
 joined unit vectors, the chosen ones, the bounds), never n x n. The loop is compiled with
 numba (a dependency of vLLM): its steps are too small for numpy's or torch's per-call
-overhead.
+overhead. Rows (SCA's layers) are independent and run in parallel on numba's threads,
+as many as torch has (the cores vLLM's CPU worker was given), while torch's own wait.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import functools
 
 import numba
 import numpy as np
+import torch
 
 _BELOW_ANY_SIMILARITY = np.float32(-2.0)  # a candidate's bound before any vector is chosen
 _TINY = np.float32(1e-12)  # a zero piece stays zero rather than dividing by zero
@@ -37,6 +39,7 @@ def farthest_points(pieces: np.ndarray, seeds: list[int], num_kept: int) -> np.n
     n, d), the ``seeds`` and the tokens the greedy rule adds to them, ``num_kept`` in all."""
     pieces = np.ascontiguousarray(pieces, dtype=np.float32)
     _, num_pieces, _, d = pieces.shape
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     return _compiled_loop(num_pieces * d)(pieces, np.asarray(seeds, dtype=np.int64), num_kept)
 
 
@@ -103,10 +106,10 @@ def _compiled_loop(width: int):
             _sift_down(index, bound, size, 0)
         return np.flatnonzero(is_chosen)
 
-    @numba.njit(cache=True)
+    @numba.njit(cache=True, parallel=True)
     def choose_per_row(pieces, seeds, num_kept):
         kept = np.empty((pieces.shape[0], num_kept), np.int64)
-        for row in range(pieces.shape[0]):
+        for row in numba.prange(pieces.shape[0]):
             kept[row] = choose(_joined_unit_pieces(pieces[row]), seeds, num_kept)
         return kept
 

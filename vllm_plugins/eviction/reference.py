@@ -60,12 +60,15 @@ def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: Evi
     """Keep each layer's chosen tokens in ``cache`` (batch 1), in order; their indices,
     (kv_heads, num_kept) per layer."""
     layers = cache.layers
-    kept = choose_kept(plan, [layer.keys[0] for layer in layers], [queries[i] for i in sorted(queries)], scale)
+    keys = torch.cat([layer.keys[0] for layer in layers])
+    window = torch.cat([queries[i] for i in sorted(queries)]) if queries else keys.new_empty(0, 0, keys.shape[-1])
+    kv_heads = layers[0].keys.shape[1]
+    kept = choose_kept(plan, keys, window, scale, kv_heads).view(len(layers), kv_heads, plan.num_kept)
     for layer, chosen in zip(layers, kept):
         rows = chosen[:, :, None].expand(-1, -1, layer.keys.shape[-1])
         layer.keys = layer.keys[0].gather(1, rows)[None]
         layer.values = layer.values[0].gather(1, rows)[None]
-    return kept
+    return list(kept)
 
 
 def generate_with_eviction(lm, prompt: list[int], plan: EvictionPlan | None, max_new_tokens: int, eos_id: int | None) -> EvictedGeneration:

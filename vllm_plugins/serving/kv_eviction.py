@@ -6,15 +6,15 @@ Data flow for a request whose ``extra_args`` carry an eviction plan (set by the
 scheduler, :mod:`.block_release`):
 
     runner, before each prefill step (:meth:`KvEviction.begin_step`): the flat tokens at
-        the prompt's last w positions (the policy's proxy / observation window) get a row
-        of the capture buffer (``token_capture``)
+        the prompt's last w positions (the policy's proxy / observation window) are listed
+        in ``capture_tokens``, their number in ``num_capture``
     forward pass: the ``kv_eviction_capture`` op (:mod:`.ops`) copies each layer's
-        queries of those tokens into ``captured`` (:meth:`capture`)
+        queries of those tokens into ``captured``, in the list's order (:meth:`capture`)
     runner, after the forward pass (:meth:`end_step`): the captured queries go into the
         request's query window; if the step completed the prompt (its first generated
         token has seen the whole cache), the policy chooses num_kept tokens for every
         (layer, KV head) from the cached keys in one call, and
-        :func:`~vllm_plugins_kernels.compact_kept_` moves them, in order, to the prompt's
+        :func:`~vllm_plugins_kernels.compact_kept_layers_` moves them, in order, to the prompt's
         trailing slots [num_prompt - num_kept, num_prompt)
     the scheduler then frees the leading blocks (:mod:`.block_release`)
     every later step, where vLLM builds the attention metadata (:meth:`narrow`):
@@ -41,7 +41,7 @@ from vllm_plugins.eviction.policies import POLICIES, choose_kept
 from vllm_plugins.serving import vllm_internals as vi
 from vllm_plugins.serving.batch import StepBatch
 from vllm_plugins.serving.paged_cache import paged_key_value
-from vllm_plugins_kernels import compact_kept_
+from vllm_plugins_kernels import compact_kept_layers_
 
 PLAN_ARG = "kv_eviction_plan"
 """``extra_args`` key, set by the scheduler: :meth:`EvictionPlan.as_args`."""
@@ -54,8 +54,8 @@ def requested_plan(sampling_params) -> EvictionPlan | None:
 
 @dataclass
 class _Prefill:
-    """An evicting request until its prompt completes: ``queries`` (layers, window,
-    heads, head_dim) fills as the window's tokens are computed."""
+    """An evicting request until its prompt completes: ``queries`` (layers, heads,
+    window, head_dim) fills as the window's tokens are computed."""
 
     plan: EvictionPlan
     queries: torch.Tensor
@@ -71,7 +71,8 @@ class KvEviction:
         self.attention = attention
         self.block_size = block_size
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.token_capture = torch.full((max_tokens,), -1, dtype=torch.int64)  # per token: its row of `captured`
+        self.capture_tokens = torch.zeros(max_tokens, dtype=torch.int64)  # the step's tokens whose queries are kept
+        self.num_capture = torch.zeros(1, dtype=torch.int64)  # how many of capture_tokens are listed
         self.captured = torch.zeros(len(attention), max_tokens, num_heads * head_dim, dtype=dtype)
         self.skipped_rows = torch.zeros(max_reqs, dtype=torch.int64)  # per batch row: leading blocks attention skips
         self.prefills: dict[str, _Prefill] = {}
@@ -93,15 +94,16 @@ class KvEviction:
                 self.prefills.pop(req_id, None)
                 if (plan := plan_of(req_id)) is not None:
                     window = POLICIES[plan.policy]().query_window(plan.num_prompt)
-                    shape = (len(self.attention), window, self.num_heads, self.head_dim)
+                    shape = (len(self.attention), self.num_heads, window, self.head_dim)
                     self.prefills[req_id] = _Prefill(plan, torch.empty(shape, dtype=self.captured.dtype))
             self.skipped_rows[row] = self.skipped_blocks.get(req_id, 0)
             if req_id not in self.prefills:
                 continue
-            first, count, offset = batch.prompt_tail(row, self.prefills[req_id].queries.shape[1])
-            self.token_capture[first : first + count] = torch.arange(next_row, next_row + count)
+            first, count, offset = batch.prompt_tail(row, self.prefills[req_id].queries.shape[2])
+            self.capture_tokens[next_row : next_row + count] = torch.arange(first, first + count)
             self._step.append((req_id, next_row, count, offset, bool(completes[row])))
             next_row += count
+        self.num_capture.fill_(next_row)
 
     def end_step(self, block_ids_of: Callable[[str], list[int]]) -> None:
         """After the forward pass: keep the captured queries and evict the requests whose
@@ -109,7 +111,7 @@ class KvEviction:
         for req_id, first, count, offset, completes in self._step:
             prefill = self.prefills[req_id]
             queries = self.captured[:, first : first + count].view(len(self.attention), count, self.num_heads, self.head_dim)
-            prefill.queries[:, offset : offset + count] = queries
+            prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)
             if completes:
                 self._evict(req_id, self.prefills.pop(req_id), block_ids_of(req_id))
         self.clear()
@@ -117,8 +119,7 @@ class KvEviction:
     def clear(self) -> None:
         """No token to capture and no narrowing: what the op and the metadata builders see
         outside a step (profiling, warm-up)."""
-        if self._step:
-            self.token_capture.fill_(-1)
+        self.num_capture.zero_()
         self.skipped_rows.zero_()
         self._step = []
 
@@ -142,11 +143,10 @@ class KvEviction:
     # -- op side, inside the forward pass -----------------------------------------------
     def capture(self, layer: int, query: torch.Tensor) -> None:
         """Copy layer ``layer``'s queries (tokens, heads * head_dim) of the step's capture
-        tokens into their rows of ``captured``."""
-        rows = self.token_capture[: query.shape[0]]
-        tokens = (rows >= 0).nonzero().squeeze(1)
-        if tokens.numel():
-            self.captured[layer, rows[tokens]] = query[tokens]
+        tokens into the leading rows of ``captured``, in ``capture_tokens``' order."""
+        count = int(self.num_capture)
+        if count:
+            torch.index_select(query, 0, self.capture_tokens[:count], out=self.captured[layer, :count])
 
     # -- internals ----------------------------------------------------------------------
     def _evict(self, req_id: str, prefill: _Prefill, block_ids: list[int]) -> None:
@@ -154,11 +154,15 @@ class KvEviction:
         num_blocks = -(-plan.num_prompt // self.block_size)
         table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64)
         caches = [paged_key_value(attn) for attn in self.attention]
-        keys = [key_cache.index_select(0, table).transpose(0, 1).flatten(1, 2)[:, : plan.num_prompt] for key_cache, _ in caches]
-        queries = [layer.transpose(0, 1) for layer in prefill.queries] if prefill.queries.shape[1] else []
-        kept = choose_kept(plan, keys, queries, vi.attention_scale(self.attention[0]))
-        for (key_cache, value_cache), keep in zip(caches, kept):
-            compact_kept_(key_cache, value_cache, table[None], keep[None].contiguous(), torch.tensor([plan.num_prompt]))
+        layers, kv_heads = len(caches), caches[0][0].shape[1]
+        # every layer's cached prompt keys, gathered once into one layer-major tensor
+        keys = torch.empty(layers, kv_heads, num_blocks, self.block_size, self.head_dim, dtype=caches[0][0].dtype)
+        for layer, (key_cache, _) in enumerate(caches):
+            keys[layer].copy_(key_cache.index_select(0, table).transpose(0, 1))
+        keys = keys.view(layers * kv_heads, num_blocks * self.block_size, self.head_dim)[:, : plan.num_prompt]
+        scale = vi.attention_scale(self.attention[0])
+        kept = choose_kept(plan, keys, prefill.queries.flatten(0, 1), scale, kv_heads).view(layers, kv_heads, plan.num_kept)
+        compact_kept_layers_(caches, table[None], kept[:, None], torch.tensor([plan.num_prompt]))
         self.skipped_blocks[req_id] = plan.evicted_blocks(self.block_size)
         self.evictions += 1
-        self.kept_records.append((req_id, kept))
+        self.kept_records.append((req_id, list(kept)))

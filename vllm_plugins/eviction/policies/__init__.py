@@ -21,15 +21,14 @@ POLICIES: dict[str, type[EvictionPolicy]] = {
 }
 
 
-def choose_kept(plan: EvictionPlan, keys: list[torch.Tensor], queries: list[torch.Tensor], scale: float) -> list[torch.Tensor]:
-    """Per layer, the (kv_heads, num_kept) ascending tokens that ``plan``'s policy keeps,
-    chosen for all layers in one call. ``keys``: per layer, (kv_heads, n, head_dim) as
-    cached; ``queries``: per layer, (heads, w, head_dim), the prompt's last ``w`` rotated
-    queries (``w = query_window(n)``), or no layers for a policy that reads none."""
-    all_keys = torch.cat(keys)
-    window = torch.cat(queries) if queries else all_keys.new_empty(0, 0, all_keys.shape[-1])
-    prompt = CachedPrompt(all_keys, window, scale, plan.generator(), kv_heads=keys[0].shape[0])
-    return list(POLICIES[plan.policy]().select(prompt, plan.num_kept).chunk(len(keys)))
+def choose_kept(plan: EvictionPlan, keys: torch.Tensor, queries: torch.Tensor, scale: float, kv_heads: int) -> torch.Tensor:
+    """(layers * kv_heads, num_kept): the ascending tokens each (layer, KV head) row keeps
+    under ``plan``'s policy, chosen for all layers in one call. ``keys``: (layers *
+    kv_heads, n, head_dim) as cached, layer-major; ``queries``: (layers * heads, w,
+    head_dim), the prompt's last ``w`` rotated queries (``w = query_window(n)``), a layer's
+    heads together, ``w = 0`` for a policy that reads none."""
+    prompt = CachedPrompt(keys, queries, scale, plan.generator(), kv_heads=kv_heads)
+    return POLICIES[plan.policy]().select(prompt, plan.num_kept)
 
 
 __all__ = ["POLICIES", "EvictionPolicy", "CachedPrompt", "choose_kept"]

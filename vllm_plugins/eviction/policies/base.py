@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
+import numpy as np
 import torch
 
 
@@ -91,14 +92,40 @@ class EvictionPolicy:
 def keep_best(scores: torch.Tensor, num_kept: int, protected: Sequence[int] = ()) -> torch.Tensor:
     """Per row, the indices of the ``num_kept`` tokens kept, ascending: the ``protected``
     ones first (token indices, most important first, as many as fit), then the highest
-    scores. Equal scores go to the earlier token (a stable sort), so the choice does not
-    depend on the sort's internals."""
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-    if protected:  # the protected ones to the front, whatever their scores
-        first = torch.zeros(scores.shape[-1], dtype=torch.int8, device=scores.device)
-        first[list(protected)[:num_kept]] = 1
-        order = order.gather(-1, torch.sort(first[order], dim=-1, descending=True, stable=True).indices)
-    return order[:, :num_kept].sort(dim=-1).values
+    scores. Equal scores go to the earlier token, so the choice does not depend on how
+    the selection runs.
+
+    The selection runs on unique integer keys: a token's float32 score mapped to an
+    order-preserving integer, times 2**32, plus a tie-breaker that favours earlier tokens;
+    a protected token's key is above every score's. CPU tensors go through one compiled
+    call (:mod:`vllm_plugins.eviction.best_tokens`), others through ``topk``.
+    """
+    first = list(protected)[:num_kept]
+    if scores.device.type == "cpu":
+        # imported here: numba adds half a second to the start-up of every process that
+        # imports the policies (front end, CLI), most of which never evict
+        from vllm_plugins.eviction.best_tokens import best_tokens
+
+        return torch.from_numpy(best_tokens(scores.float().numpy(), np.asarray(first, dtype=np.int64), num_kept))
+    return keep_best_torch(scores, num_kept, first)
+
+
+def keep_best_torch(scores: torch.Tensor, num_kept: int, first: list[int]) -> torch.Tensor:
+    """:func:`keep_best` on any device, ``first``: the protected tokens that fit."""
+    rows, n = scores.shape
+    bits = (scores.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 ties with 0.0
+    ordered = torch.where(bits < 0, NEGATIVE_BITS - bits, bits)  # a float32's order, as an integer
+    keys = ordered * TIE_RANGE + torch.arange(n - 1, -1, -1, device=scores.device)
+    if first:
+        keys[:, first] = PROTECTED - torch.arange(len(first), device=scores.device)
+    best = keys.topk(num_kept, dim=-1, sorted=False).indices
+    kept = torch.zeros(rows, n, dtype=torch.bool, device=scores.device).scatter_(1, best, True)
+    return kept.nonzero()[:, 1].view(rows, num_kept)
+
+
+TIE_RANGE = 1 << 32  # above any token index
+NEGATIVE_BITS = -(1 << 31) - 1  # a negative float32's int32 bits b map to this - b: ascending with the value
+PROTECTED = (1 << 63) - 1  # the key of the most important protected token; the next ones count down
 
 
 def window_attention(prompt: CachedPrompt) -> torch.Tensor:
@@ -113,7 +140,11 @@ def window_attention(prompt: CachedPrompt) -> torch.Tensor:
     heads, window, _ = queries.shape
     rows, n, _ = keys.shape
     group = heads // rows
-    logits = queries.reshape(rows, group * window, -1) @ keys.transpose(1, 2) * prompt.scale
-    position = (n - window + torch.arange(window)).repeat(group)
-    logits = logits.masked_fill(torch.arange(n)[None, :] > position[:, None], float("-inf"))
-    return torch.softmax(logits, dim=-1).sum(dim=1)
+    logits = (queries.reshape(rows, group * window, -1) * prompt.scale) @ keys.transpose(1, 2)
+    future = torch.ones(window, window, dtype=torch.bool, device=logits.device).triu(1)  # query p, token n - w + c: c > p
+    logits[..., n - window :].masked_fill_(future.repeat(group, 1), float("-inf"))
+    # softmax in place, its sum over queries as one product: one (rows, group * w, n)
+    # buffer rather than three, whose fresh pages cost more than the arithmetic
+    probabilities = logits.sub_(logits.amax(dim=-1, keepdim=True)).exp_()
+    normalisers = probabilities.sum(dim=-1, keepdim=True).reciprocal_()
+    return (normalisers.transpose(1, 2) @ probabilities)[:, 0]

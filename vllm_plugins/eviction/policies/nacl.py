@@ -40,7 +40,9 @@ class NaclPolicy(EvictionPolicy):
         if num_sampled == 0:
             return chosen
         uniform = torch.rand(scores.shape, generator=prompt.generator).clamp_min(1e-20)
-        gumbel_keys = scores.log() - (-uniform.log()).log()
+        # a token no query attends to (its score underflowed to 0) still gets a finite key,
+        # below every other: only the chosen tokens' -inf keeps them from being drawn twice
+        gumbel_keys = scores.clamp_min(torch.finfo(scores.dtype).tiny).log() - (-uniform.log()).log()
         gumbel_keys.scatter_(1, chosen, float("-inf"))
         sampled = keep_best(gumbel_keys, num_sampled)
         return torch.cat([chosen, sampled], dim=1).sort(dim=1).values
