@@ -60,6 +60,19 @@ def test_serve_listens_on_loopback_unless_told_otherwise(tmp_path):
         assert "127.0.0.1" not in argv and argv[-len(given):] == given
 
 
+def test_serve_sizes_the_cpu_kv_cache_unless_told_otherwise(tmp_path):
+    """vLLM's CPU worker refuses to start when other work holds 8% of memory, unless the
+    KV cache has a size: serve gives it 4 GiB, and leaves a size the user chose alone."""
+    from vllm_plugins.serving.config import PromptAdapterSettings
+    from vllm_plugins.serving.launcher import CPU_KV_CACHE_BYTES, serve_argv
+
+    argv = serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), [])
+    assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(CPU_KV_CACHE_BYTES) == str(4 * 2**30)
+    for given in (["--kv-cache-memory-bytes", "1073741824"], ["--gpu-memory-utilization=0.5"]):
+        argv = serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), given)
+        assert str(CPU_KV_CACHE_BYTES) not in argv and argv[-len(given):] == given
+
+
 def test_bench_adapters_writes_figures_and_ratios(plugins_home, tmp_path):
     """The benchmark's machinery on a tiny random model: base plus one prompt-aware and
     one stock-LoRA method, each through its own engine (figures are not judged here)."""

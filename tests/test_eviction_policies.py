@@ -321,18 +321,41 @@ def test_server_settings_are_checked_at_start_up():
     assert eviction_settings(None) == EvictionSettings()
 
 
+def _keep_best_by_sorting(scores: torch.Tensor, num_kept: int, protected: list[int]) -> list[list[int]]:
+    """keep_best's rule spelled out: protected first (in their order), then by score
+    descending (NaN lowest above -inf), then the earlier token."""
+    kept = []
+    for row in scores.tolist():
+        def rank(j):
+            score = row[j]
+            score = -3.4e38 if math.isnan(score) else score
+            return (protected.index(j) if j in protected else len(protected), -score, j)
+        kept.append(sorted(sorted(range(len(row)), key=rank)[:num_kept]))
+    return kept
+
+
 @pytest.mark.parametrize("seed", range(6))
-def test_keep_best_compiled_on_cpu_equals_the_torch_selection(seed):
-    """The CPU worker's compiled selection and the torch one (other devices) keep the same
-    tokens, ties, infinities, zeros of both signs and protected tokens included."""
+def test_keep_best_on_cpu_and_with_topk_follow_the_rule(seed):
+    """The CPU worker's compiled selection and the torch one (other devices) keep the
+    tokens the rule names: ties, infinities, NaN, zeros of both signs and protected
+    tokens included."""
     g = torch.Generator().manual_seed(seed)
-    n = 300
+    n = 120
     scores = torch.rand(6, n, generator=g)
     scores[1] = (scores[1] * 4).round()  # many ties
     scores[2] = scores[2].log() - 0.5  # negative
-    scores[3, ::7] = float("-inf")
+    scores[3, ::7], scores[3, 1::7] = float("-inf"), float("inf")
     scores[4, ::5], scores[4, 1::5] = 0.0, -0.0
+    scores[5, ::9] = float("nan")
     protected = [n - 1 - i for i in range(10)] + [0, 1, 2]
-    for num_kept in (1, 5, 13, 40, 150, n):
-        for first in ([], protected[: num_kept]):
-            assert torch.equal(keep_best(scores, num_kept, first), keep_best_torch(scores, num_kept, first)), (num_kept, first)
+    for num_kept in (0, 1, 5, 13, 40, 100, n):
+        for first in ([], protected[:num_kept]):
+            expected = _keep_best_by_sorting(scores, num_kept, first)
+            assert keep_best(scores, num_kept, first).tolist() == expected, (num_kept, first)
+            clean = torch.nan_to_num(scores, nan=torch.finfo(torch.float32).min, posinf=math.inf, neginf=-math.inf)
+            assert keep_best_torch(clean, num_kept, first).tolist() == expected, (num_kept, first)
+
+
+def test_keep_best_refuses_more_tokens_than_the_row_has():
+    with pytest.raises(ValueError, match="cannot keep 5 of 3"):
+        keep_best(torch.rand(1, 3), 5)

@@ -19,15 +19,19 @@ from vllm_plugins.eviction.policies.base import NEGATIVE_BITS, PROTECTED, TIE_RA
 
 
 def best_tokens(scores: np.ndarray, protected: np.ndarray, num_kept: int) -> np.ndarray:
-    """(rows, num_kept) ascending token indices. ``scores``: (rows, n) float32;
-    ``protected``: token indices, most important first, at most ``num_kept``."""
+    """(rows, num_kept) ascending token indices. ``scores``: (rows, n) float32 without NaN;
+    ``protected``: token indices, most important first, at most ``num_kept``;
+    0 <= num_kept <= n (:func:`~vllm_plugins.eviction.policies.base.keep_best` checks)."""
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
     if num_kept == 0:
         return np.empty((scores.shape[0], 0), np.int64)
-    return _best_tokens(np.ascontiguousarray(scores, dtype=np.float32), protected.astype(np.int64), num_kept)
+    # the keys' constants are arguments, not globals: numba's on-disk cache would keep
+    # globals of another module as they were when it compiled
+    return _best_tokens(scores, protected.astype(np.int64), num_kept, NEGATIVE_BITS, TIE_RANGE, PROTECTED)
 
 
 @numba.njit(cache=True)
-def _best_tokens(scores, protected, num_kept):
+def _best_tokens(scores, protected, num_kept, negative_bits, tie_range, protected_key):
     rows, n = scores.shape
     bits = (scores + np.float32(0.0)).view(np.int32)  # + 0.0: -0.0 ties with 0.0
     keys = np.empty(n, np.int64)
@@ -35,9 +39,9 @@ def _best_tokens(scores, protected, num_kept):
     for r in range(rows):
         for j in range(n):
             b = np.int64(bits[r, j])
-            keys[j] = (NEGATIVE_BITS - b if b < 0 else b) * TIE_RANGE + (n - 1 - j)
+            keys[j] = (negative_bits - b if b < 0 else b) * tie_range + (n - 1 - j)
         for rank in range(len(protected)):
-            keys[protected[rank]] = PROTECTED - rank
+            keys[protected[rank]] = protected_key - rank
         threshold = np.partition(keys, n - num_kept)[n - num_kept]
         count = 0
         for j in range(n):

@@ -19,7 +19,8 @@ A prompt-aware adapter the server cannot hold is left out by the server, which s
 rest and says why in its log and in ``/v1/models`` (:mod:`.registry`).
 
 The server listens on 127.0.0.1 unless ``--host`` is among the vLLM arguments (``vllm
-serve`` alone listens on every interface).
+serve`` alone listens on every interface), and its CPU KV cache takes 4 GiB unless the
+vLLM arguments size it (:data:`CPU_KV_CACHE_BYTES`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ WORKER = "vllm_plugins.serving.worker.PromptAwareCPUWorker"
 SCHEDULER = "vllm_plugins.serving.scheduler.PromptAwareScheduler"
 MIDDLEWARE = "vllm_plugins.serving.frontend.PromptAdapterMiddleware"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as max_lora_rank
+CPU_KV_CACHE_BYTES = 4 << 30
+"""The KV cache ``vllm-plugins serve`` asks for unless ``--kv-cache-memory-bytes`` or
+``--gpu-memory-utilization`` is given (vLLM's ``VLLM_CPU_KVCACHE_SPACE``, in GiB, still
+overrides both). Without a size, vLLM 0.32's CPU worker reserves
+``--gpu-memory-utilization`` (0.92) of the memory node and refuses to start when other
+work holds more than 8% of it."""
 
 
 def _lora_rank(manifest: dict) -> int:
@@ -101,6 +108,12 @@ def serve_argv(
         max_rank = next(r for r in LORA_RANKS if r >= max(ranks))
         argv += ["--enable-lora", "--max-lora-rank", str(max_rank), "--max-loras", str(min(len(lora_modules), adapters.max_active))]
         argv += ["--lora-modules", *lora_modules]
-    if not any(a == "--host" or a.startswith("--host=") for a in vllm_args):
+    if not _given(vllm_args, "--host"):
         argv += ["--host", "127.0.0.1"]
+    if not _given(vllm_args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
+        argv += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
     return argv + vllm_args
+
+
+def _given(vllm_args: list[str], *flags: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") for a in vllm_args for flag in flags)

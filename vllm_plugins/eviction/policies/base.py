@@ -19,6 +19,7 @@ differently and override :meth:`EvictionPolicy.select`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -93,34 +94,43 @@ def keep_best(scores: torch.Tensor, num_kept: int, protected: Sequence[int] = ()
     """Per row, the indices of the ``num_kept`` tokens kept, ascending: the ``protected``
     ones first (token indices, most important first, as many as fit), then the highest
     scores. Equal scores go to the earlier token, so the choice does not depend on how
-    the selection runs.
+    the selection runs. ``scores`` (rows, n) are compared as float32; a NaN counts as the
+    lowest finite score (above -inf, which a policy uses to exclude a token).
 
     The selection runs on unique integer keys: a token's float32 score mapped to an
     order-preserving integer, times 2**32, plus a tie-breaker that favours earlier tokens;
     a protected token's key is above every score's. CPU tensors go through one compiled
     call (:mod:`vllm_plugins.eviction.best_tokens`), others through ``topk``.
+
+    Raises ValueError if ``num_kept`` is not in [0, n].
     """
+    n = scores.shape[-1]
+    if not 0 <= num_kept <= n:
+        raise ValueError(f"cannot keep {num_kept} of {n} tokens")
+    lowest = torch.finfo(torch.float32).min
+    scores = torch.nan_to_num(scores.float(), nan=lowest, posinf=math.inf, neginf=-math.inf)
     first = list(protected)[:num_kept]
     if scores.device.type == "cpu":
         # imported here: numba adds half a second to the start-up of every process that
         # imports the policies (front end, CLI), most of which never evict
         from vllm_plugins.eviction.best_tokens import best_tokens
 
-        return torch.from_numpy(best_tokens(scores.float().numpy(), np.asarray(first, dtype=np.int64), num_kept))
+        return torch.from_numpy(best_tokens(scores.numpy(), np.asarray(first, dtype=np.int64), num_kept))
     return keep_best_torch(scores, num_kept, first)
 
 
 def keep_best_torch(scores: torch.Tensor, num_kept: int, first: list[int]) -> torch.Tensor:
-    """:func:`keep_best` on any device, ``first``: the protected tokens that fit."""
+    """:func:`keep_best`'s selection with ``topk``, on any device: ``scores`` float32
+    without NaN, ``first`` the protected tokens that fit."""
     rows, n = scores.shape
-    bits = (scores.float() + 0.0).view(torch.int32).long()  # + 0.0: -0.0 ties with 0.0
+    bits = (scores + 0.0).view(torch.int32).long()  # + 0.0: -0.0 ties with 0.0
     ordered = torch.where(bits < 0, NEGATIVE_BITS - bits, bits)  # a float32's order, as an integer
     keys = ordered * TIE_RANGE + torch.arange(n - 1, -1, -1, device=scores.device)
     if first:
         keys[:, first] = PROTECTED - torch.arange(len(first), device=scores.device)
     best = keys.topk(num_kept, dim=-1, sorted=False).indices
     kept = torch.zeros(rows, n, dtype=torch.bool, device=scores.device).scatter_(1, best, True)
-    return kept.nonzero()[:, 1].view(rows, num_kept)
+    return kept.nonzero()[:, 1].reshape(rows, num_kept).contiguous()
 
 
 TIE_RANGE = 1 << 32  # above any token index
