@@ -4,6 +4,12 @@ The model is a Llama (or Qwen2) decoder with a word-level tokenizer, trained on 
 from the seeded corpus of :mod:`vllm_plugins.demo_model.corpus`, and saved in Hugging
 Face format so that both transformers and vLLM load it. A build is cached under
 ``$VLLM_PLUGINS_HOME/models/<preset>-<spec hash>``; asking again for the same spec reuses it.
+
+The demo preset's build ships with the package (``shipped/<preset>-<spec hash>``, 4 MB):
+training it takes 30 minutes or more on a 2-core CPU, so a fresh machine installs the
+shipped files instead, after checking them against the fingerprint (sha256 per file)
+every build records. ``force=True`` (``vllm-plugins build-demo-model --force``) trains from
+scratch; a changed spec has another hash, so it never picks up a stale shipped build.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from vllm_plugins.demo_model.tokenizer import SPECIAL_TOKENS, save_tokenizer, tr
 from vllm_plugins.progress import Progress, log
 
 BUILD_INFO = "demo_model_build.json"
+FINGERPRINT = "fingerprint.json"
+SHIPPED = Path(__file__).parent / "shipped"
 
 
 @dataclass(frozen=True)
@@ -159,6 +167,10 @@ def build_demo_model(spec: DemoModelSpec | str = "demo", force: bool = False) ->
     if (out / BUILD_INFO).exists() and not force:
         log("build-demo-model", f"reusing {out}")
         return out
+    if not force and (shipped := shipped_build(spec)) is not None:
+        log("build-demo-model", f"installing the shipped build {shipped.name} into {out} (--force trains it instead)")
+        install_shipped(shipped, out)
+        return out
     log("build-demo-model", f"building {spec.name} ({spec.total_steps} steps) into {out}")
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
@@ -188,7 +200,39 @@ def build_demo_model(spec: DemoModelSpec | str = "demo", force: bool = False) ->
         "final_loss": losses[-1] if losses else None,
     }
     (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2))
+    (tmp / FINGERPRINT).write_text(json.dumps(fingerprint(tmp), indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     log("build-demo-model", f"trained in {seconds:.0f}s: {out}")
     return out
+
+
+def fingerprint(model_dir: Path) -> dict[str, str]:
+    """File name -> sha256 of every file of a built model but the fingerprint itself."""
+    digests = {}
+    for path in sorted(model_dir.iterdir()):
+        if path.is_file() and path.name != FINGERPRINT:
+            with path.open("rb") as f:
+                digests[path.name] = hashlib.file_digest(f, "sha256").hexdigest()
+    return digests
+
+
+def shipped_build(spec: DemoModelSpec) -> Path | None:
+    """The build of ``spec`` that ships with the package, if there is one."""
+    path = SHIPPED / demo_model_path(spec).name
+    return path if (path / FINGERPRINT).is_file() else None
+
+
+def install_shipped(source: Path, out: Path) -> None:
+    """Copy a shipped build to ``out``. Raises RuntimeError, leaving ``out`` as it was, if
+    the copy's files are not the ones its fingerprint records."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    recorded = json.loads((tmp / FINGERPRINT).read_text())
+    if fingerprint(tmp) != recorded:
+        shutil.rmtree(tmp)
+        raise RuntimeError(f"the shipped demo model {source} does not match its fingerprint; "
+                           "train it with `vllm-plugins build-demo-model --force`")
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
