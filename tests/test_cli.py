@@ -27,6 +27,21 @@ def test_train_writes_a_self_describing_adapter(tiny_llama, tmp_path):
     assert (out / manifest["weights"]["file"]).is_file()
 
 
+def test_train_reuses_an_adapter_only_if_it_is_the_one_asked_for(tiny_llama, tmp_path):
+    out = tmp_path / "acme"
+
+    def train(task: str, steps: int) -> subprocess.CompletedProcess:
+        return _cli("train", "--method", "para", "--task", task, "--out", str(out), "--steps", str(steps), "--preset", "tiny")
+
+    assert train("reverse", 2).returncode == 0
+    weights = (out / "adapter.safetensors").read_bytes()
+    assert train("reverse", 2).returncode == 0 and (out / "adapter.safetensors").read_bytes() == weights
+    for task, steps, differ in (("reverse", 3, "training steps 2"), ("upper", 2, "task 'reverse'")):
+        result = train(task, steps)
+        assert result.returncode == 2 and "holds another adapter" in result.stderr and differ in result.stderr, result.stderr
+        assert (out / "adapter.safetensors").read_bytes() == weights
+
+
 def test_train_refuses_an_unknown_method(tmp_path):
     result = _cli("train", "--method", "prefix-magic", "--task", "reverse", "--out", str(tmp_path))
     assert result.returncode == 2

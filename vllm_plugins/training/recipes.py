@@ -79,10 +79,25 @@ def fanlora_placement(base_path: str | Path, config: FanloraConfig, train: Train
     return placement
 
 
+def _differences(manifest: dict, method: str, task: str, config, base_info: dict, train_config: TrainConfig) -> list[str]:
+    """What an adapter's manifest names that the request does not, as "<what> <found>"."""
+    wanted = {"method": method, "task": task, "configuration": json.loads(json.dumps(dataclasses.asdict(config))),
+              "base model": base_info["fingerprint"], "training steps": train_config.steps}
+    found = {"method": manifest["method"], "task": manifest.get("task"), "configuration": manifest["config"],
+             "base model": manifest["base_model"].get("fingerprint"),
+             "training steps": manifest.get("metrics", {}).get("train_steps")}
+    return [f"{key} {found[key]!r}" for key in wanted if found[key] != wanted[key]]
+
+
 def train_method(
     method: str, task: str, base_path: str | Path, out: str | Path | None = None, steps: int | None = None
 ) -> Trained:
-    """Train (or reuse) the adapter of ``method`` for ``task`` over the base model."""
+    """Train (or reuse) the adapter of ``method`` for ``task`` over the base model.
+
+    An adapter already in ``out`` is reused only if its manifest names the same method,
+    task, configuration, base model and training steps; if it names others, raises
+    ValueError and leaves it untouched (``out`` given) or trains again (the cache's own
+    path)."""
     if method not in METHODS:
         raise KeyError(f"unknown method {method!r}; known methods: {', '.join(METHODS)}")
     spec = METHODS[method]
@@ -92,13 +107,21 @@ def train_method(
     config = spec.config_cls()
     base, tokenizer = load_base(base_path)
     base_info = describe_base(base, base_path)
+    chosen_by_caller = out is not None
     if out is None:
         out = paths.adapters_dir() / base_info["fingerprint"][7:19] / f"{method}-{task}-{_digest(config, train_config)}"
     out = Path(out)
     try:
-        return Trained(out, read_manifest(out))
+        manifest = read_manifest(out)
     except AdapterError:
-        pass
+        manifest = None
+    if manifest is not None:
+        differ = _differences(manifest, method, task, config, base_info, train_config)
+        if not differ:
+            return Trained(out, manifest)
+        if chosen_by_caller:
+            raise ValueError(f"{out} holds another adapter ({', '.join(differ)}): choose another --out or remove it")
+        # else this module's own cache, written by another version: trained again below
     splits = load_task(task)
     train = encode(tokenizer, splits.train)
     label = f"train {method}/{task}"
