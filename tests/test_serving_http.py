@@ -102,13 +102,23 @@ def test_bad_kv_eviction_settings_are_400_and_the_server_keeps_serving(server, x
         assert status == 200 and len(body["choices"][0]["text"].split()) > 0, body
 
 
-def test_runtime_loading_validates_and_keeps_serving(server, served_adapter_dir, spare_adapters):
-    root, spare = served_adapter_dir, spare_adapters
+@pytest.fixture
+def late_adapters(served_adapter_dir, spare_adapters):
+    """The spare adapters copied into the session's shared adapter directory for one test,
+    and removed after it: other modules (Ray Serve's) serve that directory too."""
+    names = ("late-para", "qwen-para", "corrupt-para")
+    for name in names:
+        shutil.copytree(spare_adapters / name, served_adapter_dir / name)
+    yield served_adapter_dir
+    for name in names:
+        shutil.rmtree(served_adapter_dir / name)
+
+
+def test_runtime_loading_validates_and_keeps_serving(server, spare_adapters, late_adapters):
+    root, spare = late_adapters, spare_adapters
     load = f"{server}/v1/load_prompt_adapter"
     status, body = _request(load, {"adapter_name": "qwen", "adapter_path": str(spare / "qwen-para")})
     assert status == 400  # outside the adapter directory
-    for name in ("late-para", "qwen-para", "corrupt-para"):
-        shutil.copytree(spare / name, root / name)
     status, body = _request(load, {"adapter_name": "qwen", "adapter_path": str(root / "qwen-para")})
     assert status == 400 and "another base model" in body["error"]["message"]
     status, body = _request(load, {"adapter_name": "corrupt", "adapter_path": str(root / "corrupt-para")})

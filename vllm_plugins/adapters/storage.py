@@ -85,7 +85,8 @@ def describe_base(model: nn.Module, path: str | Path) -> dict:
     return {"architecture": type(model).__name__, "fingerprint": base_fingerprint(model), "path": str(path)}
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file's bytes, hex, read in chunks."""
     with path.open("rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
@@ -119,7 +120,7 @@ def save_adapter(
         "method": method,
         "config": dataclasses.asdict(config),
         "base_model": base_model,
-        "weights": {"file": weights.name, "sha256": _file_sha256(weights)},
+        "weights": {"file": weights.name, "sha256": file_sha256(weights)},
         "task": task,
         "metrics": metrics or {},
     }
@@ -169,7 +170,7 @@ def _read_weights(adapter_dir: Path, manifest: dict, max_bytes: int | None = Non
         raise AdapterError(f"{adapter_dir}: weights file {info['file']!r} is missing")
     if max_bytes is not None and path.stat().st_size > max_bytes:
         raise AdapterError(f"{path}: {path.stat().st_size} bytes, more than the {max_bytes} this adapter's tensors take")
-    if _file_sha256(path) != info.get("sha256"):
+    if file_sha256(path) != info.get("sha256"):
         raise AdapterError(f"{path}: corrupt weights (checksum does not match the manifest)")
     try:
         return load_file(str(path))

@@ -15,6 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class Job:
@@ -41,26 +43,15 @@ class Timing:
         return (self.last_token - self.first_token) / max(1, self.output_tokens - 1)
 
 
-def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile (0..100) with linear interpolation between order statistics."""
-    if not values:
-        raise ValueError("no values")
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def summarize(timings: list[Timing], wall_seconds: float) -> dict[str, float]:
     ttft = [t.ttft for t in timings]
     tpot = [t.tpot for t in timings]
     return {
         "requests": len(timings),
-        "ttft_p50_ms": 1e3 * percentile(ttft, 50),
-        "ttft_p99_ms": 1e3 * percentile(ttft, 99),
-        "tpot_p50_ms": 1e3 * percentile(tpot, 50),
-        "tpot_p99_ms": 1e3 * percentile(tpot, 99),
+        "ttft_p50_ms": 1e3 * float(np.percentile(ttft, 50)),
+        "ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99)),
+        "tpot_p50_ms": 1e3 * float(np.percentile(tpot, 50)),
+        "tpot_p99_ms": 1e3 * float(np.percentile(tpot, 99)),
         "tpot_mean_ms": 1e3 * statistics.fmean(tpot),
         "output_tokens_per_s": sum(t.output_tokens for t in timings) / wall_seconds,
         "wall_s": wall_seconds,

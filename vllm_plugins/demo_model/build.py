@@ -28,6 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from vllm_plugins import paths
+from vllm_plugins.adapters.storage import file_sha256
 from vllm_plugins.demo_model.corpus import CorpusSampler, corpus_vocabulary
 from vllm_plugins.demo_model.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
 from vllm_plugins.progress import Progress, log
@@ -209,12 +210,7 @@ def build_demo_model(spec: DemoModelSpec | str = "demo", force: bool = False) ->
 
 def fingerprint(model_dir: Path) -> dict[str, str]:
     """File name -> sha256 of every file of a built model but the fingerprint itself."""
-    digests = {}
-    for path in sorted(model_dir.iterdir()):
-        if path.is_file() and path.name != FINGERPRINT:
-            with path.open("rb") as f:
-                digests[path.name] = hashlib.file_digest(f, "sha256").hexdigest()
-    return digests
+    return {path.name: file_sha256(path) for path in sorted(model_dir.iterdir()) if path.is_file() and path.name != FINGERPRINT}
 
 
 def shipped_build(spec: DemoModelSpec) -> Path | None:

@@ -11,7 +11,8 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from vllm_plugins.bench.latency import percentile
+import numpy as np
+
 from vllm_plugins.loadtest.spec import METHODS, LoadTestSpec
 
 QUANTILES = (50, 90, 99)
@@ -49,7 +50,7 @@ def _group(rows: list[dict], spec: LoadTestSpec, seconds: float) -> dict:
     for key in METRICS:
         values = [r[key] for r in ok if r[key] is not None]
         for q in QUANTILES:
-            stats[f"{key}_p{q}"] = percentile(values, q) if values else None
+            stats[f"{key}_p{q}"] = float(np.percentile(values, q)) if values else None
     stats["output_tokens_per_s"] = sum(r["output_tokens"] for r in ok) / seconds
     good = sum(meets_slo(r, spec) for r in rows)
     stats["goodput_per_s"] = good / seconds
