@@ -6,7 +6,7 @@ VLLM_EXTRA ?= cpu
 VENV := .venv
 INSTALLED := $(VENV)/.installed-$(VLLM_EXTRA)
 
-.PHONY: demo test install
+.PHONY: demo test test-fast install
 
 install: $(INSTALLED)
 
@@ -24,3 +24,7 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(VENV)/bin/python -m pytest
+
+# The inner loop: everything that needs no vLLM engine, Ray cluster or Locust run.
+test-fast: $(INSTALLED)
+	$(VENV)/bin/python -m pytest -m "not engine and not ray and not locust"

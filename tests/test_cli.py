@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from vllm_plugins.adapters.storage import MANIFEST
 
 
@@ -88,6 +90,7 @@ def test_serve_sizes_the_cpu_kv_cache_unless_told_otherwise(tmp_path):
         assert str(CPU_KV_CACHE_BYTES) not in argv and argv[-len(given):] == given
 
 
+@pytest.mark.engine
 def test_bench_adapters_writes_figures_and_ratios(plugins_home, tmp_path):
     """The benchmark's machinery on a tiny random model: base plus one prompt-aware and
     one stock-LoRA method, each through its own engine (figures are not judged here)."""

@@ -12,10 +12,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from transformers import AutoConfig
 
 from vllm_plugins.bench.eviction import PRESETS
 from vllm_plugins.eviction.policies import POLICIES
+
+pytestmark = pytest.mark.engine
 
 
 def test_bench_eviction_tiny_measures_every_configuration(tiny_llama, tmp_path):

@@ -22,6 +22,8 @@ from vllm_plugins.eviction.reference import generate_with_eviction
 from vllm_plugins.tasks.retrieval import make_retrieval_example
 from vllm_plugins.training.recipes import load_base
 
+pytestmark = pytest.mark.engine
+
 BLOCK = 32
 CHUNK = 64
 MAX_TOKENS = 8

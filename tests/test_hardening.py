@@ -28,6 +28,8 @@ from vllm_plugins.serving.process import ServerProcess
 from vllm_plugins.tasks import load_task
 from vllm_plugins.tasks.retrieval import make_retrieval_example
 
+pytestmark = pytest.mark.engine
+
 KEY = "test-key"
 BASE = "demo"
 MAX_TOKENS = 8

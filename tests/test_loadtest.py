@@ -94,6 +94,8 @@ def _config(path, tenants, **load) -> Path:
     return path
 
 
+@pytest.mark.engine
+@pytest.mark.locust
 def test_load_test_against_a_real_server(server, tmp_path):
     from vllm_plugins.loadtest.runner import run_loadtest
 
@@ -169,6 +171,7 @@ def misbehaving_server():
     httpd.server_close()
 
 
+@pytest.mark.locust
 def test_load_test_counts_broken_streams_as_failures(misbehaving_server, tmp_path):
     """Every kind of broken answer is a failed request in requests.csv, in Locust's own
     statistics, in the summary (failed, SLO attainment, goodput) and in the HTML report."""

@@ -22,6 +22,8 @@ from conftest import SERVER_ARGS, SERVED_ADAPTERS
 from vllm_plugins.loadtest.report import read_records
 from vllm_plugins.serving.process import free_port, request_json
 
+pytestmark = [pytest.mark.ray, pytest.mark.engine]
+
 BASE = "demo"
 APP = "vllm-plugins"
 KEYED_APP = "vllm-plugins-keyed"

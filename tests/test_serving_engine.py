@@ -24,6 +24,8 @@ from vllm_plugins.training.evaluate import generate_answers
 from vllm_plugins.training.generation import greedy_generate
 from vllm_plugins.training.recipes import load_base
 
+pytestmark = pytest.mark.engine
+
 CHUNK = 64
 MAX_TOKENS = 8
 MODES = {"compiled": {}, "eager": {"enforce_eager": True}}  # vLLM's default mode traces the forward once

@@ -15,6 +15,8 @@ from serving_fixtures import save_random_adapter
 from vllm_plugins.tasks import load_task
 from vllm_plugins.tasks.retrieval import make_retrieval_example
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(scope="module")
 def spare_adapters(tiny_llama, tiny_qwen2, tmp_path_factory):

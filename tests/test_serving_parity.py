@@ -27,6 +27,8 @@ from vllm_plugins.serving.process import REQUEST_SECONDS, ServerProcess, request
 from vllm_plugins.tasks import load_task
 from vllm_plugins.tasks.retrieval import make_retrieval_example
 
+pytestmark = pytest.mark.engine
+
 MAX_TOKENS = 8
 BASE = "demo"  # the server's --served-model-name
 TASKS = ("reverse", "shift", "upper", "count")

@@ -9,6 +9,8 @@ from vllm_plugins.training.evaluate import generate_answers
 from vllm_plugins.training.recipes import load_base
 from vllm_plugins.vllm_version import SUPPORTED_VLLM, UnsupportedVllmError, require_supported_vllm
 
+pytestmark = pytest.mark.engine
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
