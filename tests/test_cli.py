@@ -44,6 +44,23 @@ def test_train_reuses_an_adapter_only_if_it_is_the_one_asked_for(tiny_llama, tmp
         assert (out / "adapter.safetensors").read_bytes() == weights
 
 
+def test_train_never_writes_into_what_is_not_its_adapter(tiny_llama, tmp_path):
+    """--out naming a file, a directory with other files, or an adapter whose manifest
+    lacks fields: refused with exit 2, nothing written."""
+    peft_dir, odd, file = tmp_path / "peft", tmp_path / "odd", tmp_path / "file"
+    peft_dir.mkdir()
+    (peft_dir / "adapter_config.json").write_text("{}")
+    file.write_text("x")
+    assert _cli("train", "--method", "para", "--task", "reverse", "--out", str(odd), "--steps", "1", "--preset", "tiny").returncode == 0
+    manifest = json.loads((odd / MANIFEST).read_text())
+    (odd / MANIFEST).write_text(json.dumps({**manifest, "metrics": None, "base_model": "x"}))
+    for out, message in ((file, "is not a directory"), (peft_dir, "holds no adapter manifest"), (odd, "holds another adapter")):
+        before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+        result = _cli("train", "--method", "para", "--task", "reverse", "--out", str(out), "--steps", "1", "--preset", "tiny")
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+        assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
+
+
 def test_train_refuses_an_unknown_method(tmp_path):
     result = _cli("train", "--method", "prefix-magic", "--task", "reverse", "--out", str(tmp_path))
     assert result.returncode == 2
@@ -85,9 +102,14 @@ def test_serve_sizes_the_cpu_kv_cache_unless_told_otherwise(tmp_path):
 
     argv = serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), [])
     assert argv[argv.index("--kv-cache-memory-bytes") + 1] == str(CPU_KV_CACHE_BYTES) == str(4 * 2**30)
-    for given in (["--kv-cache-memory-bytes", "1073741824"], ["--gpu-memory-utilization=0.5"]):
+    config = tmp_path / "vllm.yaml"
+    config.write_text("gpu_memory_utilization: 0.5\nhost: 0.0.0.0\n")
+    spellings = (["--kv-cache-memory-bytes", "1073741824"], ["--gpu-memory-utilization=0.5"], ["--kv_cache_memory_bytes=1G"],
+                 ["--kv-cache-mem", "1G"], ["--device-memory-utilization", "0.5"], ["--gpu-mem", "0.5"], ["--config", str(config)])
+    for given in spellings:
         argv = serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), given)
-        assert str(CPU_KV_CACHE_BYTES) not in argv and argv[-len(given):] == given
+        assert str(CPU_KV_CACHE_BYTES) not in argv and argv[-len(given):] == given, given
+    assert "127.0.0.1" not in serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), ["--config", str(config)])
 
 
 @pytest.mark.engine

@@ -63,4 +63,28 @@ def test_a_shipped_build_that_does_not_match_its_fingerprint_is_refused(tmp_path
     out = tmp_path / "models" / shipped.name
     with pytest.raises(RuntimeError, match="does not match its fingerprint"):
         install_shipped(tampered, out)
-    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert list(out.parent.iterdir()) == []  # neither the model nor a half-built copy
+    shutil.rmtree(tampered)
+    shutil.copytree(shipped, tampered)
+    (tampered / "extra").mkdir()
+    (tampered / "extra" / "weights.bin").write_bytes(b"not recorded")
+    with pytest.raises(RuntimeError, match="does not match its fingerprint"):
+        install_shipped(tampered, out)
+
+
+def test_a_broken_model_directory_is_replaced_not_reused(tmp_path, monkeypatch, shipped):
+    """A directory left by an interrupted or concurrent build (here: build info, no
+    weights) is not a build: it is replaced by the shipped one."""
+    monkeypatch.setenv("VLLM_PLUGINS_HOME", str(tmp_path))
+    out = demo_model_path(PRESETS["demo"])
+    out.mkdir(parents=True)
+    (out / BUILD_INFO).write_text("{}")
+    assert build_demo_model("demo") == out and fingerprint(out) == fingerprint(shipped)
+
+
+def test_a_whole_build_published_first_by_another_process_is_kept(tmp_path, shipped):
+    out = tmp_path / "models" / shipped.name
+    install_shipped(shipped, out)
+    first = out.stat().st_ino
+    install_shipped(shipped, out)  # a second, concurrent install finishing later
+    assert out.stat().st_ino == first and sorted(p.name for p in out.parent.iterdir()) == [shipped.name]

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", required=True, choices=sorted(METHODS))
     p.add_argument("--task", required=True, choices=task_names())
     p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--steps", type=int, help="training steps (default: the method's recipe)")
+    p.add_argument("--steps", type=_positive_int, help="training steps (default: the method's recipe)")
     _add_base_args(p)
     p.set_defaults(func=cmd_train)
 

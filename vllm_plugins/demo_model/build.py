@@ -20,6 +20,7 @@ import json
 import math
 import random
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,7 +166,7 @@ def build_demo_model(spec: DemoModelSpec | str = "demo", force: bool = False) ->
             raise KeyError(f"unknown demo model preset {spec!r}; presets: {', '.join(PRESETS)}")
         spec = PRESETS[spec]
     out = demo_model_path(spec)
-    if (out / BUILD_INFO).exists() and not force:
+    if not force and is_complete(out):
         log("build-demo-model", f"reusing {out}")
         return out
     if not force and (shipped := shipped_build(spec)) is not None:
@@ -189,9 +190,7 @@ def build_demo_model(spec: DemoModelSpec | str = "demo", force: bool = False) ->
     losses = _train(model, sampler, spec)
     seconds = time.monotonic() - started
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _staging(out)
     model.save_pretrained(tmp, safe_serialization=True)
     save_tokenizer(tokenizer, tmp)
     info = {
@@ -202,15 +201,23 @@ def build_demo_model(spec: DemoModelSpec | str = "demo", force: bool = False) ->
     }
     (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2))
     (tmp / FINGERPRINT).write_text(json.dumps(fingerprint(tmp), indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    _publish(tmp, out, replace=True)
     log("build-demo-model", f"trained in {seconds:.0f}s: {out}")
     return out
 
 
 def fingerprint(model_dir: Path) -> dict[str, str]:
-    """File name -> sha256 of every file of a built model but the fingerprint itself."""
-    return {path.name: file_sha256(path) for path in sorted(model_dir.iterdir()) if path.is_file() and path.name != FINGERPRINT}
+    """Relative path -> sha256 of every file of a built model but the fingerprint itself."""
+    return {str(path.relative_to(model_dir)): file_sha256(path) for path in sorted(model_dir.rglob("*"))
+            if path.is_file() and path != model_dir / FINGERPRINT}
+
+
+def is_complete(model_dir: Path) -> bool:
+    """Whether ``model_dir`` holds a whole build: exactly the files its fingerprint records."""
+    try:
+        return fingerprint(model_dir) == json.loads((model_dir / FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def shipped_build(spec: DemoModelSpec) -> Path | None:
@@ -222,13 +229,32 @@ def shipped_build(spec: DemoModelSpec) -> Path | None:
 def install_shipped(source: Path, out: Path) -> None:
     """Copy a shipped build to ``out``. Raises RuntimeError, leaving ``out`` as it was, if
     the copy's files are not the ones its fingerprint records."""
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    recorded = json.loads((tmp / FINGERPRINT).read_text())
-    if fingerprint(tmp) != recorded:
+    tmp = _staging(out)
+    shutil.copytree(source, tmp, dirs_exist_ok=True)
+    if not is_complete(tmp):
         shutil.rmtree(tmp)
         raise RuntimeError(f"the shipped demo model {source} does not match its fingerprint; "
                            "train it with `vllm-plugins build-demo-model --force`")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    _publish(tmp, out)
+
+
+def _staging(out: Path) -> Path:
+    """A new directory beside ``out`` of this process's own, where a build is put together."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=out.name + ".partial-", dir=out.parent))
+
+
+def _publish(tmp: Path, out: Path, replace: bool = False) -> None:
+    """Move the finished build ``tmp`` to ``out``. What is at ``out`` goes first if
+    ``replace`` or if it is not a whole build; a whole build that another process
+    published meanwhile is kept, and ``tmp`` dropped."""
+    if out.is_symlink() or out.is_file():
+        out.unlink()
+    elif replace or (out.exists() and not is_complete(out)):
+        shutil.rmtree(out, ignore_errors=True)
+    try:
+        tmp.rename(out)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not is_complete(out):
+            raise

@@ -110,10 +110,31 @@ def serve_argv(
         argv += ["--lora-modules", *lora_modules]
     if not _given(vllm_args, "--host"):
         argv += ["--host", "127.0.0.1"]
-    if not _given(vllm_args, "--kv-cache-memory-bytes", "--gpu-memory-utilization"):
+    if not _given(vllm_args, "--kv-cache-memory-bytes", "--gpu-memory-utilization", "--device-memory-utilization"):
         argv += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
     return argv + vllm_args
 
 
 def _given(vllm_args: list[str], *flags: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in vllm_args for flag in flags)
+    """Whether the vLLM arguments set one of ``flags`` (long options) in any spelling vLLM's
+    parser takes: with ``=``, with underscores, abbreviated, or as a key of a ``--config``
+    YAML file."""
+    names = {arg.split("=", 1)[0].replace("_", "-") for arg in vllm_args if arg.startswith("--")}
+    names |= {"--" + str(key).replace("_", "-") for key in _config_keys(vllm_args)}
+    return any(name == flag or (len(name) > 4 and flag.startswith(name)) for name in names for flag in flags)
+
+
+def _config_keys(vllm_args: list[str]) -> list:
+    """The keys of the ``--config`` file among the vLLM arguments (none if it has none or
+    cannot be read: vLLM reports that itself)."""
+    import yaml  # a vLLM dependency
+
+    paths = [arg.split("=", 1)[1] for arg in vllm_args if arg.startswith("--config=")]
+    paths += [after for arg, after in zip(vllm_args, vllm_args[1:]) if arg == "--config"]
+    if not paths:
+        return []
+    try:
+        config = yaml.safe_load(Path(paths[0]).read_text())
+    except (OSError, yaml.YAMLError):
+        return []
+    return list(config) if isinstance(config, dict) else []

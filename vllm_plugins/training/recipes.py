@@ -83,10 +83,11 @@ def _differences(manifest: dict, method: str, task: str, config, base_info: dict
     """What an adapter's manifest names that the request does not, as "<what> <found>"."""
     wanted = {"method": method, "task": task, "configuration": json.loads(json.dumps(dataclasses.asdict(config))),
               "base model": base_info["fingerprint"], "training steps": train_config.steps}
-    found = {"method": manifest["method"], "task": manifest.get("task"), "configuration": manifest["config"],
-             "base model": manifest["base_model"].get("fingerprint"),
-             "training steps": manifest.get("metrics", {}).get("train_steps")}
-    return [f"{key} {found[key]!r}" for key in wanted if found[key] != wanted[key]]
+    base, metrics = manifest.get("base_model"), manifest.get("metrics")
+    found = {"method": manifest.get("method"), "task": manifest.get("task"), "configuration": manifest.get("config"),
+             "base model": base.get("fingerprint") if isinstance(base, dict) else base,
+             "training steps": metrics.get("train_steps") if isinstance(metrics, dict) else None}
+    return [f"{key} {found[key]!r} (asked: {wanted[key]!r})" for key in wanted if found[key] != wanted[key]]
 
 
 def train_method(
@@ -111,6 +112,8 @@ def train_method(
     if out is None:
         out = paths.adapters_dir() / base_info["fingerprint"][7:19] / f"{method}-{task}-{_digest(config, train_config)}"
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is not a directory: choose another --out")
     try:
         manifest = read_manifest(out)
     except AdapterError:
@@ -122,6 +125,9 @@ def train_method(
         if chosen_by_caller:
             raise ValueError(f"{out} holds another adapter ({', '.join(differ)}): choose another --out or remove it")
         # else this module's own cache, written by another version: trained again below
+    elif chosen_by_caller and out.is_dir() and any(out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no adapter manifest this version can read: "
+                         "choose another --out or remove it")
     splits = load_task(task)
     train = encode(tokenizer, splits.train)
     label = f"train {method}/{task}"
