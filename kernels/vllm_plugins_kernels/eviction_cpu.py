@@ -24,9 +24,15 @@ def compact_kept_cpu(key_cache, value_cache, block_table, keep, seq_lens) -> Non
 def compact_kept_layers_cpu(caches, block_table, keep, seq_lens) -> None:
     """Every layer's compaction in one compiled call, the layers in parallel on numba's
     threads (as many as torch has: the cores vLLM's CPU worker was given)."""
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    use_torch_threads()
     keys, values = tuple(_bits(k) for k, _ in caches), tuple(_bits(v) for _, v in caches)
     _compact_layers(keys, values, block_table.numpy(), keep.numpy(), seq_lens.numpy())
+
+
+def use_torch_threads() -> None:
+    """Run numba's parallel loops on as many threads as torch has (the cores vLLM's CPU
+    worker was given)."""
+    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 
 def _bits(cache: torch.Tensor) -> np.ndarray:

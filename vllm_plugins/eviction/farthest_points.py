@@ -27,7 +27,8 @@ import functools
 
 import numba
 import numpy as np
-import torch
+
+from vllm_plugins_kernels.eviction_cpu import use_torch_threads
 
 _BELOW_ANY_SIMILARITY = np.float32(-2.0)  # a candidate's bound before any vector is chosen
 _TINY = np.float32(1e-12)  # a zero piece stays zero rather than dividing by zero
@@ -39,7 +40,7 @@ def farthest_points(pieces: np.ndarray, seeds: list[int], num_kept: int) -> np.n
     n, d), the ``seeds`` and the tokens the greedy rule adds to them, ``num_kept`` in all."""
     pieces = np.ascontiguousarray(pieces, dtype=np.float32)
     _, num_pieces, _, d = pieces.shape
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    use_torch_threads()
     return _compiled_loop(num_pieces * d)(pieces, np.asarray(seeds, dtype=np.int64), num_kept)
 
 

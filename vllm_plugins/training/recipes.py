@@ -80,7 +80,8 @@ def fanlora_placement(base_path: str | Path, config: FanloraConfig, train: Train
 
 
 def _differences(manifest: dict, method: str, task: str, config, base_info: dict, train_config: TrainConfig) -> list[str]:
-    """What an adapter's manifest names that the request does not, as "<what> <found>"."""
+    """What an adapter's manifest names that the request does not, as "<what> <found>
+    (asked: <wanted>)"; none if the adapter is the one asked for."""
     wanted = {"method": method, "task": task, "configuration": json.loads(json.dumps(dataclasses.asdict(config))),
               "base model": base_info["fingerprint"], "training steps": train_config.steps}
     base, metrics = manifest.get("base_model"), manifest.get("metrics")
