@@ -52,3 +52,17 @@ def reference_answers(model_path: Path, adapter_path: Path | None, prompts: list
     base, tokenizer = load_base(model_path)
     lm = PlainLM(base) if adapter_path is None else load_adapter(adapter_path, base)[0]
     return generate_answers(lm, tokenizer, prompts, max_new_tokens=max_tokens)
+
+
+def reference_prompt_logprobs(model_path: Path, adapter_path: Path | None, token_ids: list[int]) -> list[float]:
+    """The transformers reference's log-probability of each prompt token after the first,
+    given the tokens before it: the base model, or it with an adapter."""
+    from vllm_plugins.adapters.common.lm import PlainLM
+    from vllm_plugins.adapters.storage import load_adapter
+
+    base, _ = load_base(model_path)
+    lm = PlainLM(base) if adapter_path is None else load_adapter(adapter_path, base)[0]
+    ids = torch.tensor([token_ids])
+    with torch.no_grad():
+        logits = lm(ids, torch.ones_like(ids)).logits[0, :-1].float()
+    return logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0].tolist()

@@ -21,12 +21,13 @@ import pytest
 
 from conftest import SERVER_ARGS
 from helpers import build
-from serving_fixtures import reference_answers, save_random_adapter
+from serving_fixtures import reference_answers, reference_prompt_logprobs, save_random_adapter
 from vllm_plugins.adapters.iapt import IaptConfig
 from vllm_plugins.adapters.storage import MANIFEST, describe_base, save_adapter
 from vllm_plugins.serving.process import ServerProcess
 from vllm_plugins.tasks import load_task
 from vllm_plugins.tasks.retrieval import make_retrieval_example
+from vllm_plugins.training.recipes import load_base
 
 pytestmark = pytest.mark.engine
 
@@ -117,15 +118,33 @@ def _error(response: httpx.Response, status: int, message: str) -> None:
 
 
 # -- 1. one request or one adapter never takes the engine down ---------------------------
-def test_prompt_logprobs_are_refused_while_lora_is_enabled(server, client, prompts, expected):
-    """vLLM 0.32's CPU LoRA logits path fails on prompt logprobs beside other requests (it
-    stopped the engine), so they are refused on every route while LoRA is on."""
-    for model in (BASE, "lora-1", "para-1"):
-        _error(_complete(client, model, "a b c #task =", max_tokens=1, prompt_logprobs=1), 400, "prompt_logprobs")
+def test_prompt_logprobs_beside_lora_tenants_equal_the_reference(server, client, tiny_llama, served_adapter_dir,
+                                                                  prompts, expected):
+    """vLLM 0.32's CPU LoRA logits path gave the step's per-request LoRA indices to one
+    request's prompt rows, which stopped the engine once two requests shared a step. Now
+    the base model's and a LoRA tenant's prompt log-probabilities, requested together with
+    other tenants' requests and over several prefill chunks, equal the reference's."""
+    tokenizer = load_base(tiny_llama)[1]
+    token_ids = tokenizer(make_retrieval_example(random.Random(3), length=150).prompt)["input_ids"]
+    wanted = {BASE: None, "lora-1": served_adapter_dir / "lora-1"}
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=300) as c:
+            body = {"prompt": token_ids, "max_tokens": 4, "temperature": 0}
+            asks = [c.post("/v1/completions", json={**body, "model": m, "prompt_logprobs": 1}) for m in wanted]
+            others = [c.post("/v1/completions", json={**body, "model": m, "prompt": p})
+                      for m in ("para-1", "lora-1", BASE) for p in prompts]
+            return (await asyncio.gather(*asks, *others))[: len(wanted)]
+
+    for (model, adapter), response in zip(wanted.items(), asyncio.run(burst())):
+        assert response.status_code == 200, response.text
+        served = response.json()["choices"][0]["prompt_logprobs"]
+        assert served[0] is None and len(served) == len(token_ids)
+        got = [entry[str(t)]["logprob"] for entry, t in zip(served[1:], token_ids[1:])]
+        want = reference_prompt_logprobs(tiny_llama, adapter, token_ids)
+        assert max(abs(g - w) for g, w in zip(got, want)) < 1e-3, model
     chat = {"model": BASE, "messages": [{"role": "user", "content": "a b ="}], "max_tokens": 1, "prompt_logprobs": 1}
-    _error(client.post("/v1/chat/completions", json=chat), 400, "prompt_logprobs")
-    generate = {"model": BASE, "token_ids": [1, 2, 3], "sampling_params": {"max_tokens": 1, "prompt_logprobs": 1}}
-    _error(client.post("/inference/v1/generate", json=generate), 400, "prompt_logprobs")
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
     assert_everyone_served(server, client, prompts, expected)
 
 

@@ -13,8 +13,6 @@ adapters:
   read; ``vllm_xargs`` must be an object, and its keys that only the front end and the
   scheduler set (adapter, ticket, KV slots, eviction plan) are a 400. The engine drops
   them anyway without a valid ticket: this is the clear error, not the protection.
-* With stock LoRA enabled, ``prompt_logprobs`` is a 400 on every route: vLLM 0.32's CPU
-  LoRA logits path fails on them beside other requests, which stops the engine.
 * KV eviction settings in ``vllm_xargs`` (``kv_eviction``, ``kv_keep_ratio``,
   ``kv_budget``) are checked before vLLM sees the request, on the generation routes only
   (elsewhere they are a 400): an unknown policy, a ratio outside (0, 1] or a budget larger
@@ -91,7 +89,6 @@ class PromptAdapterMiddleware:
                 keys = [k for k in (args.api_key or [os.environ.get("VLLM_API_KEY")]) if k]
                 self._api_keys = [hashlib.sha256(k.encode()).digest() for k in keys]
                 self._body_limit = body_limit(vi.max_model_len(state))
-                self._lora = bool(args.enable_lora)
                 self._registry = await asyncio.to_thread(PromptAdapterRegistry, args.model, self._settings, reserved)
         return self._registry
 
@@ -147,10 +144,6 @@ class PromptAdapterMiddleware:
         xargs = xargs or {}
         if reserved := sorted(k for k in RESERVED_XARGS if k in xargs):
             raise HttpError(400, f"vllm_xargs keys {reserved} are reserved for the server")
-        if self._lora and any(isinstance(b, dict) and b.get("prompt_logprobs") is not None
-                              for b in (body, body.get("sampling_params"))):
-            raise HttpError(400, "prompt_logprobs is not served while LoRA adapters are enabled: vLLM 0.32's CPU "
-                                 "LoRA logits cannot compute them beside other requests (docs/serving.md)")
         if path == "/v1/load_lora_adapter" and body.get("lora_name") in registry.adapters:
             raise HttpError(400, f"{body['lora_name']!r} is the name of a prompt adapter")
         evicts = any(k in xargs for k in EVICTION_XARGS)

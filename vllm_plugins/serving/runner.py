@@ -10,7 +10,8 @@ runner).
   persistent buffers; after it: evict the prompts the step completed, clear the map;
 * finished and preempted requests give their state rows back;
 * seeded requests' CPU generators can be rewound, as vLLM does after a step that
-  sampled for an incomplete prompt (:mod:`.vllm_fixes`).
+  sampled for an incomplete prompt, and prompt log-probabilities are computed under each
+  request's own LoRA (:mod:`.vllm_fixes`).
 
 Every access to vLLM internals goes through :mod:`.vllm_internals`.
 """
@@ -26,7 +27,7 @@ from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.kv_eviction import KvEviction, requested_plan
 from vllm_plugins.serving.layers import install_plugin_layers
 from vllm_plugins.serving.prompt_aware import PromptAwareRuntime
-from vllm_plugins.serving.vllm_fixes import mark_seeded_generators
+from vllm_plugins.serving.vllm_fixes import mark_seeded_generators, prompt_logprobs_per_request
 
 
 class PluginRunnerMixin:
@@ -73,3 +74,6 @@ class PluginRunnerMixin:
         finally:
             self.kv_eviction.clear()
             self.prompt_aware.end_step()
+
+    def _get_prompt_logprobs_dict(self, hidden_states, num_scheduled_tokens):
+        return prompt_logprobs_per_request(self, super()._get_prompt_logprobs_dict, hidden_states, num_scheduled_tokens)

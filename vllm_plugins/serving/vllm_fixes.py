@@ -10,6 +10,13 @@ linear layer. The fix zeroes the shrink result (x A^T) of tokens with a negative
 so the expand step (which adds B h) adds nothing to them. The GPU kernels skip such tokens
 and need no fix.
 
+**Prompt log-probabilities beside LoRA stop the engine (CPU).** vLLM's LoRA logits
+processor gathers one LoRA index per request of the step, and vLLM computes a request's
+prompt log-probabilities from the logits of that request's prompt rows alone: with more
+than one request in the step the shapes disagree and the engine dies, for every tenant.
+:func:`prompt_logprobs_per_request` computes them one request at a time under that
+request's own LoRA index (:func:`~.vllm_internals.logits_lora_of_request`), as a GPU does.
+
 **A seeded request whose prompt spans several steps stops the engine (CPU).** vLLM
 samples a token for every request of a step, also for one whose prompt is not complete,
 and throws that token away; for a seeded request it then rewinds the request's generator
@@ -66,6 +73,27 @@ def skip_lora_for_tokens_without_adapter() -> None:
         return  # already applied in this process
     punica_cpu.bgmv_shrink = _zero_rows_without_lora(punica_cpu.bgmv_shrink, _bgmv_token_indices)
     punica_cpu.sgmv_shrink = _zero_rows_without_lora(punica_cpu.sgmv_shrink, _sgmv_token_indices)
+
+
+def prompt_logprobs_per_request(runner, compute, hidden_states, num_scheduled_tokens: dict[str, int]) -> dict:
+    """vLLM's ``_get_prompt_logprobs_dict`` (``compute``) for the step's requests one at a
+    time, each under its own LoRA; the same result and bookkeeping as one call."""
+    wanted = runner.num_prompt_logprobs
+    if not (runner.lora_config and wanted):
+        return compute(hidden_states, num_scheduled_tokens)
+    result = {}
+    try:
+        for req_id, num in list(wanted.items()):
+            if req_id not in num_scheduled_tokens:
+                continue
+            runner.num_prompt_logprobs = {req_id: num}
+            with vi.logits_lora_of_request(runner, req_id):
+                result.update(compute(hidden_states, num_scheduled_tokens))
+            if not runner.num_prompt_logprobs:  # its prompt is complete
+                del wanted[req_id]
+    finally:
+        runner.num_prompt_logprobs = wanted
+    return result
 
 
 class RewindableCpuGenerator(torch.Generator):

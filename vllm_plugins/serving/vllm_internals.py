@@ -17,8 +17,9 @@ functions below. Documented interfaces the plugins also use, not listed here: th
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -42,6 +43,7 @@ OVERRIDDEN: dict[type, dict[str, tuple[str, ...]]] = {
         "_update_states": ("self", "scheduler_output"),
         "_prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
         "_model_forward": ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "model_kwargs"),
+        "_get_prompt_logprobs_dict": ("self", "hidden_states", "num_scheduled_tokens"),
     },
     CPUModelRunner: {"load_model": ("self", "load_dummy_weights")},
     CPUWorker: {"init_device": ("self",)},
@@ -60,8 +62,14 @@ OVERRIDDEN: dict[type, dict[str, tuple[str, ...]]] = {
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     # the class or module that owns them -> attributes the plugins read or write
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner": ("model", "model_config", "cache_config", "vllm_config", "requests", "input_batch", "attn_groups",
-                       "max_num_tokens", "max_num_reqs"),
-    "vllm.v1.worker.gpu_input_batch.InputBatch": ("req_ids", "num_reqs", "num_computed_tokens_cpu", "generators"),
+                       "max_num_tokens", "max_num_reqs", "lora_config", "num_prompt_logprobs", "query_start_loc"),
+    "vllm.v1.worker.lora_model_runner_mixin.LoRAModelRunnerMixin": ("lora_manager",),
+    "vllm.lora.worker_manager.WorkerLoRAManager": ("_adapter_manager",),
+    "vllm.lora.model_manager.LoRAModelManager": ("punica_wrapper_mapping",),
+    "vllm.lora.model_manager": ("DEFAULT_LANGUAGE_WRAPPER_KEY",),
+    "vllm.lora.punica_wrapper.punica_base.PunicaWrapperBase": ("_token_lora_indices", "_sampler_indices", "indices_len"),
+    "vllm.v1.worker.gpu_input_batch.InputBatch": ("req_ids", "num_reqs", "num_computed_tokens_cpu", "generators",
+                                                  "req_id_to_index"),
     "vllm.v1.worker.gpu_input_batch.CachedRequestState": ("num_prompt_tokens", "sampling_params", "block_ids", "generator"),
     "vllm.v1.worker.utils.AttentionGroup": ("metadata_builders",),
     "vllm.v1.attention.backend.CommonAttentionMetadata": ("num_reqs", "block_table_tensor", "seq_lens"),
@@ -116,6 +124,28 @@ def replace_generator(runner, row: int, generator: torch.Generator) -> None:
     cached state (which vLLM puts back in the batch when the request resumes)."""
     runner.input_batch.generators[row] = generator
     runner.requests[runner.input_batch.req_ids[row]].generator = generator
+
+
+@contextlib.contextmanager
+def logits_lora_of_request(runner, req_id: str) -> Iterator[None]:
+    """While open, vLLM's LoRA logits processor applies request ``req_id``'s LoRA (or none)
+    to every row it is given, instead of the step's one LoRA index per request.
+
+    The index is the one of the request's first token in this step (its rows all share
+    it); the step's indices are put back on exit."""
+    from vllm.lora.model_manager import DEFAULT_LANGUAGE_WRAPPER_KEY
+
+    punica = runner.lora_manager._adapter_manager.punica_wrapper_mapping[DEFAULT_LANGUAGE_WRAPPER_KEY]
+    first_token = int(runner.query_start_loc.np[runner.input_batch.req_id_to_index[req_id]])
+    count = punica.indices_len[1]
+    saved = punica._sampler_indices[:count].clone()
+    punica._sampler_indices[0] = punica._token_lora_indices[first_token]
+    punica.indices_len[1] = 1
+    try:
+        yield
+    finally:
+        punica._sampler_indices[:count] = saved
+        punica.indices_len[1] = count
 
 
 def first_group_block_ids(runner, req_id: str) -> list[int]:
