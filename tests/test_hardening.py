@@ -21,7 +21,7 @@ import pytest
 
 from conftest import SERVER_ARGS
 from helpers import build
-from serving_fixtures import reference_answers, reference_prompt_logprobs, save_random_adapter
+from serving_fixtures import reference_answers, reference_prompt_logprobs
 from vllm_plugins.adapters.iapt import IaptConfig
 from vllm_plugins.adapters.storage import MANIFEST, describe_base, save_adapter
 from vllm_plugins.serving.process import ServerProcess

@@ -11,4 +11,8 @@ Layout:
     bench/ deploy/ loadtest/   benchmarks, Ray Serve, Locust load tests
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())  # quiet as a library (logs.py)

@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from vllm_plugins import logs
 from vllm_plugins.adapters.registry import METHODS
 from vllm_plugins.bench.adapters import BENCH_METHODS
 from vllm_plugins.tasks import task_names
@@ -87,9 +88,10 @@ def cmd_bench_ray_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     import json
 
     from vllm_plugins.bench.ray_serve import format_report, run_ray_serve_bench
+    from vllm_plugins.loadtest.runner import DEMO_CONFIG
 
     args.out.mkdir(parents=True, exist_ok=True)
-    report = run_ray_serve_bench(args.config, _base_path(args), args.adapter_dir, vllm_args, args.out)
+    report = run_ray_serve_bench(args.config or DEMO_CONFIG, _base_path(args), args.adapter_dir, vllm_args, args.out)
     (args.out / "ray-serve-bench.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
     print(f"written: {args.out / 'ray-serve-bench.json'}")
@@ -114,22 +116,26 @@ def cmd_bench_carry_vllm_lora_ops(args: argparse.Namespace) -> None:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
-    from vllm_plugins.loadtest.runner import run_loadtest
+    from vllm_plugins.loadtest.runner import DEMO_CONFIG, run_loadtest
 
-    print(f"report: {run_loadtest(args.config, args.host, args.out)}")
+    print(f"report: {run_loadtest(args.config or DEMO_CONFIG, args.host, args.out)}")
 
 
 def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     import os
 
+    from vllm_plugins.config_reader import read_config
     from vllm_plugins.eviction.settings import EvictionSettings
     from vllm_plugins.serving.config import PromptAdapterSettings
     from vllm_plugins.serving.launcher import serve_argv
 
-    eviction = EvictionSettings(args.kv_eviction, args.kv_keep_ratio, args.kv_budget, args.kv_eviction_min_prompt)
-    adapters = PromptAdapterSettings(dir=args.adapter_dir, max_active=args.max_active, max_rank=args.max_rank,
-                                     max_soft_tokens=args.max_soft_tokens, max_adapters=args.max_adapters,
-                                     runtime_loading=args.runtime_loading)
+    eviction = read_config(EvictionSettings, {"policy": args.kv_eviction, "keep_ratio": args.kv_keep_ratio,
+                                              "budget": args.kv_budget, "min_prompt": args.kv_eviction_min_prompt},
+                           "vllm-plugins serve --kv-eviction")
+    adapters = read_config(PromptAdapterSettings, {
+        "dir": args.adapter_dir, "max_active": args.max_active, "max_rank": args.max_rank,
+        "max_soft_tokens": args.max_soft_tokens, "max_adapters": args.max_adapters,
+        "runtime_loading": args.runtime_loading}, "vllm-plugins serve")
     argv = serve_argv(args.model, adapters, vllm_args, eviction)
     os.execv(argv[0], argv)
 
@@ -203,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "ray-serve",
         help="the same load test against a plain server and through Ray Serve (one replica); unknown arguments go to vllm serve",
     )
-    p.add_argument("--config", required=True, type=Path, help="load-test TOML (see configs/loadtest-demo.toml)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="load-test TOML (default: the demo's, vllm_plugins/loadtest/demo.toml, which documents every field)")
     p.add_argument("--adapter-dir", required=True, type=Path, help="directory of adapter directories")
     p.add_argument("--out", required=True, type=Path, help="folder for the runs and ray-serve-bench.json")
     _add_base_args(p)
@@ -216,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench_carry_vllm_lora_ops)
 
     p = sub.add_parser("loadtest", help="Locust, headless: every method's tenants against one server, with a report")
-    p.add_argument("--config", required=True, type=Path, help="load-test TOML (see configs/loadtest-demo.toml)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="load-test TOML (default: the demo's, vllm_plugins/loadtest/demo.toml, which documents every field)")
     p.add_argument("--host", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")
     p.add_argument("--out", required=True, type=Path, help="folder for requests.csv, summary.json and report.html")
     p.set_defaults(func=cmd_loadtest)
@@ -228,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    logs.configure()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     passes_vllm_args = getattr(args, "passes_vllm_args", False)  # unknown arguments go to vllm serve

@@ -9,12 +9,13 @@
    all in flight together;
 5. report per tenant: accuracy through the server, agreement with the reference, latency;
 6. end with a short Locust load test of every method's tenants against the same server
-   (``configs/loadtest-demo.toml``) and its HTML report.
+   (``vllm_plugins/loadtest/demo.toml``) and its HTML report.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 import statistics
@@ -29,12 +30,13 @@ from vllm_plugins.adapters.storage import load_adapter
 from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.loadtest.report import HEADLINE, headline_rows
 from vllm_plugins.loadtest.runner import DEMO_CONFIG, run_loadtest
-from vllm_plugins.progress import log
 from vllm_plugins.serving.process import request_json, running_server
 from vllm_plugins.tasks import OPS, load_task
 from vllm_plugins.tasks.suite import Example, format_example, sample_letters
 from vllm_plugins.training.evaluate import MAX_NEW_TOKENS, generate_answers
 from vllm_plugins.training.recipes import load_base, train_method
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -125,16 +127,16 @@ def _send(url: str, request: Request) -> Served:
 def _serve_traffic(model_path: Path, adapter_dir: Path, requests: list[Request], out: Path) -> dict:
     log_file = out / "server.log"
     args = ("--served-model-name", BASE_NAME, "--dtype", "float32", "--max-model-len", "2048")
-    log("demo", f"starting vllm-plugins serve with {len(TENANTS)} tenants' adapters (log: {log_file})")
+    logger.info(f"starting vllm-plugins serve with {len(TENANTS)} tenants' adapters (log: {log_file})")
     with running_server(model_path, adapter_dir, log_file, *args) as url:
         _, models = request_json(f"{url}/v1/models")
         traffic = random.Random(0).sample(requests, len(requests))
-        log("demo", f"sending {len(traffic)} requests from {CLIENTS} concurrent clients")
+        logger.info(f"sending {len(traffic)} requests from {CLIENTS} concurrent clients")
         started = time.monotonic()
         with ThreadPoolExecutor(CLIENTS) as pool:
             served = list(pool.map(lambda r: _send(url, r), traffic))
         seconds = time.monotonic() - started
-        log("demo", f"load test: {DEMO_CONFIG.name}")
+        logger.info(f"load test: {DEMO_CONFIG.name}")
         page = run_loadtest(DEMO_CONFIG, url, out / "loadtest", title="vllm-plugins demo: load test of every method")
     return {
         "loadtest": {"report": str(page), "summary": json.loads((page.parent / "summary.json").read_text())},
@@ -218,7 +220,7 @@ def format_report(report: dict) -> str:
         "## Load test",
         "",
         f"Locust, {report['loadtest']['summary']['requests']} streamed requests from every method's tenants "
-        f"against the same server (`configs/loadtest-demo.toml`); TPOT is the mean inter-token latency.",
+        f"against the same server (`vllm_plugins/loadtest/demo.toml`); TPOT is the mean inter-token latency.",
         "",
         "| " + " | ".join(HEADLINE) + " |",
         "|" + "---|" * len(HEADLINE),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,6 +15,7 @@ from vllm_plugins.adapters.iapt import IaptConfig, iapt_layers
 from vllm_plugins.adapters.lora import LoraSettings, build_lora
 from vllm_plugins.adapters.milora import MiloraConfig, milora_layers
 from vllm_plugins.adapters.para import ParaConfig, para_layers
+from vllm_plugins.config_reader import read_config
 
 
 @dataclass(frozen=True)
@@ -34,20 +34,13 @@ class Method:
     layers: Callable[[Dims, Any], list[PromptAwareLayer]] | None = None
 
     def config_from_dict(self, values: dict) -> Any:
-        return _dataclass_from_dict(self.config_cls, values)
+        """The method's configuration from a manifest's ``config``; ValueError if bad."""
+        return read_config(self.config_cls, values, f"{self.name} config")
 
     @staticmethod
     def lora_settings_from_dict(values: dict) -> LoraSettings:
-        return _dataclass_from_dict(LoraSettings, values)
-
-
-def _dataclass_from_dict(cls: type, values: dict) -> Any:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise KeyError(f"unknown {cls.__name__} fields {sorted(unknown)}")
-    tuples = {f.name for f in dataclasses.fields(cls) if "tuple" in str(f.type)}
-    return cls(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
+        """LoRA settings from a manifest's ``lora``; ValueError if bad."""
+        return read_config(LoraSettings, values, "lora settings")
 
 
 def _prompt_aware(name: str, config_cls: type, layers: Callable[[Dims, Any], list[PromptAwareLayer]]) -> Method:

@@ -16,6 +16,7 @@ mode. Float32, prefix caching on (random prompts never hit it).
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from dataclasses import asdict, dataclass, replace
@@ -31,9 +32,10 @@ from vllm_plugins.adapters.registry import METHODS
 from vllm_plugins.adapters.storage import MANIFEST, describe_base, save_adapter
 from vllm_plugins.bench.latency import Job, run_closed_loop
 from vllm_plugins.bench.model import LLAMA_125M, LLAMA_TINY, RandomLlama, build_random_llama
-from vllm_plugins.progress import log
 from vllm_plugins.serving.tickets import adapter_args
 from vllm_plugins.serving.config import SECTION
+
+logger = logging.getLogger(__name__)
 
 BENCH_METHODS = ("base", "lora", "fanlora", "iapt", "para", "milora")
 NOISE = 0.02  # random adapters: initialisation plus N(0, NOISE^2) on every trainable weight
@@ -90,7 +92,7 @@ def random_adapters(method: str, bench: AdapterBench, model_path: Path) -> list[
     if all((d / MANIFEST).exists() for d in dirs):
         return dirs
     shutil.rmtree(root, ignore_errors=True)
-    log("bench", f"writing {bench.adapters} random {method} adapters in {root}")
+    logger.info(f"writing {bench.adapters} random {method} adapters in {root}")
     base = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     base_info = describe_base(base, model_path)
     config, lora_settings = _settings(method, bench)
@@ -173,9 +175,9 @@ def run_adapter_bench(bench: AdapterBench, methods: tuple[str, ...] = BENCH_METH
         dirs = [] if method == "base" else random_adapters(method, bench, model_path)
         warmup = _jobs(method, replace(bench, output_tokens=2), dirs, max(bench.adapters, bench.concurrency), offset=1)
         jobs = _jobs(method, bench, dirs, bench.requests, offset=2)
-        log("bench", f"{method}: {len(jobs)} requests, concurrency {bench.concurrency}")
+        logger.info(f"{method}: {len(jobs)} requests, concurrency {bench.concurrency}")
         figures = run_closed_loop(_engine_args(method, bench, model_path), warmup, jobs, bench.concurrency)
-        log("bench", f"{method}: TPOT p50 {figures['tpot_p50_ms']:.1f} ms, p99 {figures['tpot_p99_ms']:.1f} ms")
+        logger.info(f"{method}: TPOT p50 {figures['tpot_p50_ms']:.1f} ms, p99 {figures['tpot_p99_ms']:.1f} ms")
         runs.append((method, figures))
     base_runs = [f for m, f in runs if m == "base"]
     base = {key: sum(f[key] for f in base_runs) / len(base_runs) for key in RATIO_KEYS}

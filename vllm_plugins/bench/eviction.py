@@ -23,6 +23,7 @@ prefix hit would flatter eviction off). For each configuration:
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import statistics
@@ -31,8 +32,9 @@ from dataclasses import asdict, dataclass
 
 from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.eviction.policies import POLICIES
-from vllm_plugins.progress import log
 from vllm_plugins.tasks.retrieval import make_retrieval_example
+
+logger = logging.getLogger(__name__)
 
 OFF = ("off", None)
 IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the engine core runs in this process
@@ -194,7 +196,7 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
         for i in range(bench.concurrency_requests):
             stepper.add(prompts[i % len(prompts)], _params(config, max_tokens=bench.decode_tokens))
         rows[config]["most_running"] = stepper.drain()
-        log("bench-eviction", f"{config[0]} {config[1]}: {rows[config]}")
+        logger.info(f"{config[0]} {config[1]}: {rows[config]}")
 
     timings: dict = {config: ([], []) for config in configs}
     _timed_request(stepper, prompts[0], OFF, bench.decode_tokens)  # warm-up

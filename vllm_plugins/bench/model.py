@@ -3,6 +3,7 @@ weights), cached under ``$VLLM_PLUGINS_HOME/bench/models/<name>``."""
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +11,8 @@ from pathlib import Path
 import torch
 
 from vllm_plugins import paths
-from vllm_plugins.progress import log
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ def build_random_llama(spec: RandomLlama, seed: int = 0) -> Path:
     out = spec.path
     if (out / "config.json").exists():
         return out
-    log("bench", f"building random {spec.name} ({spec.num_parameters() / 1e6:.0f}M parameters) in {out}")
+    logger.info(f"building random {spec.name} ({spec.num_parameters() / 1e6:.0f}M parameters) in {out}")
     config = LlamaConfig(
         vocab_size=spec.vocab,
         hidden_size=spec.hidden,

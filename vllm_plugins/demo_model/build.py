@@ -10,6 +10,10 @@ training it takes 30 minutes or more on a 2-core CPU, so a fresh machine install
 shipped files instead, after checking them against the fingerprint (sha256 per file)
 every build records. ``force=True`` (``vllm-plugins build-demo-model --force``) trains from
 scratch; a changed spec has another hash, so it never picks up a stale shipped build.
+The shipped build predates the shared training loop (:mod:`vllm_plugins.training.loop`),
+whose transformers schedule starts its warm-up at 0: the shipped model had the same
+schedule one step earlier during the first 30 of its 1,900 steps (learning rate
+(step + 1) / 30 of the peak, not step / 30), and the same after.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
+import logging
 import random
 import shutil
 import tempfile
@@ -32,11 +36,14 @@ from vllm_plugins import paths
 from vllm_plugins.adapters.storage import file_sha256
 from vllm_plugins.demo_model.corpus import CorpusSampler, corpus_vocabulary
 from vllm_plugins.demo_model.tokenizer import SPECIAL_TOKENS, save_tokenizer, train_tokenizer
-from vllm_plugins.progress import Progress, log
+from vllm_plugins.training.loop import fit
+
+logger = logging.getLogger(__name__)
 
 BUILD_INFO = "demo_model_build.json"
 FINGERPRINT = "fingerprint.json"
 SHIPPED = Path(__file__).parent / "shipped"
+WARMUP_STEPS = 30
 
 
 @dataclass(frozen=True)
@@ -122,41 +129,21 @@ def _model_config(spec: DemoModelSpec, tokenizer) -> LlamaConfig | Qwen2Config:
     raise ValueError(f"unknown architecture {spec.architecture!r}: use 'llama' or 'qwen2'")
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 30) -> float:
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
 def _train(model, sampler: CorpusSampler, spec: DemoModelSpec) -> list[float]:
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.learning_rate, weight_decay=0.01)
-    progress = Progress("build-demo-model", spec.total_steps)
-    losses: list[float] = []
-    step = 0
-    model.train()
-    for phase in spec.phases:
-        for _ in range(phase.steps):
-            for group in opt.param_groups:
-                group["lr"] = _lr(step, spec.total_steps, spec.learning_rate)
-            loss = 0.0
-            for batch in (
-                sampler.operation_batch(spec.operation_batch),
-                sampler.retrieval_batch(phase.batch, phase.length),
-            ):
-                out = model(
-                    input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels
-                )
-                out.loss.backward()
-                loss += out.loss.item()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(loss)
-            progress.update(step, f"context {phase.length} loss {loss:.3f}")
-    model.eval()
-    return losses
+    """Next-token loss on one operation batch and one retrieval batch per step, the
+    retrieval contexts growing phase by phase (:class:`RetrievalPhase`)."""
+    lengths = [(phase.batch, phase.length) for phase in spec.phases for _ in range(phase.steps)]
+
+    def step_loss(step: int) -> float:
+        loss = 0.0
+        for batch in (sampler.operation_batch(spec.operation_batch), sampler.retrieval_batch(*lengths[step])):
+            out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels)
+            out.loss.backward()
+            loss += out.loss.item()
+        return loss
+
+    return fit(model, list(model.parameters()), step_loss, spec.total_steps, spec.learning_rate,
+               warmup_steps=WARMUP_STEPS, min_lr_rate=0.1, weight_decay=0.01, desc="build-demo-model")
 
 
 def build_demo_model(spec: DemoModelSpec | str = "demo", force: bool = False) -> Path:
@@ -167,13 +154,13 @@ def build_demo_model(spec: DemoModelSpec | str = "demo", force: bool = False) ->
         spec = PRESETS[spec]
     out = demo_model_path(spec)
     if not force and is_complete(out):
-        log("build-demo-model", f"reusing {out}")
+        logger.info(f"reusing {out}")
         return out
     if not force and (shipped := shipped_build(spec)) is not None:
-        log("build-demo-model", f"installing the shipped build {shipped.name} into {out} (--force trains it instead)")
+        logger.info(f"installing the shipped build {shipped.name} into {out} (--force trains it instead)")
         install_shipped(shipped, out)
         return out
-    log("build-demo-model", f"building {spec.name} ({spec.total_steps} steps) into {out}")
+    logger.info(f"building {spec.name} ({spec.total_steps} steps) into {out}")
     random.seed(spec.seed)
     torch.manual_seed(spec.seed)
     words = corpus_vocabulary()
@@ -202,7 +189,7 @@ def build_demo_model(spec: DemoModelSpec | str = "demo", force: bool = False) ->
     (tmp / BUILD_INFO).write_text(json.dumps(info, indent=2))
     (tmp / FINGERPRINT).write_text(json.dumps(fingerprint(tmp), indent=2))
     _publish(tmp, out, replace=True)
-    log("build-demo-model", f"trained in {seconds:.0f}s: {out}")
+    logger.info(f"trained in {seconds:.0f}s: {out}")
     return out
 
 

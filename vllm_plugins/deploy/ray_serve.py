@@ -71,7 +71,6 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -79,11 +78,13 @@ import httpx
 import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import Field
 from ray import serve
 from ray.serve.config import DeploymentActorConfig
 from ray.serve.handle import DeploymentHandle
 
 from vllm_plugins import paths as plugin_paths
+from vllm_plugins.config_reader import ConfigModel, read_config
 from vllm_plugins.serving.process import ServerProcess
 
 MODEL_ROUTES = ("/v1/completions", "/v1/chat/completions")
@@ -99,27 +100,26 @@ LEDGER_WAIT_S = 60.0  # how long a replica waits for the record's actor to be re
 logger = logging.getLogger("ray.serve")
 
 
-@dataclass(frozen=True)
-class RayServeConfig:
+class RayServeConfig(ConfigModel):
     """The ``args`` of the application in a Serve config file (configs/ray-serve-*.yaml)."""
 
     model: str  # a model directory, or "demo:<preset>" for the embedded demo model (built by `make demo`)
     adapter_dir: str
-    serve_args: list[str] = field(default_factory=list)  # more `vllm-plugins serve` / `vllm serve` flags
-    num_replicas: int = 2  # a fixed count, unless `autoscaling` is given
+    serve_args: tuple[str, ...] = ()  # more `vllm-plugins serve` / `vllm serve` flags
+    num_replicas: int = Field(2, ge=1)  # a fixed count, unless `autoscaling` is given
     autoscaling: dict | None = None  # Ray Serve's autoscaling_config, replacing num_replicas
-    max_adapters_per_replica: int = 16  # adapters a replica is preferred for (multiplexing LRU)
-    max_ongoing_requests: int = 64
-    num_cpus_per_replica: float = 1
-    max_replicas_per_node: int | None = None  # 1: at most one replica per node
+    max_adapters_per_replica: int = Field(16, ge=1)  # adapters a replica is preferred for (multiplexing LRU)
+    max_ongoing_requests: int = Field(64, ge=1)
+    num_cpus_per_replica: float = Field(1, gt=0)
+    max_replicas_per_node: int | None = Field(None, ge=1)  # 1: at most one replica per node
 
     @classmethod
     def from_args(cls, args: dict) -> RayServeConfig:
         """From a config file's ``args``. In paths, ``~`` and ``${VARS}`` are expanded, and
-        ``${VLLM_PLUGINS_HOME}`` defaults to the project's cache (``~/.cache/vllm-plugins``)."""
-        unknown = sorted(set(args) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"unknown Ray Serve application args: {unknown}")
+        ``${VLLM_PLUGINS_HOME}`` defaults to the project's cache (``~/.cache/vllm-plugins``).
+        ValueError for unknown or bad args."""
+        if not isinstance(args, dict):
+            raise ValueError("Ray Serve application args must be a mapping")
         variables = {"VLLM_PLUGINS_HOME": str(plugin_paths.home()), **os.environ}
         paths = {
             k: os.path.expanduser(string.Template(args[k]).safe_substitute(variables))
@@ -132,7 +132,7 @@ class RayServeConfig:
             if preset not in PRESETS:
                 raise ValueError(f"unknown demo model preset {preset!r}; presets: {', '.join(PRESETS)}")
             paths["model"] = str(demo_model_path(PRESETS[preset]))
-        return cls(**{**args, **paths})
+        return read_config(cls, {**args, **paths}, "Ray Serve application args")
 
 
 def _error(status: int, message: str) -> JSONResponse:

@@ -27,6 +27,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from pydantic import Field, model_validator
+
+from vllm_plugins.config_reader import ConfigModel
 from vllm_plugins.eviction.budget import min_budget
 from vllm_plugins.eviction.policies import POLICIES
 
@@ -67,20 +70,19 @@ class EvictionRule:
         return math.ceil((DEFAULT_KEEP_RATIO if self.keep_ratio is None else self.keep_ratio) * num_prompt)
 
 
-@dataclass(frozen=True)
-class EvictionSettings:
-    """The server's default, off unless ``policy`` is set."""
+class EvictionSettings(ConfigModel):
+    """The server's default, off unless ``policy`` is set. A bad default is a ValueError
+    when the settings are made (at start-up, not on the first request)."""
 
     policy: str | None = None
     keep_ratio: float | None = None
     budget: int | None = None
-    min_prompt: int = 0
+    min_prompt: int = Field(0, ge=0)
 
-    def validate(self) -> None:
-        """Fail at start-up, not on the first request, for a bad server default."""
+    @model_validator(mode="after")
+    def _check_default_rule(self) -> EvictionSettings:
         self.default_rule()
-        if not (isinstance(self.min_prompt, int) and self.min_prompt >= 0):
-            raise ValueError(f"{SECTION}.min_prompt must be a number of tokens >= 0, got {self.min_prompt!r}")
+        return self
 
     def default_rule(self) -> EvictionRule | None:
         return None if self.policy in (None, OFF) else EvictionRule(self.policy, self.keep_ratio, self.budget)

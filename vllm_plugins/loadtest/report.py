@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import io
 import json
 from collections import Counter
 from pathlib import Path
 
+import jinja2
 import numpy as np
 
 from vllm_plugins.loadtest.spec import METHODS, LoadTestSpec
+
+_TEMPLATES = jinja2.Environment(loader=jinja2.PackageLoader("vllm_plugins.loadtest"), autoescape=True)
 
 QUANTILES = (50, 90, 99)
 METRICS = {"ttft_ms": "TTFT", "itl_ms": "inter-token latency", "e2e_ms": "end-to-end latency"}
@@ -153,12 +155,6 @@ def _ratio(value) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
 def headline_rows(summary: dict) -> list[list[str]]:
     """Per method: TTFT and TPOT p50/p99 and their ratios to the base model."""
     return [
@@ -174,47 +170,20 @@ HEADLINE = ["method", "requests", "failed", "TTFT p50 ms", "TTFT p99 ms", "TPOT 
 
 
 def render_html(rows: list[dict], summary: dict, spec: LoadTestSpec, title: str) -> str:
+    """The HTML page (templates/report.html.j2): the summary's tables, the plots inline."""
     detail = ["requests", "failed"] + [f"{METRICS[k]} p{q} ms" for k in METRICS for q in QUANTILES] + ["output tok/s", "goodput req/s", "within SLO"]
 
-    def detail_row(name: str, s: dict) -> list[str]:
-        return ([name, str(s["requests"]), str(s["failed"])] + [_ms(s[f"{k}_p{q}"]) for k in METRICS for q in QUANTILES]
+    def detail_row(s: dict) -> list[str]:
+        return ([str(s["requests"]), str(s["failed"])] + [_ms(s[f"{k}_p{q}"]) for k in METRICS for q in QUANTILES]
                 + [f"{s['output_tokens_per_s']:.1f}", f"{s['goodput_per_s']:.2f}", f"{s['slo_attainment']:.0%}"])
 
-    plots = "".join(
-        f"<figure><img alt='{html.escape(name)}' src='data:image/png;base64,{png}'><figcaption>{html.escape(name)}</figcaption></figure>"
-        for name, png in _plots(rows, summary).items()
+    return _TEMPLATES.get_template("report.html.j2").render(
+        title=title, summary=summary, spec=spec, plots=_plots(rows, summary),
+        headline=(HEADLINE, headline_rows(summary)),
+        by_method=(["method"] + detail, [[m] + detail_row(s) for m, s in summary["by_method"].items()]),
+        by_tenant=(["tenant", "method"] + detail, [[t, s["method"]] + detail_row(s) for t, s in summary["by_tenant"].items()]),
+        failures=[[k, str(v)] for k, v in summary["failures"].items()],
     )
-    failures = _table(["status and error", "requests"], [[k, str(v)] for k, v in summary["failures"].items()]) if summary["failures"] else "<p>No failed requests.</p>"
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.8em 0 1.6em; font-size: 0.9em; display: block; overflow-x: auto; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-th {{ background: #f3f3f3; }}
-figure {{ display: inline-block; margin: 0.5em 1em 1em 0; }}
-figcaption {{ font-size: 0.85em; color: #555; }}
-</style></head><body>
-<h1>{html.escape(title)}</h1>
-<p>{summary['requests']} requests in {summary['seconds']:.1f} s from {spec.users} concurrent users, {summary['failed']} failed.
-TPOT is a request's mean inter-token latency.
-SLO: TTFT at most {spec.slo.ttft_ms:g} ms and TPOT at most {spec.slo.tpot_ms:g} ms.
-Tenants per method follow a Zipf law (exponent {spec.zipf_exponent:g}); prompts of {spec.prompt.kind} length
-(median {spec.prompt.median:g}, {spec.prompt.low}&ndash;{spec.prompt.high} words), outputs of {spec.output.kind} length
-(median {spec.output.median:g}, {spec.output.low}&ndash;{spec.output.high} tokens).</p>
-<h2>Per method</h2>
-{_table(HEADLINE, headline_rows(summary))}
-{_table(["method"] + detail, [detail_row(m, s) for m, s in summary["by_method"].items()])}
-<h2>Plots</h2>
-{plots}
-<h2>Per tenant</h2>
-{_table(["tenant", "method"] + detail, [[t, s["method"]] + detail_row(t, s)[1:] for t, s in summary["by_tenant"].items()])}
-<h2>Failures</h2>
-{failures}
-<p>Raw data: requests.csv (one row per request) beside this page.</p>
-</body></html>
-"""
 
 
 def write_report(records: Path, spec: LoadTestSpec, out: Path, title: str) -> Path:

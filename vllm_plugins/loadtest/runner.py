@@ -10,9 +10,8 @@ from pathlib import Path
 from vllm_plugins.loadtest.report import write_report
 from vllm_plugins.loadtest.spec import LoadTestSpec, load_spec, user_class_name
 
-REPO = Path(__file__).resolve().parents[2]
-LOCUSTFILE = REPO / "loadtests" / "locustfile.py"
-DEMO_CONFIG = REPO / "configs" / "loadtest-demo.toml"
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")  # installed with the package
+DEMO_CONFIG = Path(__file__).with_name("demo.toml")  # the demo's load test, and the default --config
 
 
 def default_words() -> list[str]:
@@ -24,13 +23,11 @@ def default_words() -> list[str]:
 
 def run_locust(spec: LoadTestSpec, host: str, out: Path) -> Path:
     """Run the users of every method in ``spec`` against ``host``; the per-request CSV."""
-    if not LOCUSTFILE.exists():
-        raise ValueError(f"{LOCUSTFILE} not found: run from a checkout of the project")
     if spec.users < len(spec.methods):
         raise ValueError(f"{spec.users} users for {len(spec.methods)} methods: every method's class needs a user")
     out.mkdir(parents=True, exist_ok=True)
     spec_file, records = out / "spec.json", out / "requests.csv"
-    spec_file.write_text(spec.to_json())
+    spec_file.write_text(spec.model_dump_json())
     cmd = [
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", host,
         "--users", str(spec.users), "--spawn-rate", str(spec.spawn_rate), "--run-time", f"{spec.run_time_s}s",

@@ -20,47 +20,37 @@ prompt-aware adapters registered at once. ``runtime_loading``: enables ``POST /v
 
 from __future__ import annotations
 
-import dataclasses
 import json
-from dataclasses import dataclass
 
+from pydantic import Field
+
+from vllm_plugins.config_reader import ConfigModel, read_config
 from vllm_plugins.eviction import settings as eviction
 from vllm_plugins.eviction.settings import EvictionSettings
 
 SECTION = "prompt_adapters"
 
 
-def read_section(additional_config, section: str, cls):
-    """``cls`` (a dataclass) from one section of ``--additional-config`` (JSON text or a
-    dict); defaults where the section is absent, an error for keys ``cls`` lacks."""
+def read_section(additional_config, section: str, cls: type[ConfigModel]):
+    """``cls`` from one section of ``--additional-config`` (JSON text or a dict); defaults
+    where the section is absent. ValueError for unknown keys or bad values."""
     if isinstance(additional_config, str):
         additional_config = json.loads(additional_config or "{}")
     values = (additional_config or {}).get(section) or {}
-    known = {f.name for f in dataclasses.fields(cls)}
-    if unknown := set(values) - known:
-        raise ValueError(f"unknown {section} settings {sorted(unknown)} in --additional-config; known: {sorted(known)}")
-    return cls(**values)
+    return read_config(cls, values, f"--additional-config {section}")
 
 
 def eviction_settings(additional_config) -> EvictionSettings:
-    settings = read_section(additional_config, eviction.SECTION, EvictionSettings)
-    settings.validate()
-    return settings
+    return read_section(additional_config, eviction.SECTION, EvictionSettings)
 
 
-@dataclass(frozen=True)
-class PromptAdapterSettings:
+class PromptAdapterSettings(ConfigModel):
     dir: str | None = None
-    max_active: int = 16
-    max_rank: int = 16
-    max_soft_tokens: int = 4
-    max_adapters: int = 1024
+    max_active: int = Field(16, ge=1)
+    max_rank: int = Field(16, ge=1)
+    max_soft_tokens: int = Field(4, ge=1)
+    max_adapters: int = Field(1024, ge=1)
     runtime_loading: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("max_active", "max_rank", "max_soft_tokens", "max_adapters"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{SECTION}.{name} must be >= 1, got {getattr(self, name)}")
 
     @classmethod
     def from_additional_config(cls, additional_config) -> PromptAdapterSettings:

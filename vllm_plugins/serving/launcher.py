@@ -25,8 +25,8 @@ vLLM arguments size it (:data:`CPU_KV_CACHE_BYTES`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -36,6 +36,8 @@ from vllm_plugins.adapters.storage import AdapterError, read_manifest
 from vllm_plugins.eviction import settings as eviction_settings
 from vllm_plugins.eviction.settings import EvictionSettings
 from vllm_plugins.serving.config import SECTION, PromptAdapterSettings
+
+logger = logging.getLogger(__name__)
 
 WORKER = "vllm_plugins.serving.worker.PromptAwareCPUWorker"
 SCHEDULER = "vllm_plugins.serving.scheduler.PromptAwareScheduler"
@@ -92,12 +94,10 @@ def serve_argv(
                 ranks.append(_lora_rank(manifest))
                 lora_modules.append(f"{sub.name}={sub}")
         except (AdapterError, OSError) as err:  # prompt-aware ones: the server's registry logs and lists them
-            print(f"vllm-plugins serve: adapter {sub.name!r} is not served: {err}", file=sys.stderr)
-    adapters = dataclasses.replace(adapters, dir=str(root))
-    settings = {SECTION: dataclasses.asdict(adapters)}
+            logger.warning("adapter %r is not served: %s", sub.name, err)
+    settings = {SECTION: {**adapters.model_dump(), "dir": str(root)}}
     if eviction.policy is not None:
-        eviction.validate()  # a bad ratio or budget fails here, not in the engine
-        settings[eviction_settings.SECTION] = dataclasses.asdict(eviction)
+        settings[eviction_settings.SECTION] = eviction.model_dump()
     argv = _vllm_serve(model) + [
         "--worker-cls", WORKER,
         "--scheduler-cls", SCHEDULER,

@@ -7,14 +7,16 @@ adapter's held-out exact match, its tunable parameter count and its training sec
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from vllm_plugins.adapters.common.lm import PlainLM
 from vllm_plugins.adapters.storage import load_adapter
-from vllm_plugins.progress import log
 from vllm_plugins.tasks import load_task
 from vllm_plugins.training.evaluate import exact_match
 from vllm_plugins.training.recipes import load_base, train_method
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_TASKS = ("reverse", "shift", "upper", "count")
 DEFAULT_METHODS = ("lora", "fanlora", "alora", "iapt", "para", "milora")
@@ -26,7 +28,7 @@ def run_eval(base_path: str | Path, methods=DEFAULT_METHODS, tasks=DEFAULT_TASKS
     report: dict = {"base_model": str(base_path), "base": {}, "results": []}
     for task in tasks:
         report["base"][task] = exact_match(PlainLM(base), tokenizer, load_task(task).test)
-        log("eval", f"base model on {task}: exact match {report['base'][task]:.3f}")
+        logger.info(f"base model on {task}: exact match {report['base'][task]:.3f}")
     for method in methods:
         for task in tasks:
             trained = train_method(method, task, base_path)
@@ -43,7 +45,7 @@ def run_eval(base_path: str | Path, methods=DEFAULT_METHODS, tasks=DEFAULT_TASKS
                     "adapter": str(trained.path),
                 }
             )
-            log("eval", f"{method} on {task}: exact match {score:.3f}")
+            logger.info(f"{method} on {task}: exact match {score:.3f}")
     report["summary"] = {
         method: sum(
             r["exact_match"] >= PASS_MARK and report["base"][r["task"]] <= 0.1

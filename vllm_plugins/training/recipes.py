@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ from vllm_plugins.adapters.fanlora import FanloraConfig, module_importance, sele
 from vllm_plugins.adapters.lora import LoraSettings, build_lora
 from vllm_plugins.adapters.registry import METHODS
 from vllm_plugins.adapters.storage import AdapterError, base_fingerprint, describe_base, read_manifest, save_adapter
-from vllm_plugins.progress import log
 from vllm_plugins.tasks import load_task, task_names
 from vllm_plugins.training.data import collate, encode
 from vllm_plugins.training.trainer import TrainConfig, train_adapter
+
+logger = logging.getLogger(__name__)
 
 TRAIN_CONFIGS: dict[str, TrainConfig] = {
     "iapt": TrainConfig(steps=300, learning_rate=3e-3),
@@ -75,7 +77,7 @@ def fanlora_placement(base_path: str | Path, config: FanloraConfig, train: Train
     placement = select_placement(scores, config.modules_per_layer)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps({"placement": placement, "scores": scores}, indent=2))
-    log("fanlora", f"placement: {len(placement)} of {len(scores)} modules")
+    logger.info(f"placement: {len(placement)} of {len(scores)} modules")
     return placement
 
 

@@ -1,4 +1,5 @@
-"""The adapter trainer: AdamW on the adapter's parameters, loss on the answer tokens."""
+"""The adapter trainer: the shared loop (:mod:`.loop`) on the adapter's parameters, loss on
+the answer tokens."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch.nn import functional as F
 
-from vllm_plugins.progress import Progress
 from vllm_plugins.training.data import EncodedExample, collate
+from vllm_plugins.training.loop import fit
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,8 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 32
     learning_rate: float = 3e-3
+    min_lr_rate: float = 0.05  # the cosine schedule ends at this fraction of learning_rate
+    lr_schedule: str = "cosine_with_min_lr"  # transformers' name; recorded so that cached adapters follow it
     seed: int = 0
 
 
@@ -32,28 +35,20 @@ def batch_loss(lm, batch) -> torch.Tensor:
 def train_adapter(
     lm, examples: list[EncodedExample], pad_id: int, config: TrainConfig, label: str = "train", steps: int | None = None
 ) -> dict[str, float]:
-    """Train ``lm``'s trainable parameters for ``steps`` (default ``config.steps``) steps."""
+    """Train ``lm``'s trainable parameters for ``steps`` (default ``config.steps``) steps
+    on random batches of ``examples``; returns ``train_seconds`` and ``final_loss``.
+    ValueError if ``lm`` has no trainable parameter."""
     params = [p for p in lm.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters")
     steps = config.steps if steps is None else steps
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-    warmup = max(1, min(20, steps // 10))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps))
-    progress = Progress(label, steps)
-    started = time.monotonic()
-    lm.train()
-    loss = torch.tensor(float("nan"))
-    for step in range(steps):
-        batch = collate(rng.sample(examples, min(config.batch_size, len(examples))), pad_id)
-        loss = batch_loss(lm, batch)
+
+    def step_loss(step: int) -> float:
+        loss = batch_loss(lm, collate(rng.sample(examples, min(config.batch_size, len(examples))), pad_id))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        progress.update(step + 1, f"loss {loss.item():.3f}")
-    lm.eval()
-    return {"train_seconds": time.monotonic() - started, "final_loss": float(loss.item())}
+        return loss.item()
+
+    started = time.monotonic()
+    losses = fit(lm, params, step_loss, steps, config.learning_rate, warmup_steps=max(1, min(20, steps // 10)),
+                 min_lr_rate=config.min_lr_rate, desc=label)
+    return {"train_seconds": time.monotonic() - started, "final_loss": losses[-1] if losses else float("nan")}

@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 
 from vllm_plugins.adapters.common.model_parts import LINEAR_MODULES
+from vllm_plugins.config_reader import config_dataclass
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class LoraSettings:
     """LoRA on ``target_modules`` of every layer, or on the explicit ``placement``.
 

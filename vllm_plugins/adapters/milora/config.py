@@ -1,9 +1,9 @@
 from __future__ import annotations
 
-from dataclasses import dataclass
+from vllm_plugins.config_reader import config_dataclass
 
 
-@dataclass(frozen=True)
+@config_dataclass
 class MiloraConfig:
     """MiLoRA hyper-parameters.
 

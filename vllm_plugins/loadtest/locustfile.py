@@ -29,7 +29,7 @@ from locust.exception import StopUser
 
 from vllm_plugins.loadtest.spec import METHODS, LoadTestSpec, user_class_name, zipf_weights
 
-SPEC = LoadTestSpec.from_json(Path(os.environ["VLLM_PLUGINS_LOADTEST_SPEC"]).read_text())
+SPEC = LoadTestSpec.model_validate_json(Path(os.environ["VLLM_PLUGINS_LOADTEST_SPEC"]).read_text())
 RECORD_FIELDS = (
     "start_s", "method", "tenant", "model", "status", "error",
     "ttft_ms", "itl_ms", "e2e_ms", "prompt_tokens", "output_tokens", "requested_tokens",
