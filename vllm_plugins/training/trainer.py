@@ -19,8 +19,7 @@ class TrainConfig:
     steps: int = 300
     batch_size: int = 32
     learning_rate: float = 3e-3
-    min_lr_rate: float = 0.05  # the cosine schedule ends at this fraction of learning_rate
-    lr_schedule: str = "cosine_with_min_lr"  # transformers' name; recorded so that cached adapters follow it
+    min_lr_rate: float = 0.05  # the cosine schedule (training/loop.py) ends at this fraction of learning_rate
     seed: int = 0
 
 
@@ -49,6 +48,6 @@ def train_adapter(
         return loss.item()
 
     started = time.monotonic()
-    losses = fit(lm, params, step_loss, steps, config.learning_rate, warmup_steps=max(1, min(20, steps // 10)),
+    losses = fit(lm, params, step_loss, steps, config.learning_rate, warmup_steps=min(20, steps // 10),
                  min_lr_rate=config.min_lr_rate, desc=label)
     return {"train_seconds": time.monotonic() - started, "final_loss": losses[-1] if losses else float("nan")}
