@@ -54,12 +54,13 @@ def tiny_model(request) -> Path:
     return request.getfixturevalue(request.param)
 
 
-SERVED_ADAPTERS = {  # name -> (method, seed): 8 prompt-aware adapters of all kinds, 2 stock LoRA
+SERVED_ADAPTERS = {  # name -> (method, seed): 8 prompt-aware adapters of all kinds, 4 of the LoRA family
     "iapt-1": ("iapt", 1), "iapt-2": ("iapt", 2), "iapt-3": ("iapt", 3),
     "para-1": ("para", 4), "para-2": ("para", 5), "para-3": ("para", 6),
     "milora-1": ("milora", 7), "milora-2": ("milora", 8),
-    "lora-1": ("lora", 9), "lora-2": ("lora", 10),
+    "lora-1": ("lora", 9), "lora-2": ("lora", 10), "fanlora-1": ("fanlora", 11), "alora-1": ("alora", 12),
 }
+LORA_FAMILY = ("lora", "fanlora", "alora")  # served by vLLM's stock LoRA
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +85,7 @@ def prompt_aware_adapter_dir(served_adapter_dir, tmp_path_factory) -> Path:
     a server without LoRA runs compiled on the CPU (vLLM turns compilation off with LoRA)."""
     root = tmp_path_factory.mktemp("prompt-aware-adapters")
     for name, (method, _) in SERVED_ADAPTERS.items():
-        if method != "lora":
+        if method not in LORA_FAMILY:
             shutil.copytree(served_adapter_dir / name, root / name)  # a symlink out of the root is refused
     return root
 

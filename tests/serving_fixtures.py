@@ -13,22 +13,58 @@ here, at most 1e-5.
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
 
 from helpers import build
+from vllm_plugins.adapters.alora import AloraConfig
+from vllm_plugins.adapters.alora.allocation import settings_for
+from vllm_plugins.adapters.common.model_parts import ATTENTION_MODULES, LINEAR_MODULES
 from vllm_plugins.adapters.common.rational import RationalActivation
+from vllm_plugins.adapters.fanlora import FanloraConfig
+from vllm_plugins.adapters.lora import LoraSettings, build_lora
 from vllm_plugins.adapters.registry import METHODS
 from vllm_plugins.adapters.storage import describe_base, save_adapter
 from vllm_plugins.training.recipes import load_base
 
-SCALES = {"iapt": 0.3, "para": 0.3, "milora": 0.3, "lora": 0.3}
+SCALES = {"iapt": 0.3, "para": 0.3, "milora": 0.3, "lora": 0.3, "fanlora": 0.3, "alora": 0.3}
+ALORA_RANKS = (0, 2, 4, 8, 16)  # 0: the module was pruned; above the initial rank 8: it gained rank
+
+
+def _module_paths(num_layers: int) -> list[str]:
+    return [f"model.layers.{i}.{'self_attn' if m in ATTENTION_MODULES else 'mlp'}.{m}"
+            for i in range(num_layers) for m in LINEAR_MODULES]
+
+
+def lora_settings(method: str, num_layers: int, seed: int) -> LoraSettings:
+    """What a LoRA-family procedure would emit, chosen at random: stock LoRA on every
+    module, FanLoRA on ``modules_per_layer`` modules of each layer, ALoRA with a rank per
+    module (some pruned, some above the initial rank)."""
+    rng = random.Random(seed)
+    paths = _module_paths(num_layers)
+    if method == "fanlora":
+        config = FanloraConfig()
+        per_layer = [paths[i:i + len(LINEAR_MODULES)] for i in range(0, len(paths), len(LINEAR_MODULES))]
+        placement = tuple(sorted(p for layer in per_layer for p in rng.sample(layer, config.modules_per_layer)))
+        return LoraSettings(rank=config.rank, alpha=config.alpha, placement=placement)
+    if method == "alora":
+        return settings_for({path: rng.choice(ALORA_RANKS) for path in paths}, AloraConfig())
+    return LoraSettings()
 
 
 def save_random_adapter(method: str, model_path: Path, out: Path, seed: int) -> Path:
-    base_info = describe_base(load_base(model_path)[0], model_path)
-    lm, _, _ = build(method, model_path)
+    base, _ = load_base(model_path)
+    base_info = describe_base(base, model_path)
+    spec = METHODS[method]
+    config = spec.config_cls()
+    settings = None
+    if spec.family == "lora":
+        settings = lora_settings(method, base.config.num_hidden_layers, seed)
+        lm = build_lora(base, settings)
+    else:
+        lm, _, _ = build(method, model_path)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in lm.modules():
@@ -37,9 +73,7 @@ def save_random_adapter(method: str, model_path: Path, out: Path, seed: int) -> 
             for p in module.parameters(recurse=False):
                 if p.requires_grad:
                     p.add_(torch.randn(p.shape, generator=gen) * SCALES[method])
-    spec = METHODS[method]
-    config = spec.config_cls()
-    save_adapter(out, method, config, lm, base_info, lora_settings=config if spec.family == "lora" else None)
+    save_adapter(out, method, config, lm, base_info, lora_settings=settings)
     return out
 
 

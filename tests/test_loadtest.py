@@ -110,14 +110,16 @@ def _config(path, tenants, **load) -> Path:
 def test_load_test_against_a_real_server(server, tmp_path):
     from vllm_plugins.loadtest.runner import run_loadtest
 
-    tenants = [("base", "base", "demo")] + [(name, method, name) for name, (method, _) in SERVED_ADAPTERS.items()]
+    # ALoRA's tenants are stock LoRA tenants to the load test, as in the demo's (its classes are by serving path)
+    tenants = [("base", "base", "demo")] + [(name, method.replace("alora", "lora"), name)
+                                            for name, (method, _) in SERVED_ADAPTERS.items()]
     config = _config(tmp_path / "loadtest.toml", tenants)
 
     page = run_loadtest(config, server, tmp_path / "run")
 
     rows = read_records(tmp_path / "run" / "requests.csv")
     assert len(rows) == 30
-    assert {r["method"] for r in rows} == {"base", "lora", "iapt", "para", "milora"}
+    assert {r["method"] for r in rows} == {"base", "lora", "fanlora", "iapt", "para", "milora"}
     assert all(r["status"] == 200 and not r["error"] for r in rows), [r["error"] for r in rows if r["error"]]
     for r in rows:
         assert (r["tenant"], r["method"]) in {(n, m) for n, m, _ in tenants}
@@ -125,7 +127,7 @@ def test_load_test_against_a_real_server(server, tmp_path):
         assert 0 < r["ttft_ms"] <= r["e2e_ms"]
         assert r["itl_ms"] > 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert set(summary["by_method"]) == {"base", "lora", "iapt", "para", "milora"}
+    assert set(summary["by_method"]) == {"base", "lora", "fanlora", "iapt", "para", "milora"}
     assert summary["by_method"]["base"]["ttft_ms_p50_over_base"] == pytest.approx(1.0)
     text = page.read_text()
     assert text.count("<img ") == 5 and "data:image/png;base64," in text

@@ -5,11 +5,13 @@ server's 64-token scheduler chunk): the greedy answers equal the reference's, on
 at a time and with every prompt of every adapter in flight at once. Three servers, each
 with prefix caching on as vLLM runs by default:
 
-* ``mixed``: 8 prompt-aware adapters (3 IAPT, 3 PARA, 2 MiLoRA), 2 stock LoRA adapters
-  and the base model; with LoRA enabled, vLLM's CPU platform runs the model uncompiled;
+* ``mixed``: the Llama demo model with 8 prompt-aware adapters (3 IAPT, 3 PARA, 2 MiLoRA),
+  4 of the LoRA family (2 stock LoRA, a FanLoRA placement, ALoRA ranks from 2 to 16) and
+  the base model; with LoRA enabled, vLLM's CPU platform runs the model uncompiled;
 * ``compiled``: the 8 prompt-aware adapters and the base model in vLLM's default mode,
   the forward traced once and compiled by Inductor;
-* ``eager``: the same with ``--enforce-eager``.
+* ``qwen2-eager``: the Qwen2 demo model with the same twelve kinds of adapter (made for it),
+  with ``--enforce-eager``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import time
 import httpx
 import pytest
 
-from conftest import SERVED_ADAPTERS, SERVER_ARGS
-from serving_fixtures import reference_answers
+from conftest import LORA_FAMILY, SERVED_ADAPTERS, SERVER_ARGS
+from serving_fixtures import reference_answers, save_random_adapter
 from vllm_plugins.serving.process import REQUEST_SECONDS, ServerProcess, request_json
 from vllm_plugins.tasks import load_task
 from vllm_plugins.tasks.retrieval import make_retrieval_example
@@ -34,32 +36,44 @@ BASE = "demo"  # the server's --served-model-name
 TASKS = ("reverse", "shift", "upper", "count")
 SHORT_PER_TASK = 11
 LONG_PROMPTS = 6
-SERVERS = {  # name -> (adapter directory fixture, extra vLLM arguments, compilation mode in vLLM's log)
-    "mixed": ("served_adapter_dir", (), "'mode': <CompilationMode.NONE: 0>"),  # the shared `server`
-    "compiled": ("prompt_aware_adapter_dir", (), "'mode': <CompilationMode.DYNAMO_TRACE_ONCE: 2>"),
-    "eager": ("prompt_aware_adapter_dir", ("--enforce-eager",), "'mode': <CompilationMode.NONE: 0>"),
+UNCOMPILED, TRACED_ONCE = "'mode': <CompilationMode.NONE: 0>", "'mode': <CompilationMode.DYNAMO_TRACE_ONCE: 2>"
+SERVERS = {  # name -> (base model fixture, adapter directory fixture, extra vLLM arguments, compilation mode in its log)
+    "mixed": ("tiny_llama", "served_adapter_dir", (), UNCOMPILED),  # the shared `server`
+    "compiled": ("tiny_llama", "prompt_aware_adapter_dir", (), TRACED_ONCE),
+    "qwen2-eager": ("tiny_qwen2", "qwen2_adapter_dir", ("--enforce-eager",), UNCOMPILED),
 }
+ALL_ADAPTERS = {"tiny_llama": "served_adapter_dir", "tiny_qwen2": "qwen2_adapter_dir"}  # every adapter, per model
 
 
 def _method(model: str) -> str:
     return "base" if model == BASE else SERVED_ADAPTERS[model][0]
 
 
+@pytest.fixture(scope="module")
+def qwen2_adapter_dir(tiny_qwen2, tmp_path_factory):
+    root = tmp_path_factory.mktemp("qwen2-adapters")
+    for name, (method, seed) in SERVED_ADAPTERS.items():
+        save_random_adapter(method, tiny_qwen2, root / name, seed)
+    return root
+
+
 @pytest.fixture(scope="module", params=list(SERVERS))
-def served(request, tiny_llama, tmp_path_factory):
-    """(URL, the served models) of one of the three servers."""
-    dir_fixture, extra, mode = SERVERS[request.param]
-    names = [name for name, (method, _) in SERVED_ADAPTERS.items() if dir_fixture == "served_adapter_dir" or method != "lora"]
+def served(request, tmp_path_factory):
+    """(URL, the served models, the reference's answers) of one of the three servers."""
+    model_fixture, dir_fixture, extra, mode = SERVERS[request.param]
+    names = [name for name, (method, _) in SERVED_ADAPTERS.items()
+             if dir_fixture != "prompt_aware_adapter_dir" or method not in LORA_FAMILY]
     if request.param == "mixed":
         server = request.getfixturevalue("server_process")
         assert mode in server.log.read_text()
-        yield server.url, [BASE, *names]
+        yield server.url, [BASE, *names], _references(request, model_fixture)
         return
     log = tmp_path_factory.mktemp(f"parity-{request.param}") / "server.log"
-    server = ServerProcess.start(tiny_llama, request.getfixturevalue(dir_fixture), log, *SERVER_ARGS, *extra)
+    server = ServerProcess.start(request.getfixturevalue(model_fixture), request.getfixturevalue(dir_fixture), log,
+                                 *SERVER_ARGS, *extra)
     try:
         assert mode in log.read_text()  # the engine runs in the mode this server stands for
-        yield server.url, [BASE, *names]
+        yield server.url, [BASE, *names], _references(request, model_fixture)
     finally:
         server.stop()
 
@@ -73,13 +87,21 @@ def prompts() -> list[str]:
     return short + long
 
 
-@pytest.fixture(scope="module")
-def expected(tiny_llama, served_adapter_dir, prompts) -> dict[str, list[str]]:
-    models = [BASE, *SERVED_ADAPTERS]
-    return {
-        m: reference_answers(tiny_llama, None if m == BASE else served_adapter_dir / m, prompts, MAX_TOKENS)
-        for m in models
-    }
+_REFERENCES: dict[str, dict[str, list[str]]] = {}
+
+
+def _references(request, model_fixture: str) -> dict[str, list[str]]:
+    """The reference's answers to :func:`prompts` per served model, for the base model of
+    ``model_fixture``; computed once per module."""
+    if model_fixture not in _REFERENCES:
+        model_path = request.getfixturevalue(model_fixture)
+        adapters = request.getfixturevalue(ALL_ADAPTERS[model_fixture])
+        prompts = request.getfixturevalue("prompts")
+        _REFERENCES[model_fixture] = {
+            m: reference_answers(model_path, None if m == BASE else adapters / m, prompts, MAX_TOKENS)
+            for m in [BASE, *SERVED_ADAPTERS]
+        }
+    return _REFERENCES[model_fixture]
 
 
 def _body(model: str, prompt: str) -> dict:
@@ -109,14 +131,16 @@ async def _answer_all(url: str, requests: list[tuple[str, str]], clients: int) -
         return list(await asyncio.gather(*(one(model, prompt) for model, prompt in requests)))
 
 
-def test_every_adapter_changes_the_reference_answers(expected):
+@pytest.mark.parametrize("model_fixture", list(ALL_ADAPTERS))
+def test_every_adapter_changes_the_reference_answers(request, model_fixture):
+    expected = _references(request, model_fixture)
     for model, answers in expected.items():
         if model != BASE:
             assert answers != expected[BASE], model  # so a request served without its adapter would show
 
 
-def test_one_request_at_a_time_matches_the_reference(served, prompts, expected):
-    url, models = served
+def test_one_request_at_a_time_matches_the_reference(served, prompts):
+    url, models, expected = served
     for method in sorted({_method(m) for m in models}):
         chosen = [m for m in models if _method(m) == method]
         jobs = [(chosen[i % len(chosen)], i) for i in range(len(prompts))]  # 50 prompts per method
@@ -124,8 +148,8 @@ def test_one_request_at_a_time_matches_the_reference(served, prompts, expected):
         assert got == [expected[model][i] for model, i in jobs], method
 
 
-def test_all_prompts_at_once_in_one_mixed_batch_match_the_reference(served, prompts, expected):
-    url, models = served
+def test_all_prompts_at_once_in_one_mixed_batch_match_the_reference(served, prompts):
+    url, models, expected = served
     jobs = [(model, i) for model in models for i in range(len(prompts))]
     random.Random(1).shuffle(jobs)
     results = asyncio.run(_answer_all(url, [(model, prompts[i]) for model, i in jobs], clients=64))
