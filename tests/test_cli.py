@@ -83,6 +83,19 @@ def test_serve_refuses_bad_kv_eviction_flags_before_starting_vllm(tmp_path):
     assert result.returncode == 2 and "not allowed with argument" in result.stderr
 
 
+def test_serve_refuses_a_platform_it_has_no_worker_for(tmp_path, monkeypatch):
+    """The plugins' worker is built on vLLM's CPU worker: on a GPU platform serve stops
+    with a clear error before vLLM starts, instead of running the CPU worker there."""
+    from vllm.platforms import current_platform
+
+    from vllm_plugins.serving.config import PromptAdapterSettings
+    from vllm_plugins.serving.launcher import serve_argv
+
+    monkeypatch.setattr(type(current_platform), "device_type", "cuda")
+    with pytest.raises(ValueError, match="platform here is 'cuda'"):
+        serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), [])
+
+
 def test_serve_listens_on_loopback_unless_told_otherwise(tmp_path):
     from vllm_plugins.serving.config import PromptAdapterSettings
     from vllm_plugins.serving.launcher import serve_argv

@@ -82,7 +82,13 @@ def serve_argv(
 ) -> list[str]:
     """The ``vllm serve`` command line; ``adapters.dir`` is the adapter directory.
 
-    Raises ValueError for settings the server cannot take, before anything starts."""
+    Raises ValueError for settings the server cannot take, before anything starts: among
+    them a platform other than vLLM's CPU one, whose worker the plugins do not provide yet."""
+    from vllm_plugins.serving import vllm_internals as vi
+
+    if (device := vi.platform().device_type) != "cpu":
+        raise ValueError(f"vLLM's platform here is {device!r}: the plugins provide a worker for vLLM's CPU platform "
+                         "only so far (docs/serving.md, 'Not done yet'), and will not serve on another")
     root = Path(adapters.dir).resolve()
     if not root.is_dir():
         raise ValueError(f"adapter directory {adapters.dir} does not exist")

@@ -93,7 +93,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "vllm.config.cache.CacheConfig": ("block_size", "cache_dtype"),
     "vllm._custom_ops": ("cpu_attn_reshape_and_cache",),
     "vllm.lora.punica_wrapper.punica_cpu": ("bgmv_shrink", "sgmv_shrink"),
-    "vllm.platforms.interface.Platform": ("register_triton_kernel_overrides",),
+    "vllm.platforms.interface.Platform": ("register_triton_kernel_overrides", "device_type"),
 }
 """Attributes by the class or module that owns them (dotted path); the contract test finds
 each on the class, among its dataclass fields, or assigned in its source."""
@@ -249,8 +249,8 @@ def cpu_punica_ops():
 
 
 def platform():
-    """vLLM's current platform, whose ``register_triton_kernel_overrides`` the llvmlite
-    fix wraps."""
+    """vLLM's current platform: its ``device_type`` decides whether ``serve`` starts, and
+    the llvmlite fix wraps its ``register_triton_kernel_overrides``."""
     from vllm.platforms import current_platform
 
     return current_platform
