@@ -109,3 +109,15 @@ def server_process(tiny_llama, served_adapter_dir, tmp_path_factory):
 def server(server_process) -> str:
     """The base URL of :func:`server_process`."""
     return server_process.url
+
+
+@pytest.fixture
+def start_engine():
+    """``start_engine(model, **engine_args)``: an offline engine (serving/offline.py) whose
+    engine core is shut down when the test ends."""
+    import contextlib
+
+    from vllm_plugins.serving.offline import running_engine
+
+    with contextlib.ExitStack() as stack:
+        yield lambda model, **engine_args: stack.enter_context(running_engine(model, **engine_args))

@@ -50,20 +50,22 @@ def prompts():
     return [make_retrieval_example(rng, length=rng.randint(120, 320)).prompt for _ in range(NUM_PROMPTS)]
 
 
-def eviction_engine(model_path, **overrides):
+def eviction_settings(**overrides) -> dict:
     from vllm_plugins.serving.launcher import SCHEDULER, WORKER
-    from vllm_plugins.serving.offline import make_engine
 
     settings = dict(
         max_model_len=1024, worker_cls=WORKER, scheduler_cls=SCHEDULER, block_size=BLOCK,
         max_num_batched_tokens=CHUNK, enable_chunked_prefill=True, enable_prefix_caching=True,
     )
-    return make_engine(model_path, **{**settings, **overrides})
+    return {**settings, **overrides}
 
 
 @pytest.fixture(scope="module", params=list(MODES))
 def engine(request, random_llama):
-    return eviction_engine(random_llama, **MODES[request.param])
+    from vllm_plugins.serving.offline import running_engine
+
+    with running_engine(random_llama, **eviction_settings(**MODES[request.param])) as llm:
+        yield llm
 
 
 @pytest.fixture(scope="module")
@@ -145,10 +147,10 @@ def test_an_eviction_plan_sent_with_a_request_is_ignored(engine, prompts):
     assert stats(engine)["evictions"] == before
 
 
-def test_a_server_budget_evicts_long_prompts_and_keeps_shorter_ones_whole(random_llama, prompts):
+def test_a_server_budget_evicts_long_prompts_and_keeps_shorter_ones_whole(random_llama, prompts, start_engine):
     """``--kv-budget 160``: prompts longer than 160 tokens plus a block are evicted, the
     others (shorter than the budget, too) run unevicted."""
-    server = eviction_engine(random_llama, additional_config={"kv_eviction": {"policy": "streaming_llm", "budget": 160}})
+    server = start_engine(random_llama, **eviction_settings(additional_config={"kv_eviction": {"policy": "streaming_llm", "budget": 160}}))
     tokenizer = load_base(random_llama)[1]
     lengths = [len(tokenizer(p).input_ids) for p in prompts]
     server.generate(prompts, params(None), use_tqdm=False)
@@ -157,13 +159,13 @@ def test_a_server_budget_evicts_long_prompts_and_keeps_shorter_ones_whole(random
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_preempted_evicted_requests_resume_exactly(random_llama, reference, prompts, mode):
+def test_preempted_evicted_requests_resume_exactly(random_llama, reference, prompts, mode, start_engine):
     """A 20-block cache holds at most two of the six longest prompts whole (8 to 11 blocks
     each): requests that grow 120 tokens past their evicted prompts get preempted after
     their eviction, recomputed from scratch (evicted again, their generated tokens
     recomputed over the kept cache) and still give the reference's tokens."""
     lm, tokenizer = reference
-    small = eviction_engine(random_llama, num_gpu_blocks_override=20, max_model_len=512, **MODES[mode])
+    small = start_engine(random_llama, **eviction_settings(num_gpu_blocks_override=20, max_model_len=512, **MODES[mode]))
     long_prompts = sorted(prompts, key=len)[-6:]
     xargs = {"kv_eviction": "snapkv", "kv_keep_ratio": 0.2}
     outputs = small.generate(long_prompts, params(xargs, max_tokens=120), use_tqdm=False)
@@ -182,7 +184,8 @@ def random_adapters(random_llama, tmp_path_factory):
     return {method: save_random_adapter(method, random_llama, root / method, seed) for seed, method in enumerate(["iapt", "para", "milora", "lora"])}
 
 
-def test_eviction_with_prompt_aware_adapters_and_stock_lora_in_one_batch(random_llama, random_adapters, prompts):
+def test_eviction_with_prompt_aware_adapters_and_stock_lora_in_one_batch(random_llama, random_adapters, prompts,
+                                                                          start_engine):
     """IAPT (its soft keys/values are not prompt tokens and stay), PARA, MiLoRA, stock LoRA
     and the base model, all evicted by NACL in one batch, each matching its reference."""
     from vllm.lora.request import LoRARequest
@@ -190,7 +193,7 @@ def test_eviction_with_prompt_aware_adapters_and_stock_lora_in_one_batch(random_
     from vllm_plugins.adapters.storage import load_adapter
     from vllm_plugins.serving.tickets import adapter_args
 
-    engine = eviction_engine(random_llama, enable_lora=True, max_lora_rank=8, max_loras=1)
+    engine = start_engine(random_llama, **eviction_settings(enable_lora=True, max_lora_rank=8, max_loras=1))
     eviction = {"kv_eviction": "nacl", "kv_keep_ratio": 0.2}
     kinds = ["iapt", "para", "milora", "lora", None]
     jobs = [(kind, prompt) for prompt in prompts[:4] for kind in kinds]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -312,8 +313,19 @@ def test_a_server_budget_above_a_short_prompt_keeps_it_whole_where_a_request_bud
 def test_server_settings_are_checked_at_start_up():
     with pytest.raises(ValueError, match=r"kv_eviction: the KV keep ratio must be in \(0, 1\], got 2"):
         eviction_settings({"kv_eviction": {"policy": "nacl", "keep_ratio": 2}})
-    with pytest.raises(ValueError, match="polcy: Extra inputs are not permitted"):
+    with pytest.raises(ValueError, match="polcy: unknown key"):
         eviction_settings({"kv_eviction": {"polcy": "nacl"}})
+    refused = {  # what the reader refuses rather than converts or drops
+        '{"kv_eviction": {"policy": "nacl", "keep_ratio": true}}': "keep_ratio: Input should be a valid number",
+        '{"kv_eviction": {"policy": "nacl", "budget": "12"}}': "budget: Input should be a valid integer",
+        '{"kv_eviction": {"keep_ratio": 5}}': "a keep ratio or budget needs a policy",
+        '{"kv_eviction": 0}': "expected a mapping of settings, got int",
+        '[1]': "--additional-config must be a JSON object",
+        '{bad': "--additional-config is not JSON",
+    }
+    for config, message in refused.items():
+        with pytest.raises(ValueError, match=re.escape(message)):
+            eviction_settings(config)
     with pytest.raises(ValueError, match="min_prompt: Input should be greater than or equal to 0"):
         eviction_settings({"kv_eviction": {"policy": "nacl", "min_prompt": -1}})
     assert eviction_settings('{"kv_eviction": {"policy": "sca"}}').policy == "sca"

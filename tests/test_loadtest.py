@@ -44,6 +44,9 @@ def test_lengths_stay_in_bounds(kind):
         assert len(set(values)) > 10
 
 
+TENANT = '[[tenant]]\nname = "a"\nmethod = "para"\nmodel = "a"\n'
+
+
 def test_bad_specs_are_refused(tmp_path):
     """Every bad key is named with what is wrong, and the file it came from."""
     config = tmp_path / "bad.toml"
@@ -54,10 +57,20 @@ def test_bad_specs_are_refused(tmp_path):
         '[[tenant]]\nname = "a"\nmethod = "para"\nmodel = "a"\n[slo]\nttft_ms = 1\ntpot_ms = 1\n'
         '[prompt_tokens]\nkind = "pareto"\n[load]\nusers = 0\nextra = 1\n':
             "prompt.kind: Input should be 'lognormal', 'uniform' or 'fixed'; users: Input should be greater than or "
-            "equal to 1; extra: Extra inputs are not permitted",
+            "equal to 1; extra: unknown key",
         '[[tenant]]\nname = "a"\nmethod = "para"\nmodel = "a"\n[slo]\nttft_ms = 1\ntpot_ms = 1\n'
         '[output_tokens]\nlow = 9\nhigh = 3\n': "output: length bounds must satisfy 1 <= low <= high",
         "[slo\n": "not TOML",
+        TENANT + '[slo]\nttft_ms = nan\ntpot_ms = -1\n': "slo.ttft_ms: Input should be a finite number; slo.tpot_ms: Input should be greater than 0",
+        TENANT + '[slo]\nttft_ms = 1\ntpot_ms = 1\n[load]\nrequest_timeout_s = inf\nspawn_rate = 0\nzipf_exponent = -5\nusers = true\n':
+            "zipf_exponent: Input should be greater than or equal to 0; users: Input should be a valid integer; "
+            "spawn_rate: Input should be greater than 0; request_timeout_s: Input should be a finite number",
+        TENANT + '[slo]\nttft_ms = 1\ntpot_ms = 1\n[method_weights]\nbogus = 1.0\npara = -1\n':
+            "method_weights.bogus.[key]: Input should be 'base', 'lora'",
+        TENANT + TENANT + '[slo]\nttft_ms = 1\ntpot_ms = 1\n': "tenant names must be distinct, got ['a'] twice",
+        TENANT + '[slo]\nttft_ms = 1\ntpot_ms = 1\n[prompt_tokens]\nhigh = 100000000\nmedian = nan\n':
+            "prompt.median: Input should be a finite number; prompt.high: Input should be less than or equal to 1000000",
+        TENANT + 'words = ["a"]\n[slo]\nttft_ms = 1\ntpot_ms = 1\n': "words: unknown key",
     }
     for text, message in cases.items():
         config.write_text(text)

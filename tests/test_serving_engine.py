@@ -49,20 +49,22 @@ def prompts():
     return short + long
 
 
-def _plugin_engine(model_path, **overrides):
+def _plugin_settings(**overrides) -> dict:
     from vllm_plugins.serving.launcher import SCHEDULER, WORKER
-    from vllm_plugins.serving.offline import make_engine
 
     settings = dict(
         max_model_len=512, worker_cls=WORKER, scheduler_cls=SCHEDULER,
         max_num_batched_tokens=CHUNK, enable_chunked_prefill=True, enable_prefix_caching=True,
     )
-    return make_engine(model_path, **{**settings, **overrides})
+    return {**settings, **overrides}
 
 
 @pytest.fixture(scope="module", params=list(MODES))
 def engine(request, tiny_llama):
-    return _plugin_engine(tiny_llama, **MODES[request.param])
+    from vllm_plugins.serving.offline import running_engine
+
+    with running_engine(tiny_llama, **_plugin_settings(**MODES[request.param])) as llm:
+        yield llm
 
 
 def test_no_forward_hook_on_the_served_model(engine):
@@ -92,10 +94,18 @@ def _stats(engine) -> dict[str, int]:
     return engine.collective_rpc("prompt_adapter_stats")[0]
 
 
-def test_requests_beyond_max_active_adapters_wait(engine, tiny_llama, adapters, prompts):
+@pytest.fixture(scope="module")
+def bounded(tiny_llama):
+    """An engine with room for 2 prompt-aware adapters (vLLM's default mode)."""
+    from vllm_plugins.serving.offline import running_engine
+
+    with running_engine(tiny_llama, **_plugin_settings(additional_config={"prompt_adapters": {"max_active": 2}})) as llm:
+        yield llm
+
+
+def test_requests_beyond_max_active_adapters_wait(engine, bounded, tiny_llama, adapters, prompts):
     """With room for 2 adapters, requests for 6 adapters sent at once are all answered,
     right, and no step serves more than 2 adapters; the default bound (16) lets them mix."""
-    bounded = _plugin_engine(tiny_llama, additional_config={"prompt_adapters": {"max_active": 2}})
     jobs = list(adapters.items())
     answers = {name: _reference(tiny_llama, path, prompts) for name, path in jobs}
     order = [(i, name, path) for i in range(len(prompts)) for name, path in jobs]  # adapters interleaved
@@ -175,12 +185,13 @@ def test_identical_prompts_of_two_tenants_stay_apart_under_prefix_caching(engine
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_preempted_requests_rebuild_their_state(tiny_llama, adapters, prompts, mode):
+def test_preempted_requests_rebuild_their_state(tiny_llama, adapters, prompts, mode, start_engine):
     """A KV cache of 12 blocks of 32 tokens holds two long requests: growing ones get
     preempted, recomputed from scratch, and must still match the reference token for token."""
     from vllm import SamplingParams
 
-    small = _plugin_engine(tiny_llama, block_size=32, num_gpu_blocks_override=12, max_model_len=256, **MODES[mode])
+    small = start_engine(tiny_llama, **_plugin_settings(block_size=32, num_gpu_blocks_override=12, max_model_len=256,
+                                                        **MODES[mode]))
     long_prompts = prompts[-3:]
     jobs = [("para-3", adapters["para-3"]), ("iapt-1", adapters["iapt-1"]), ("milora-5", adapters["milora-5"])]
     params = [
@@ -202,20 +213,19 @@ def test_preempted_requests_rebuild_their_state(tiny_llama, adapters, prompts, m
     assert [list(o.outputs[0].token_ids) for o in outputs] == expected
 
 
-def test_a_plugin_engine_never_loads_a_plain_engines_compiled_graph(tiny_llama, adapters, prompts):
+def test_a_plugin_engine_never_loads_a_plain_engines_compiled_graph(tiny_llama, adapters, prompts, start_engine):
     """vLLM caches compiled forwards on disk under a key that leaves --worker-cls out: a
     plugin engine started after a plain engine of the same model and settings must still
     compile (and run) its own layers, not load the plain graph and answer as the base
     model."""
     from vllm import SamplingParams
 
-    from vllm_plugins.serving.offline import make_engine
+    from vllm_plugins.serving.offline import running_engine
 
     settings = dict(max_model_len=320, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True)
-    plain = make_engine(tiny_llama, **settings)
-    base = _texts(plain.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False))
-    plain.llm_engine.engine_core.shutdown()
-    plugin = _plugin_engine(tiny_llama, **settings)
+    with running_engine(tiny_llama, **settings) as plain:
+        base = _texts(plain.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False))
+    plugin = start_engine(tiny_llama, **_plugin_settings(**settings))
     got = _texts(plugin.generate(prompts, _params("para-2", adapters["para-2"]), use_tqdm=False))
     expected = _reference(tiny_llama, adapters["para-2"], prompts)
     assert got == expected and got != base

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from vllm_plugins.adapters.common.model_parts import Dims
 from vllm_plugins.adapters.iapt import IaptConfig
 from vllm_plugins.adapters.milora import MiloraConfig
 from vllm_plugins.adapters.para import ParaConfig
+from vllm_plugins.adapters.registry import METHODS
 from vllm_plugins.adapters.storage import AdapterError
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.methods import check_limits
@@ -98,17 +100,34 @@ DIMS = Dims(hidden=16, intermediate=32, num_layers=1, num_heads=2, num_kv_heads=
 
 
 @pytest.mark.parametrize("method, config, message", [
-    ("iapt", IaptConfig(num_soft_tokens=0), "0 IAPT soft tokens"),
     ("iapt", IaptConfig(num_soft_tokens=5), "5 IAPT soft tokens"),
     ("iapt", IaptConfig(bottleneck=17), "IAPT bottleneck 17"),
-    ("para", ParaConfig(bottleneck=0), "PARA bottleneck 0"),
     ("para", ParaConfig(bottleneck=10**9), "PARA bottleneck 1000000000"),
     ("milora", MiloraConfig(rank=32), "MiLoRA rank 32"),
-    ("milora", MiloraConfig(rank=0), "MiLoRA rank 0"),
 ])
 def test_adapters_the_server_cannot_hold_are_refused(method, config, message):
     with pytest.raises(AdapterError, match=message):
         check_limits(method, config, DIMS, PromptAdapterSettings(max_rank=16, max_soft_tokens=4))
+
+
+@pytest.mark.parametrize("method, values, message", [
+    ("iapt", {"num_soft_tokens": 0}, "num_soft_tokens: Input should be greater than or equal to 1"),
+    ("para", {"bottleneck": 0}, "bottleneck: Input should be greater than or equal to 1"),
+    ("milora", {"rank": 0}, "rank: Input should be greater than or equal to 1"),
+    ("milora", {"alpha": float("inf")}, "alpha: Input should be a finite number"),
+    ("milora", {"alpha": float("nan")}, "alpha: Input should be a finite number"),
+    ("milora", {"alpha": -16.0}, "alpha: Input should be greater than 0"),
+    ("milora", {"rank": True, "top_k": "3"}, "rank: Input should be a valid integer; top_k: Input should be a valid integer"),
+    ("lora", {"rank_pattern": {"model.layers.0.mlp.up_proj": 0}}, "rank_pattern.model.layers.0.mlp.up_proj: Input should be"),
+    ("iapt", {"soft_tokens": 4}, "soft_tokens: unknown key"),
+])
+def test_manifest_configurations_out_of_range_are_refused_by_the_reader(method, values, message):
+    """A manifest's ``config`` (or ``lora``) is read strictly: NaN, infinities, other types
+    and values out of range never reach a module or the server's limits."""
+    spec = METHODS[method]
+    read = spec.lora_settings_from_dict if method == "lora" else spec.config_from_dict
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read(values)
 
 
 @pytest.mark.parametrize("method, config", [

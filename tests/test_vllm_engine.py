@@ -14,11 +14,10 @@ pytestmark = pytest.mark.engine
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama):
-    from vllm_plugins.serving.offline import make_engine
+    from vllm_plugins.serving.offline import running_engine
 
-    llm = make_engine(tiny_llama, max_model_len=512)
-    yield llm
-    del llm
+    with running_engine(tiny_llama, max_model_len=512) as llm:
+        yield llm
 
 
 def test_demo_model_generates_in_vllm_like_transformers(engine, tiny_llama):

@@ -236,13 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logs.configure()
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     passes_vllm_args = getattr(args, "passes_vllm_args", False)  # unknown arguments go to vllm serve
     if not passes_vllm_args and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        logs.configure()
         if passes_vllm_args:
             args.func(args, rest)
         else:

@@ -6,12 +6,15 @@ sections (:mod:`vllm_plugins.serving.config`), load-test TOML files
 
 Each configuration is a pydantic model over :class:`ConfigModel`, or a frozen dataclass
 made by :func:`config_dataclass` (the adapters' configurations stay dataclasses, which
-training hashes and manifests record with :func:`dataclasses.asdict`). Either way unknown
-keys, wrong types and values out of range are errors.
+training hashes and manifests record with :func:`dataclasses.asdict`). :func:`read_config`
+validates strictly, as JSON: unknown keys, a value of another type (``true`` or ``"12"``
+for a number, ``1`` for a flag), NaN and infinities, and values out of a field's range are
+errors.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -19,31 +22,41 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 T = TypeVar("T")
-FORBID_EXTRA = ConfigDict(extra="forbid")
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+UNKNOWN_KEY = ("extra_forbidden", "unexpected_keyword_argument")
 
 
 class ConfigModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(**STRICT, frozen=True)
 
 
 def config_dataclass(cls: type[T]) -> type[T]:
-    """``cls`` as a frozen dataclass whose constructor validates its fields' types and
-    refuses unknown keys (a pydantic dataclass)."""
-    return pydantic.dataclasses.dataclass(frozen=True, config=FORBID_EXTRA)(cls)
+    """``cls`` as a frozen dataclass whose constructor validates its fields (a pydantic
+    dataclass that refuses unknown keys and non-finite numbers)."""
+    return pydantic.dataclasses.dataclass(frozen=True, config=STRICT)(cls)
 
 
 def read_config(cls: type[T], values: Mapping, source: str) -> T:
-    """``cls`` (a :class:`ConfigModel` or a :func:`config_dataclass`) from ``values`` (a
-    mapping as parsed from JSON, TOML or YAML).
+    """``cls`` (a :class:`ConfigModel` or a :func:`config_dataclass`) from ``values``, a
+    mapping as parsed from JSON, TOML or YAML.
 
     Raises ValueError naming ``source`` and every bad key with what is wrong with it."""
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{source}: expected a mapping of settings, got {type(values).__name__}")
     try:
-        return TypeAdapter(cls).validate_python(values)
+        text = json.dumps(values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: not a JSON-like value ({err})") from None
+    try:
+        return TypeAdapter(cls).validate_json(text, strict=True)
     except ValidationError as err:
         raise ValueError(f"{source}: {'; '.join(map(_problem, err.errors()))}") from None
 
 
 def _problem(error: dict) -> str:
     where = ".".join(map(str, error["loc"]))
-    message = error["msg"].removeprefix("Value error, ")  # a model's own check says what is wrong itself
+    if error["type"] in UNKNOWN_KEY:
+        message = "unknown key"
+    else:
+        message = error["msg"].removeprefix("Value error, ")  # a model's own check says what is wrong itself
     return f"{where}: {message}" if where else message

@@ -19,9 +19,14 @@ LEVEL_ENV = "VLLM_PLUGINS_LOGGING_LEVEL"
 
 def configure() -> None:
     """Log the package's messages to stderr as ``[module] message``, at the level named by
-    ``VLLM_PLUGINS_LOGGING_LEVEL`` (default ``INFO``); ValueError for an unknown level."""
+    ``VLLM_PLUGINS_LOGGING_LEVEL`` (a name such as ``DEBUG`` or a number; default
+    ``INFO``); ValueError for anything else."""
     logger = logging.getLogger(ROOT)
-    logger.setLevel(os.environ.get(LEVEL_ENV, "INFO").upper())
+    level = os.environ.get(LEVEL_ENV, "INFO").strip()
+    try:
+        logger.setLevel(int(level) if level.isdigit() else level.upper())
+    except ValueError:
+        raise ValueError(f"{LEVEL_ENV}={level!r} is not a logging level (DEBUG, INFO, WARNING, ERROR or a number)") from None
     if not any(isinstance(h, logging.StreamHandler) for h in logger.handlers):
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("[%(name)s] %(message)s"))

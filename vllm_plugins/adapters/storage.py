@@ -190,6 +190,8 @@ def _check_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tenso
             raise AdapterError(
                 f"{where}: tensor {name} has shape {tuple(found[name].shape)}, the model expects {tuple(tensor.shape)}"
             )
+        if found[name].is_floating_point() and not torch.isfinite(found[name]).all():
+            raise AdapterError(f"{where}: tensor {name} holds NaN or infinite values")
 
 
 def check_base(manifest: dict, actual: str, where: Path) -> None:

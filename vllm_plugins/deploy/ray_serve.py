@@ -118,21 +118,18 @@ class RayServeConfig(ConfigModel):
         """From a config file's ``args``. In paths, ``~`` and ``${VARS}`` are expanded, and
         ``${VLLM_PLUGINS_HOME}`` defaults to the project's cache (``~/.cache/vllm-plugins``).
         ValueError for unknown or bad args."""
-        if not isinstance(args, dict):
-            raise ValueError("Ray Serve application args must be a mapping")
+        config = read_config(cls, args, "Ray Serve application args")
         variables = {"VLLM_PLUGINS_HOME": str(plugin_paths.home()), **os.environ}
-        paths = {
-            k: os.path.expanduser(string.Template(args[k]).safe_substitute(variables))
-            for k in ("model", "adapter_dir") if k in args
-        }
-        if paths.get("model", "").startswith("demo:"):
+        model, adapter_dir = (os.path.expanduser(string.Template(path).safe_substitute(variables))
+                              for path in (config.model, config.adapter_dir))
+        if model.startswith("demo:"):
             from vllm_plugins.demo_model import PRESETS, demo_model_path
 
-            preset = paths["model"].removeprefix("demo:")
+            preset = model.removeprefix("demo:")
             if preset not in PRESETS:
                 raise ValueError(f"unknown demo model preset {preset!r}; presets: {', '.join(PRESETS)}")
-            paths["model"] = str(demo_model_path(PRESETS[preset]))
-        return read_config(cls, {**args, **paths}, "Ray Serve application args")
+            model = str(demo_model_path(PRESETS[preset]))
+        return config.model_copy(update={"model": model, "adapter_dir": adapter_dir})
 
 
 def _error(status: int, message: str) -> JSONResponse:

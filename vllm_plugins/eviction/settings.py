@@ -81,7 +81,8 @@ class EvictionSettings(ConfigModel):
 
     @model_validator(mode="after")
     def _check_default_rule(self) -> EvictionSettings:
-        self.default_rule()
+        if self.default_rule() is None and (self.keep_ratio is not None or self.budget is not None):
+            raise ValueError("a keep ratio or budget needs a policy (--kv-eviction)")
         return self
 
     def default_rule(self) -> EvictionRule | None:

@@ -11,7 +11,7 @@ import math
 import random
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -19,6 +19,7 @@ from vllm_plugins.config_reader import ConfigModel, read_config
 
 METHODS = ("base", "lora", "fanlora", "iapt", "para", "milora")
 """One Locust user class per method, in this order."""
+MAX_LENGTH = 1_000_000  # tokens: the most a prompt or output length may be drawn
 
 
 def user_class_name(method: str) -> str:
@@ -31,10 +32,10 @@ class LengthDistribution(ConfigModel):
     (``low`` to ``high``) or ``fixed`` (``median``); always clipped to [low, high]."""
 
     kind: Literal["lognormal", "uniform", "fixed"] = "lognormal"
-    median: float = 64
-    sigma: float = 0.5
+    median: float = Field(64, gt=0)
+    sigma: float = Field(0.5, ge=0)
     low: int = Field(1, ge=1)
-    high: int = 512
+    high: int = Field(512, le=MAX_LENGTH)
 
     @model_validator(mode="after")
     def _ordered(self) -> LengthDistribution:
@@ -53,14 +54,14 @@ class LengthDistribution(ConfigModel):
 
 
 class Tenant(ConfigModel):
-    name: str
+    name: str = Field(min_length=1)
     method: Literal[METHODS]
     model: str  # the ``model`` field of its requests: its adapter, or the base model's name
 
 
 class Slo(ConfigModel):
-    ttft_ms: float
-    tpot_ms: float
+    ttft_ms: float = Field(gt=0)
+    tpot_ms: float = Field(gt=0)
 
 
 class LoadTestSpec(ConfigModel):
@@ -68,15 +69,22 @@ class LoadTestSpec(ConfigModel):
     prompt: LengthDistribution = LengthDistribution()
     output: LengthDistribution = LengthDistribution()
     slo: Slo
-    zipf_exponent: float = 1.1
+    zipf_exponent: float = Field(1.1, ge=0)
     users: int = Field(16, ge=1)
-    spawn_rate: float = 16
+    spawn_rate: float = Field(16, gt=0)
     max_requests: int = Field(200, ge=1)
     run_time_s: int = Field(120, ge=1)
-    request_timeout_s: float = 120
+    request_timeout_s: float = Field(120, gt=0, le=86_400)
     seed: int = 0
-    method_weights: dict[str, float] = {}
-    words: tuple[str, ...] = ()
+    method_weights: dict[Literal[METHODS], Annotated[float, Field(ge=0, le=1_000)]] = {}
+    words: tuple[str, ...] = ()  # set by the runner (the demo vocabulary), not read from TOML
+
+    @model_validator(mode="after")
+    def _distinct_tenants(self) -> LoadTestSpec:
+        names = [t.name for t in self.tenants]
+        if len(set(names)) < len(names):
+            raise ValueError(f"tenant names must be distinct, got {sorted(n for n in set(names) if names.count(n) > 1)} twice")
+        return self
 
     @property
     def methods(self) -> tuple[str, ...]:
@@ -113,4 +121,6 @@ def load_spec(path: Path) -> LoadTestSpec:
     values = {sections.get(key, key): value for key, value in raw.items() if key != "load"}
     if not isinstance(load := raw.get("load", {}), dict):
         raise ValueError(f"{path}: [load] must be a table")
+    if "words" in values or "words" in load:
+        raise ValueError(f"{path}: words: unknown key (the prompts' words are the demo vocabulary)")
     return read_config(LoadTestSpec, {**values, **load}, str(path))

@@ -35,9 +35,15 @@ def read_section(additional_config, section: str, cls: type[ConfigModel]):
     """``cls`` from one section of ``--additional-config`` (JSON text or a dict); defaults
     where the section is absent. ValueError for unknown keys or bad values."""
     if isinstance(additional_config, str):
-        additional_config = json.loads(additional_config or "{}")
-    values = (additional_config or {}).get(section) or {}
-    return read_config(cls, values, f"--additional-config {section}")
+        try:
+            additional_config = json.loads(additional_config or "{}")
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--additional-config is not JSON ({err})") from None
+    additional_config = additional_config or {}
+    if not isinstance(additional_config, dict):
+        raise ValueError(f"--additional-config must be a JSON object, got {type(additional_config).__name__}")
+    values = additional_config.get(section)
+    return read_config(cls, {} if values is None else values, f"--additional-config {section}")
 
 
 def eviction_settings(additional_config) -> EvictionSettings:
@@ -46,10 +52,10 @@ def eviction_settings(additional_config) -> EvictionSettings:
 
 class PromptAdapterSettings(ConfigModel):
     dir: str | None = None
-    max_active: int = Field(16, ge=1)
-    max_rank: int = Field(16, ge=1)
-    max_soft_tokens: int = Field(4, ge=1)
-    max_adapters: int = Field(1024, ge=1)
+    max_active: int = Field(16, ge=1, le=1024)
+    max_rank: int = Field(16, ge=1, le=512)  # vLLM's largest --max-lora-rank
+    max_soft_tokens: int = Field(4, ge=1, le=256)
+    max_adapters: int = Field(1024, ge=1, le=1_000_000)
     runtime_loading: bool = False
 
     @classmethod

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from vllm_plugins.vllm_version import require_supported_vllm
@@ -23,6 +25,19 @@ def make_engine(model: str | Path, **engine_args):
 
     defaults = dict(dtype="float32", max_model_len=2048, seed=0)
     return LLM(model=str(model), **{**defaults, **engine_args})
+
+
+@contextlib.contextmanager
+def running_engine(model: str | Path, **engine_args) -> Iterator:
+    """:func:`make_engine`, whose engine core process is shut down when the block ends
+    (instead of whenever the engine is garbage-collected)."""
+    engine = make_engine(model, **engine_args)
+    try:
+        yield engine
+    finally:
+        from vllm_plugins.serving import vllm_internals as vi
+
+        vi.shutdown_engine(engine)
 
 
 def greedy_texts(engine, prompts: list[str], max_tokens: int = 16) -> list[str]:

@@ -83,6 +83,9 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder": ("isa",),  # it sets Attention.isa
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": ("scale",),  # Attention.impl
     "vllm.config.vllm.VllmConfig": ("additional_config", "model_config"),
+    "vllm.entrypoints.llm.LLM": ("llm_engine",),
+    "vllm.v1.engine.llm_engine.LLMEngine": ("engine_core",),
+    "vllm.v1.engine.core_client.EngineCoreClient": ("shutdown",),
     "vllm.v1.worker.cpu_worker.CPUWorker": ("use_v2_model_runner", "cache_config", "vllm_config", "model_runner"),
     "vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator": ("single_type_managers",),
     "vllm.v1.core.block_pool.BlockPool": ("get_num_free_blocks", "get_new_blocks", "free_blocks"),
@@ -238,6 +241,12 @@ def cpu_reshape_and_cache(key, value, key_cache, value_cache, slots, isa) -> Non
     from vllm import _custom_ops
 
     _custom_ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
+
+
+# -- offline engines ---------------------------------------------------------------------
+def shutdown_engine(llm) -> None:
+    """Stop a ``vllm.LLM``'s engine core process now (``LLM`` has no public close)."""
+    llm.llm_engine.engine_core.shutdown()
 
 
 # -- modules the fixes of vllm_fixes.py patch --------------------------------------------

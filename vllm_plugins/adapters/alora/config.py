@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pydantic import Field
+
 from vllm_plugins.config_reader import config_dataclass
 
 
@@ -15,11 +17,11 @@ class AloraConfig:
     step). score_batch: size of the one fixed validation batch that scores the ranks.
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    rounds: int = 8
-    round_fraction: float = 0.25
-    score_batch: int = 32
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    rounds: int = Field(8, ge=0)
+    round_fraction: float = Field(0.25, gt=0, le=1)
+    score_batch: int = Field(32, ge=1)
 
     def __post_init__(self) -> None:
         if self.rank < 1 or self.score_batch < 1:

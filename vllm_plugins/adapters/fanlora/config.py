@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pydantic import Field
+
 from vllm_plugins.config_reader import config_dataclass
 
 
@@ -12,7 +14,7 @@ class FanloraConfig:
     ablation scores decide the placement. rank / alpha: the LoRA of the kept modules.
     """
 
-    modules_per_layer: int = 2
-    broad_steps: int = 400
-    rank: int = 8
-    alpha: float = 16.0
+    modules_per_layer: int = Field(2, ge=1)
+    broad_steps: int = Field(400, ge=1)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from dataclasses import field
+from typing import Annotated
+
+from pydantic import Field
 
 from vllm_plugins.adapters.common.model_parts import LINEAR_MODULES
 from vllm_plugins.config_reader import config_dataclass
@@ -15,8 +17,8 @@ class LoraSettings:
     are module paths as in ``placement``.
     """
 
-    rank: int = 8
-    alpha: float = 16.0
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
     target_modules: tuple[str, ...] = LINEAR_MODULES
     placement: tuple[str, ...] = ()
-    rank_pattern: dict[str, int] = field(default_factory=dict)
+    rank_pattern: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)

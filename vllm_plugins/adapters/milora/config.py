@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pydantic import Field
+
 from vllm_plugins.config_reader import config_dataclass
 
 
@@ -12,7 +14,7 @@ class MiloraConfig:
     Switch-style load-balancing loss (paper: 1e-2).
     """
 
-    rank: int = 8
-    alpha: float = 16.0
-    top_k: int = 3
-    balance_weight: float = 1e-2
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    top_k: int = Field(3, ge=1)
+    balance_weight: float = Field(1e-2, ge=0)

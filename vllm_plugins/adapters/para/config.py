@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pydantic import Field
+
 from vllm_plugins.config_reader import config_dataclass
 
 
@@ -11,4 +13,4 @@ class ParaConfig:
     bottleneck keeps the adapter at ~0.1% of the base model's parameters).
     """
 
-    bottleneck: int = 16
+    bottleneck: int = Field(16, ge=1)
