@@ -100,3 +100,20 @@ def reference_prompt_logprobs(model_path: Path, adapter_path: Path | None, token
     with torch.no_grad():
         logits = lm(ids, torch.ones_like(ids)).logits[0, :-1].float()
     return logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0].tolist()
+
+
+def scale_weights(adapter_dir: Path, factor: float) -> Path:
+    """Multiply every weight of a saved adapter by ``factor`` (finite), manifest checksum
+    updated: an adapter that passes every check but overflows the activations."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from vllm_plugins.adapters.storage import MANIFEST, file_sha256
+
+    weights = adapter_dir / "adapter.safetensors"
+    save_file({k: v * factor for k, v in load_file(weights).items()}, weights)
+    manifest = json.loads((adapter_dir / MANIFEST).read_text())
+    manifest["weights"]["sha256"] = file_sha256(weights)
+    (adapter_dir / MANIFEST).write_text(json.dumps(manifest))
+    return adapter_dir

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import SERVER_ARGS
 from helpers import build
-from serving_fixtures import reference_answers, reference_prompt_logprobs
+from serving_fixtures import reference_answers, reference_prompt_logprobs, scale_weights
 from vllm_plugins.adapters.iapt import IaptConfig
 from vllm_plugins.adapters.storage import MANIFEST, describe_base, save_adapter
 from vllm_plugins.serving.process import ServerProcess
@@ -60,6 +60,8 @@ def adapter_dir(tiny_llama, served_adapter_dir, tmp_path_factory) -> Path:
     (root / "bad-weights" / "adapter.safetensors").write_bytes(b"not safetensors")
     shutil.copytree(served_adapter_dir / "para-3", root / "escape")
     _set_weights_file(root / "escape", "../para-1/adapter.safetensors")
+    for name in ("iapt-2", "para-2", "milora-1"):  # served, but their activations overflow to inf / NaN
+        scale_weights(shutil.copytree(served_adapter_dir / name, root / f"huge-{name}"), 1e18)
     for name, field, value in (("bad-base", "base_model", "x"), ("bad-method", "method", ["para"])):
         shutil.copytree(served_adapter_dir / "para-2", root / name)
         _set_manifest(root / name, field, value)
@@ -174,6 +176,25 @@ def test_adapters_the_server_cannot_hold_are_left_out_at_start(server, client, p
     assert not {"wide-iapt", "bad-weights", "escape", "bad-base", "bad-method"} & set(ids)
     assert ids.count(BASE) == 1 and set(TENANTS) <= set(ids)
     _error(_complete(client, "wide-iapt", prompts[0]), 404, "wide-iapt")
+    assert_everyone_served(server, client, prompts, expected)
+
+
+def test_a_tenant_whose_activations_overflow_leaves_nothing_for_the_others(server, client, prompts, expected):
+    """Adapters with finite but huge weights drive their requests to inf / NaN. IAPT's soft
+    keys/values then stayed NaN in the KV block they gave back, and base-model requests of
+    the next round answered ''. Two rounds of the base model and three such tenants at once:
+    the base model's answers stay right."""
+    base_prompts = prompts * 4
+
+    async def burst() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=300) as c:
+            body = {"max_tokens": MAX_TOKENS, "temperature": 0}
+            asks = [c.post("/v1/completions", json={**body, "model": m, "prompt": p})
+                    for p in base_prompts for m in (BASE, "huge-iapt-2", "huge-para-2", "huge-milora-1")]
+            return (await asyncio.gather(*asks))[::4]
+
+    for _ in range(2):
+        assert [_text(r) for r in asyncio.run(burst())] == expected[BASE] * 4
     assert_everyone_served(server, client, prompts, expected)
 
 

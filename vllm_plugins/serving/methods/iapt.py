@@ -49,6 +49,9 @@ class IaptMethod(ServedMethod):
         d = modules.dims
         qkv = linear_without_bias(modules.qkv_proj, adapter.soft_hidden(pooled)[0])
         shape = (-1, d.num_kv_heads, d.head_dim)
+        # Finite whatever the adapter: soft keys/values that overflowed to inf/NaN stayed in their KV block after
+        # the request and turned base-model answers into '' (tests/test_hardening.py, overflow test).
+        qkv = qkv.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         keys = qkv[:, d.q_size : d.q_size + d.kv_size].reshape(shape)
         values = qkv[:, d.q_size + d.kv_size :].reshape(shape)
         key_cache, value_cache = paged_key_value(modules.attn)
