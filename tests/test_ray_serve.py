@@ -148,7 +148,7 @@ def _every_replica(model: str, prompt: str, app: str = APP, key: str | None = No
 
     from vllm_plugins.deploy.ray_serve import Reply
 
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}).encode()
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}).encode()
     headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
     handle = serve.get_deployment_handle("PluginServer", app_name=app)
     deadline = time.monotonic() + 120
@@ -168,7 +168,9 @@ def _texts(answers: dict[str, tuple[int, dict]]) -> set[str]:
 
 
 def _greedy(url: str, model: str, prompt: str) -> str:
-    status, body = request_json(f"{url}/v1/completions", {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0})
+    """MAX_TOKENS greedy tokens' text (past <eos>: a tiny model may end at once)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+    status, body = request_json(f"{url}/v1/completions", body)
     assert status == 200, body
     return body["choices"][0]["text"]
 
@@ -194,7 +196,8 @@ def test_every_kind_of_adapter_answers_as_on_a_plain_server(ray_service, server)
 def test_streaming_through_ray_serve(ray_service, server):
     import httpx
 
-    body = {"model": "iapt-1", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    body = {"model": "iapt-1", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
+            "ignore_eos": True}
     with httpx.stream("POST", f"{ray_service}/v1/completions", json=body, timeout=120) as reply:
         assert reply.status_code == 200
         chunks = [line for line in reply.iter_lines() if line.startswith("data: {")]
@@ -345,7 +348,7 @@ def test_the_client_authorization_reaches_the_servers(keyed_service, server, ser
         reply = httpx.post(f"{keyed_service}{path}", json=body, headers=headers, timeout=120)
         return reply.status_code, reply.json()
 
-    completion = {"model": BASE, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0}
+    completion = {"model": BASE, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
     assert post("/v1/completions", completion)[0] == 401
     assert post("/v1/completions", completion, "not-the-key")[0] == 401
     status, body = post("/v1/completions", completion, API_KEY)
