@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import re
 
 import pytest
@@ -370,3 +373,17 @@ def test_keep_best_on_cpu_and_with_topk_follow_the_rule(seed):
 def test_keep_best_refuses_more_tokens_than_the_row_has():
     with pytest.raises(ValueError, match="cannot keep 5 of 3"):
         keep_best(torch.rand(1, 3), 5)
+
+
+def test_numba_parallel_loops_run_on_numba_own_threads_not_a_second_openmp_runtime():
+    """SCA and the compaction run numba's parallel loops on its workqueue pool: its OpenMP
+    layer (the system's libgomp beside torch's) made torch's CPU attention start a thread
+    team per matrix product in a process that also ran a vLLM engine."""
+    script = ("import numba, numpy as np\n"
+              "from vllm_plugins.eviction.farthest_points import farthest_points\n"
+              "farthest_points(np.random.rand(2, 2, 64, 8).astype(np.float32), [0, 63], 16)\n"
+              "print(numba.threading_layer())\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "workqueue"

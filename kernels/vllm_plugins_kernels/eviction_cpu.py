@@ -16,6 +16,17 @@ import torch
 
 _SAME_SIZE_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
+# numba's parallel loops (here and in SCA's farthest points) run on numba's own thread pool
+# ("workqueue") unless the user chose a threading layer (NUMBA_THREADING_LAYER). Its default
+# choice on this platform is OpenMP through the system's libgomp, a second OpenMP runtime
+# beside torch's: in a process that also ran a vLLM engine, torch's CPU attention then
+# started a new thread team for every matrix product inside its parallel loops (thousands
+# of thread creations a second; a 4 s transformers training run took 150 s afterwards), and
+# GNU OpenMP aborts a forked child that re-enters it (vLLM forks its engine core; it runs its own
+# numba code on workqueue for that reason).
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
+
 
 def compact_kept_cpu(key_cache, value_cache, block_table, keep, seq_lens) -> None:
     compact_kept_layers_cpu([(key_cache, value_cache)], block_table, keep[None], seq_lens)
