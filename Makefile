@@ -22,9 +22,13 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(VENV)/bin/vllm-plugins demo
 
+# Two workers (pytest-xdist), each running whole test modules: most of the suite's time is
+# vLLM engines starting, mostly on one core.
+TEST_WORKERS ?= 2
+
 test: $(INSTALLED)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # The inner loop: everything that needs no vLLM engine, Ray cluster or Locust run.
 test-fast: $(INSTALLED)
-	$(VENV)/bin/python -m pytest -m "not engine and not ray and not locust"
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not engine and not ray and not locust"

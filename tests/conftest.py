@@ -26,26 +26,51 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(RAY_TOKEN)
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slowest modules first (those of a Ray cluster, then those of vLLM engines), so
+    that pytest-xdist's workers (``make test`` runs two) finish together rather than one
+    of them starting the Ray tests when the other has nothing left."""
+    def rank(item) -> int:
+        return 0 if item.get_closest_marker("ray") else 1 if item.get_closest_marker("engine") else 2
+
+    module_rank: dict[str, int] = {}
+    for item in items:
+        module_rank[item.module.__name__] = min(module_rank.get(item.module.__name__, 2), rank(item))
+    items.sort(key=lambda item: module_rank[item.module.__name__])  # stable: a module's tests keep their order
+
+
 @pytest.fixture(scope="session", autouse=True)
 def plugins_home(tmp_path_factory) -> Path:
-    """Keep everything the tests build out of the user's cache."""
+    """Keep everything the tests build out of the user's cache. pytest-xdist's workers
+    each have a home of their own, whose ``models/`` (the tiny demo models) they share."""
     home = Path(os.environ.get("VLLM_PLUGINS_TEST_HOME") or tmp_path_factory.mktemp("vllm-plugins-home"))
     os.environ["VLLM_PLUGINS_HOME"] = str(home)
+    if os.environ.get("PYTEST_XDIST_WORKER") and not (home / "models").exists():
+        shared = tmp_path_factory.getbasetemp().parent / "models"  # the run's directory, above the workers'
+        shared.mkdir(exist_ok=True)
+        (home / "models").symlink_to(shared, target_is_directory=True)
     return home
+
+
+def _demo_model(home: Path, preset: str) -> Path:
+    """The preset's build, built by the first worker that asks while the others wait."""
+    from filelock import FileLock
+
+    from vllm_plugins.demo_model import build_demo_model
+
+    (home / "models").mkdir(exist_ok=True)
+    with FileLock(home / "models" / f"{preset}.lock"):
+        return build_demo_model(preset)
 
 
 @pytest.fixture(scope="session")
 def tiny_llama(plugins_home) -> Path:
-    from vllm_plugins.demo_model import build_demo_model
-
-    return build_demo_model("tiny")
+    return _demo_model(plugins_home, "tiny")
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2(plugins_home) -> Path:
-    from vllm_plugins.demo_model import build_demo_model
-
-    return build_demo_model("tiny-qwen2")
+    return _demo_model(plugins_home, "tiny-qwen2")
 
 
 @pytest.fixture(params=["tiny_llama", "tiny_qwen2"])
