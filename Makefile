@@ -27,8 +27,8 @@ demo: $(INSTALLED)
 TEST_WORKERS ?= 2
 
 test: $(INSTALLED)
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The inner loop: everything that needs no vLLM engine, Ray cluster or Locust run.
 test-fast: $(INSTALLED)
-	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not engine and not ray and not locust"
+	$(VENV)/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not engine and not ray and not locust"
