@@ -87,20 +87,43 @@ def prompts() -> list[str]:
     return short + long
 
 
-_REFERENCES: dict[str, dict[str, list[str]]] = {}
+NEAR_TIE = 1e-4  # logits: a greedy path this close to a tie may go either way in another batch
 
 
-def _references(request, model_fixture: str) -> dict[str, list[str]]:
+class Reference(dict):
+    """Served model -> the reference's answers to :func:`prompts`, and the (model, prompt
+    index) pairs whose greedy path passes a near tie (``greedy_decode``'s margins): those
+    the comparisons leave out. The tiny models have one each in 650 answers: iapt-3 on
+    'r z f b u #task =' scores 'a' and 'o' 2.53939 and 2.53938 (a gap of 3e-6), and the
+    server's answer followed the batch it ran in."""
+
+    def __init__(self):
+        super().__init__()
+        self.near_ties: set[tuple[str, int]] = set()
+
+    def agree(self, jobs: list[tuple[str, int]], got: list[str]) -> None:
+        """Asserts every answer off a near tie equals the reference's, and that few are on one."""
+        decisive = [(job, answer) for job, answer in zip(jobs, got) if job not in self.near_ties]
+        assert len(decisive) >= 0.95 * len(jobs)
+        assert [answer for _, answer in decisive] == [self[model][i] for (model, i), _ in decisive]
+
+
+_REFERENCES: dict[str, Reference] = {}
+
+
+def _references(request, model_fixture: str) -> Reference:
     """The reference's answers to :func:`prompts` per served model, for the base model of
     ``model_fixture``; computed once per module."""
     if model_fixture not in _REFERENCES:
         model_path = request.getfixturevalue(model_fixture)
         adapters = request.getfixturevalue(ALL_ADAPTERS[model_fixture])
         prompts = request.getfixturevalue("prompts")
-        _REFERENCES[model_fixture] = {
-            m: reference_answers(model_path, None if m == BASE else adapters / m, prompts, MAX_TOKENS)
-            for m in [BASE, *SERVED_ADAPTERS]
-        }
+        reference = Reference()
+        for m in [BASE, *SERVED_ADAPTERS]:
+            margins: list[float] = []
+            reference[m] = reference_answers(model_path, None if m == BASE else adapters / m, prompts, MAX_TOKENS, margins)
+            reference.near_ties |= {(m, i) for i, margin in enumerate(margins) if margin < NEAR_TIE}
+        _REFERENCES[model_fixture] = reference
     return _REFERENCES[model_fixture]
 
 
@@ -144,8 +167,7 @@ def test_one_request_at_a_time_matches_the_reference(served, prompts):
     for method in sorted({_method(m) for m in models}):
         chosen = [m for m in models if _method(m) == method]
         jobs = [(chosen[i % len(chosen)], i) for i in range(len(prompts))]  # 50 prompts per method
-        got = [_answer(url, model, prompts[i]) for model, i in jobs]
-        assert got == [expected[model][i] for model, i in jobs], method
+        expected.agree(jobs, [_answer(url, model, prompts[i]) for model, i in jobs])
 
 
 def test_all_prompts_at_once_in_one_mixed_batch_match_the_reference(served, prompts):
@@ -154,9 +176,9 @@ def test_all_prompts_at_once_in_one_mixed_batch_match_the_reference(served, prom
     random.Random(1).shuffle(jobs)
     results = asyncio.run(_answer_all(url, [(model, prompts[i]) for model, i in jobs], clients=64))
     for method in sorted({_method(m) for m in models}):
-        got = [r[0] for (model, i), r in zip(jobs, results) if _method(model) == method]
-        want = [expected[model][i] for model, i in jobs if _method(model) == method]
-        assert len(got) >= 50 and got == want, method
+        ours = [(job, r[0]) for job, r in zip(jobs, results) if _method(job[0]) == method]
+        assert len(ours) >= 50
+        expected.agree([job for job, _ in ours], [answer for _, answer in ours])
     events = sorted([(r[1], 1) for r in results] + [(r[2], -1) for r in results])
     in_flight = max(sum(step for _, step in events[: k + 1]) for k in range(len(events)))
     assert in_flight >= 32  # the requests really were served together

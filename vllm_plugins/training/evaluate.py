@@ -10,12 +10,14 @@ MAX_NEW_TOKENS = 16
 
 
 def generate_answers(
-    lm, tokenizer, prompts: list[str], batch_size: int = 100, max_new_tokens: int = MAX_NEW_TOKENS
+    lm, tokenizer, prompts: list[str], batch_size: int = 100, max_new_tokens: int = MAX_NEW_TOKENS,
+    margins: list[float] | None = None,
 ) -> list[str]:
+    """Greedy answers, decoded; ``margins`` as in :func:`~.generation.greedy_decode`."""
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
         chunk = [encode_prompt(tokenizer, p) for p in prompts[start : start + batch_size]]
-        outs = greedy_generate(lm, chunk, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        outs = greedy_generate(lm, chunk, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, margins)
         answers += [tokenizer.decode(o, skip_special_tokens=True).strip() for o in outs]
     return answers
 

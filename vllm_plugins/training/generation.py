@@ -48,19 +48,26 @@ def prefill(lm, prompts: list[list[int]], pad_id: int) -> Prefilled:
 
 
 @torch.no_grad()
-def greedy_decode(lm, state: Prefilled, max_new_tokens: int, eos_id: int | None) -> list[list[int]]:
+def greedy_decode(lm, state: Prefilled, max_new_tokens: int, eos_id: int | None,
+                  margins: list[float] | None = None) -> list[list[int]]:
     """Generated token ids per prompt, each ending at (and including) ``<eos>`` if reached
-    (``eos_id`` None: never stop early, as vLLM's ``ignore_eos``)."""
+    (``eos_id`` None: never stop early, as vLLM's ``ignore_eos``). ``margins``, if given,
+    gets per prompt the smallest gap between the best and the second-best logit over the
+    steps that chose its tokens: how far from a tie its greedy path ran (a gap of 1e-5
+    can flip with the summation order of another batch or another library)."""
     batch = state.logits.shape[0]
     logits, attention, next_pos = state.logits, state.attention, state.next_position
     generated: list[list[int]] = [[] for _ in range(batch)]
+    smallest = [float("inf")] * batch
     done = torch.zeros(batch, dtype=torch.bool)
     decode_adapt = torch.ones((batch, 1), dtype=torch.bool)
     for step in range(max_new_tokens):
         token = logits.argmax(-1)
+        best_two = logits.float().topk(2, dim=-1).values
         for row in range(batch):
             if not done[row]:
                 generated[row].append(int(token[row]))
+                smallest[row] = min(smallest[row], float(best_two[row, 0] - best_two[row, 1]))
         if eos_id is not None:
             done |= token == eos_id
         if bool(done.all()) or step == max_new_tokens - 1:
@@ -72,9 +79,13 @@ def greedy_decode(lm, state: Prefilled, max_new_tokens: int, eos_id: int | None)
         )
         logits = out.logits[:, -1]
         next_pos = next_pos + 1
+    if margins is not None:
+        margins += smallest
     return generated
 
 
-def greedy_generate(lm, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int) -> list[list[int]]:
-    """Generated token ids per prompt, each ending at (and including) ``<eos>`` if reached."""
-    return greedy_decode(lm, prefill(lm, prompts, pad_id), max_new_tokens, eos_id)
+def greedy_generate(lm, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
+                    margins: list[float] | None = None) -> list[list[int]]:
+    """Generated token ids per prompt, each ending at (and including) ``<eos>`` if reached;
+    ``margins`` as in :func:`greedy_decode`."""
+    return greedy_decode(lm, prefill(lm, prompts, pad_id), max_new_tokens, eos_id, margins)
