@@ -27,9 +27,13 @@ os.environ["RAY_AUTH_TOKEN_PATH"] = str(RAY_TOKEN)
 
 
 def pytest_collection_modifyitems(config, items) -> None:
-    """The slowest modules first (those of a Ray cluster, then those of vLLM engines), so
-    that pytest-xdist's workers (``make test`` runs two) finish together rather than one
-    of them starting the Ray tests when the other has nothing left."""
+    """Under pytest-xdist (``make test`` runs two workers), the slowest modules first
+    (those of a Ray cluster, then those of vLLM engines), so that the workers finish
+    together rather than one of them starting the Ray tests when the other has nothing
+    left. A run without workers keeps the order it was given."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+
     def rank(item) -> int:
         return 0 if item.get_closest_marker("ray") else 1 if item.get_closest_marker("engine") else 2
 
