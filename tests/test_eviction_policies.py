@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
-import re
 
 import pytest
 import torch

@@ -63,11 +63,12 @@ def greedy_decode(lm, state: Prefilled, max_new_tokens: int, eos_id: int | None,
     decode_adapt = torch.ones((batch, 1), dtype=torch.bool)
     for step in range(max_new_tokens):
         token = logits.argmax(-1)
-        best_two = logits.float().topk(2, dim=-1).values
+        gaps = logits.float().topk(2, dim=-1).values.diff(dim=-1).neg()[:, 0] if margins is not None else None
         for row in range(batch):
             if not done[row]:
                 generated[row].append(int(token[row]))
-                smallest[row] = min(smallest[row], float(best_two[row, 0] - best_two[row, 1]))
+                if gaps is not None:
+                    smallest[row] = min(smallest[row], float(gaps[row]))
         if eos_id is not None:
             done |= token == eos_id
         if bool(done.all()) or step == max_new_tokens - 1:
