@@ -22,8 +22,8 @@ $(INSTALLED): pyproject.toml
 demo: $(INSTALLED)
 	$(VENV)/bin/vllm-plugins demo
 
-# Two workers (pytest-xdist), each running whole test modules: most of the suite's time is
-# vLLM engines starting, mostly on one core.
+# Two workers (pytest-xdist), each running whole test modules (the modules of the shared
+# server together: see tests/conftest.py): most of the suite's time is vLLM engines starting.
 TEST_WORKERS ?= 2
 
 test: $(INSTALLED)

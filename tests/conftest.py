@@ -26,21 +26,48 @@ os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN_PATH"] = str(RAY_TOKEN)
 
 
+# The modules that use the session's shared server (:func:`server_process`): under
+# pytest-xdist one worker runs them all, so that the server starts once.
+SHARED_SERVER_MODULES = ("tests/test_ray_serve.py", "tests/test_serving_http.py", "tests/test_loadtest.py",
+                         "tests/test_serving_parity.py")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``make test`` runs two pytest-xdist workers; each takes whole modules, and the
+    modules of :data:`SHARED_SERVER_MODULES` as one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            return "shared-server" if module in SHARED_SERVER_MODULES else module
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Under pytest-xdist (``make test`` runs two workers), the slowest modules first
-    (those of a Ray cluster, then those of vLLM engines), so that the workers finish
-    together rather than one of them starting the Ray tests when the other has nothing
-    left. A run without workers keeps the order it was given."""
+    """Every module that uses the shared server is listed in :data:`SHARED_SERVER_MODULES`
+    (or it would start a server of its own under xdist). Under pytest-xdist, the slowest
+    modules go first (a Ray cluster's, then those of vLLM engines), so that the workers
+    finish together rather than one of them starting the Ray tests when the other has
+    nothing left; a run without workers keeps the order it was given."""
+    unlisted = {item.nodeid.split("::", 1)[0] for item in items if "server_process" in item.fixturenames} - set(SHARED_SERVER_MODULES)
+    if unlisted:
+        raise pytest.UsageError(f"add {sorted(unlisted)} to SHARED_SERVER_MODULES in tests/conftest.py")
     if not os.environ.get("PYTEST_XDIST_WORKER"):
         return
 
     def rank(item) -> int:
         return 0 if item.get_closest_marker("ray") else 1 if item.get_closest_marker("engine") else 2
 
-    module_rank: dict[str, int] = {}
+    def scope(item) -> str:
+        module = item.nodeid.split("::", 1)[0]
+        return "shared-server" if module in SHARED_SERVER_MODULES else module
+
+    scope_rank: dict[str, int] = {}
     for item in items:
-        module_rank[item.module.__name__] = min(module_rank.get(item.module.__name__, 2), rank(item))
-    items.sort(key=lambda item: module_rank[item.module.__name__])  # stable: a module's tests keep their order
+        scope_rank[scope(item)] = min(scope_rank.get(scope(item), 2), rank(item))
+    items.sort(key=lambda item: scope_rank[scope(item)])  # stable: a module's tests keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)

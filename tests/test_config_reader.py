@@ -7,12 +7,15 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from vllm_plugins.config_reader import read_config
 from vllm_plugins.deploy.ray_serve import RayServeConfig
 from vllm_plugins.serving.config import PromptAdapterSettings
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("values, message", [
@@ -51,6 +54,17 @@ def test_ray_serve_args_expand_paths_after_validation(monkeypatch):
     monkeypatch.setenv("ADAPTERS_ROOT", "/srv/adapters")
     config = RayServeConfig.from_args({"model": "~/m", "adapter_dir": "${ADAPTERS_ROOT}/t", "serve_args": ["--x"]})
     assert config.adapter_dir == "/srv/adapters/t" and not config.model.startswith("~") and config.serve_args == ("--x",)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("ray-serve-*.yaml")))
+def test_every_shipped_ray_serve_config_reads(name):
+    """configs/ray-serve-*.yaml: each application's args validate (the GPU one asks a GPU per replica)."""
+    import yaml
+
+    config = yaml.safe_load((ROOT / "configs" / name).read_text())
+    for application in config["applications"]:
+        args = RayServeConfig.from_args(application["args"])
+        assert args.num_gpus_per_replica == (1 if "gpu" in name else 0)
 
 
 def test_values_that_are_not_json_are_refused():

@@ -147,15 +147,27 @@ def test_an_eviction_plan_sent_with_a_request_is_ignored(engine, prompts):
     assert stats(engine)["evictions"] == before
 
 
-def test_a_server_budget_evicts_long_prompts_and_keeps_shorter_ones_whole(random_llama, prompts, start_engine):
+@pytest.fixture(scope="module")
+def budget_and_lora(random_llama):
+    """An engine with a server budget (``--kv-budget 160``, StreamingLLM) and stock LoRA on."""
+    from vllm_plugins.serving.offline import running_engine
+
+    settings = eviction_settings(enable_lora=True, max_lora_rank=8, max_loras=1,
+                                 additional_config={"kv_eviction": {"policy": "streaming_llm", "budget": 160}})
+    with running_engine(random_llama, **settings) as llm:
+        yield llm
+
+
+def test_a_server_budget_evicts_long_prompts_and_keeps_shorter_ones_whole(budget_and_lora, random_llama, prompts):
     """``--kv-budget 160``: prompts longer than 160 tokens plus a block are evicted, the
     others (shorter than the budget, too) run unevicted."""
-    server = start_engine(random_llama, **eviction_settings(additional_config={"kv_eviction": {"policy": "streaming_llm", "budget": 160}}))
     tokenizer = load_base(random_llama)[1]
     lengths = [len(tokenizer(p).input_ids) for p in prompts]
-    server.generate(prompts, params(None), use_tqdm=False)
-    assert stats(server)["evictions"] == sum(n - 160 >= BLOCK for n in lengths)
-    assert 0 < stats(server)["evictions"] < len(prompts) and min(lengths) < 160
+    before = stats(budget_and_lora)["evictions"]
+    budget_and_lora.generate(prompts, params(None), use_tqdm=False)
+    evicted = stats(budget_and_lora)["evictions"] - before
+    assert evicted == sum(n - 160 >= BLOCK for n in lengths)
+    assert 0 < evicted < len(prompts) and min(lengths) < 160
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -184,16 +196,17 @@ def random_adapters(random_llama, tmp_path_factory):
     return {method: save_random_adapter(method, random_llama, root / method, seed) for seed, method in enumerate(["iapt", "para", "milora", "lora"])}
 
 
-def test_eviction_with_prompt_aware_adapters_and_stock_lora_in_one_batch(random_llama, random_adapters, prompts,
-                                                                          start_engine):
+def test_eviction_with_prompt_aware_adapters_and_stock_lora_in_one_batch(budget_and_lora, random_llama, random_adapters,
+                                                                          prompts):
     """IAPT (its soft keys/values are not prompt tokens and stay), PARA, MiLoRA, stock LoRA
-    and the base model, all evicted by NACL in one batch, each matching its reference."""
+    and the base model, all evicted by NACL in one batch (their own setting, not the
+    server's budget), each matching its reference."""
     from vllm.lora.request import LoRARequest
 
     from vllm_plugins.adapters.storage import load_adapter
     from vllm_plugins.serving.tickets import adapter_args
 
-    engine = start_engine(random_llama, **eviction_settings(enable_lora=True, max_lora_rank=8, max_loras=1))
+    engine = budget_and_lora
     eviction = {"kv_eviction": "nacl", "kv_keep_ratio": 0.2}
     kinds = ["iapt", "para", "milora", "lora", None]
     jobs = [(kind, prompt) for prompt in prompts[:4] for kind in kinds]
@@ -202,8 +215,9 @@ def test_eviction_with_prompt_aware_adapters_and_stock_lora_in_one_batch(random_
         adapter = adapter_args(kind, str(random_adapters[kind])) if kind in ("iapt", "para", "milora") else {}
         requests.append(params({**eviction, **adapter}))
     lora = LoRARequest("lora", 1, str(random_adapters["lora"]))
+    before = stats(engine)["evictions"]
     outputs = engine.generate([p for _, p in jobs], requests, lora_request=[lora if k == "lora" else None for k, _ in jobs], use_tqdm=False)
-    assert stats(engine)["evictions"] == len(jobs)
+    assert stats(engine)["evictions"] - before == len(jobs)
     tokenizer = load_base(random_llama)[1]
     models = {kind: load_adapter(random_adapters[kind], load_base(random_llama)[0])[0].eval() for kind in kinds if kind}
     models[None] = PlainLM(load_base(random_llama)[0]).eval()

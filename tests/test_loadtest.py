@@ -155,11 +155,13 @@ class _MisbehavingServer(BaseHTTPRequestHandler):
     connection closes before usage and [DONE]) or ``http-500``."""
 
     protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+    authorizations: set[str | None] = set()  # the Authorization headers received
 
     def log_message(self, *args) -> None:
         pass
 
     def do_POST(self) -> None:
+        self.authorizations.add(self.headers.get("Authorization"))
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         kind, asked = body["model"], body["max_tokens"]
         time.sleep(0.02)  # every kind about as slow, so that every user gets its share of the requests
@@ -198,10 +200,13 @@ def misbehaving_server():
 
 
 @pytest.mark.locust
-def test_load_test_counts_broken_streams_as_failures(misbehaving_server, tmp_path):
+def test_load_test_counts_broken_streams_as_failures(misbehaving_server, tmp_path, monkeypatch):
     """Every kind of broken answer is a failed request in requests.csv, in Locust's own
-    statistics, in the summary (failed, SLO attainment, goodput) and in the HTML report."""
+    statistics, in the summary (failed, SLO attainment, goodput) and in the HTML report.
+    Every request carries the API key of ``$OPENAI_API_KEY``."""
     from vllm_plugins.loadtest.runner import run_loadtest
+
+    monkeypatch.setenv("OPENAI_API_KEY", "load-test-key")
 
     expected = {  # method: (the server's behaviour, the error recorded)
         "lora": ("error-event", "error event: Internal server error"),
@@ -217,6 +222,7 @@ def test_load_test_counts_broken_streams_as_failures(misbehaving_server, tmp_pat
 
     rows = read_records(tmp_path / "run" / "requests.csv")
     assert len(rows) == 60
+    assert _MisbehavingServer.authorizations == {"Bearer load-test-key"}
     assert {r["method"] for r in rows} == {"base", *expected}
     for r in rows:
         if r["method"] == "base":

@@ -18,7 +18,9 @@ from vllm_plugins.adapters.storage import load_adapter
 from vllm_plugins.adapters.common.lm import PlainLM
 from vllm_plugins.serving.tickets import adapter_args
 from vllm_plugins.tasks import load_task
+from vllm_plugins.tasks.ops import OPS
 from vllm_plugins.tasks.retrieval import make_retrieval_example
+from vllm_plugins.tasks.suite import format_example
 from vllm_plugins.training.data import encode_prompt
 from vllm_plugins.training.evaluate import generate_answers
 from vllm_plugins.training.generation import greedy_generate
@@ -29,6 +31,10 @@ pytestmark = pytest.mark.engine
 CHUNK = 64
 MAX_TOKENS = 8
 MODES = {"compiled": {}, "eager": {"enforce_eager": True}}  # vLLM's default mode traces the forward once
+INSTRUCTED_PROMPTS = [  # every operation of the suite, and two prompts without an instruction
+    format_example(list(letters), op, instructed=True).prompt
+    for letters, op in zip(["abc", "qwerty", "zz", "hello", "mno"], OPS.values())
+] + ["a b c =", "x y ="]
 ADAPTERS = [("iapt", 0), ("iapt", 1), ("para", 2), ("para", 3), ("milora", 4), ("milora", 5)]
 
 
@@ -94,26 +100,42 @@ def _stats(engine) -> dict[str, int]:
     return engine.collective_rpc("prompt_adapter_stats")[0]
 
 
-@pytest.fixture(scope="module")
-def bounded(tiny_llama):
-    """An engine with room for 2 prompt-aware adapters (vLLM's default mode)."""
+SMALL_CACHE = dict(block_size=32, num_gpu_blocks_override=12, max_model_len=256)  # two long requests fill it
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def bounded(request, tiny_llama):
+    """An engine with room for 2 prompt-aware adapters and a KV cache of 12 blocks of 32
+    tokens, which two long requests fill (preemption)."""
     from vllm_plugins.serving.offline import running_engine
 
-    with running_engine(tiny_llama, **_plugin_settings(additional_config={"prompt_adapters": {"max_active": 2}})) as llm:
+    settings = _plugin_settings(**SMALL_CACHE, **MODES[request.param],
+                                additional_config={"prompt_adapters": {"max_active": 2}})
+    with running_engine(tiny_llama, **settings) as llm:
         yield llm
 
 
-def test_requests_beyond_max_active_adapters_wait(engine, bounded, tiny_llama, adapters, prompts):
-    """With room for 2 adapters, requests for 6 adapters sent at once are all answered,
-    right, and no step serves more than 2 adapters; the default bound (16) lets them mix."""
+@pytest.fixture(scope="module")
+def interleaved(tiny_llama, adapters, prompts):
+    """Every prompt for every adapter, adapters interleaved: (prompts, params, expected answers)."""
     jobs = list(adapters.items())
     answers = {name: _reference(tiny_llama, path, prompts) for name, path in jobs}
-    order = [(i, name, path) for i in range(len(prompts)) for name, path in jobs]  # adapters interleaved
-    batch_prompts = [prompts[i] for i, _, _ in order]
-    params = [_params(name, path) for _, name, path in order]
-    expected = [answers[name][i] for i, name, _ in order]
+    order = [(i, name, path) for i in range(len(prompts)) for name, path in jobs]
+    return ([prompts[i] for i, _, _ in order], [_params(name, path) for _, name, path in order],
+            [answers[name][i] for i, name, _ in order])
+
+
+def test_requests_beyond_max_active_adapters_wait(bounded, interleaved):
+    """With room for 2 adapters, requests for 6 adapters sent at once are all answered,
+    right, and no step serves more than 2 adapters."""
+    batch_prompts, params, expected = interleaved
     assert _texts(bounded.generate(batch_prompts, params, use_tqdm=False)) == expected
     assert _stats(bounded)["most_adapters_in_a_step"] == 2
+
+
+def test_the_default_bound_lets_adapters_mix_in_a_step(engine, interleaved):
+    """The default bound (16) serves the same requests with more than 2 adapters in a step."""
+    batch_prompts, params, expected = interleaved
     assert _texts(engine.generate(batch_prompts, params, use_tqdm=False)) == expected
     assert _stats(engine)["most_adapters_in_a_step"] > 2
 
@@ -184,14 +206,12 @@ def test_identical_prompts_of_two_tenants_stay_apart_under_prefix_caching(engine
     assert len(set(expected)) == 3  # every tenant answers differently, so a leak would show
 
 
-@pytest.mark.parametrize("mode", list(MODES))
-def test_preempted_requests_rebuild_their_state(tiny_llama, adapters, prompts, mode, start_engine):
-    """A KV cache of 12 blocks of 32 tokens holds two long requests: growing ones get
-    preempted, recomputed from scratch, and must still match the reference token for token."""
+def test_preempted_requests_rebuild_their_state(bounded, tiny_llama, adapters, prompts):
+    """Long requests of 2 adapters (a third waits) fill the 12-block cache: growing ones
+    get preempted, recomputed from scratch, and must still match the reference token for
+    token."""
     from vllm import SamplingParams
 
-    small = start_engine(tiny_llama, **_plugin_settings(block_size=32, num_gpu_blocks_override=12, max_model_len=256,
-                                                        **MODES[mode]))
     long_prompts = prompts[-3:]
     jobs = [("para-3", adapters["para-3"]), ("iapt-1", adapters["iapt-1"]), ("milora-5", adapters["milora-5"])]
     params = [
@@ -199,9 +219,9 @@ def test_preempted_requests_rebuild_their_state(tiny_llama, adapters, prompts, m
         for n, p in jobs
         for _ in long_prompts
     ]
-    before = _state_computations(small)
-    outputs = small.generate([p for _ in jobs for p in long_prompts], params, use_tqdm=False)
-    computed = _state_computations(small) - before
+    before = _state_computations(bounded)
+    outputs = bounded.generate([p for _ in jobs for p in long_prompts], params, use_tqdm=False)
+    computed = _state_computations(bounded) - before
     num_layers = AutoConfig.from_pretrained(tiny_llama).num_hidden_layers
     assert computed > len(outputs) * num_layers  # some requests were recomputed after preemption
     expected = []
@@ -217,15 +237,17 @@ def test_a_plugin_engine_never_loads_a_plain_engines_compiled_graph(tiny_llama, 
     """vLLM caches compiled forwards on disk under a key that leaves --worker-cls out: a
     plugin engine started after a plain engine of the same model and settings must still
     compile (and run) its own layers, not load the plain graph and answer as the base
-    model."""
+    model. The plain engine answers as the base model does in transformers."""
     from vllm import SamplingParams
 
     from vllm_plugins.serving.offline import running_engine
 
     settings = dict(max_model_len=320, max_num_batched_tokens=CHUNK, enable_chunked_prefill=True)
+    plain_prompts = prompts + INSTRUCTED_PROMPTS
     with running_engine(tiny_llama, **settings) as plain:
-        base = _texts(plain.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False))
+        base = _texts(plain.generate(plain_prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False))
+    assert base == _reference(tiny_llama, None, plain_prompts) and any(base)
     plugin = start_engine(tiny_llama, **_plugin_settings(**settings))
     got = _texts(plugin.generate(prompts, _params("para-2", adapters["para-2"]), use_tqdm=False))
     expected = _reference(tiny_llama, adapters["para-2"], prompts)
-    assert got == expected and got != base
+    assert got == expected and got != base[:len(prompts)]

@@ -58,15 +58,14 @@ def qwen2_adapter_dir(tiny_qwen2, tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=list(SERVERS))
-def served(request, tmp_path_factory):
+def served(request, server_process, tmp_path_factory):
     """(URL, the served models, the reference's answers) of one of the three servers."""
     model_fixture, dir_fixture, extra, mode = SERVERS[request.param]
     names = [name for name, (method, _) in SERVED_ADAPTERS.items()
              if dir_fixture != "prompt_aware_adapter_dir" or method not in LORA_FAMILY]
     if request.param == "mixed":
-        server = request.getfixturevalue("server_process")
-        assert mode in server.log.read_text()
-        yield server.url, [BASE, *names], _references(request, model_fixture)
+        assert mode in server_process.log.read_text()
+        yield server_process.url, [BASE, *names], _references(request, model_fixture)
         return
     log = tmp_path_factory.mktemp(f"parity-{request.param}") / "server.log"
     server = ServerProcess.start(request.getfixturevalue(model_fixture), request.getfixturevalue(dir_fixture), log,

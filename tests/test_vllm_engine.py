@@ -1,37 +1,10 @@
-"""The demo model in a real vLLM 0.32.0 engine."""
+"""The installed vLLM: the supported version only, and our plugin found through its entry point.
+
+(The demo model in a vLLM engine, against transformers: tests/test_serving_engine.py.)"""
 
 import pytest
 
-from vllm_plugins.adapters.common.lm import PlainLM
-from vllm_plugins.tasks.ops import OPS
-from vllm_plugins.tasks.suite import format_example
-from vllm_plugins.training.evaluate import generate_answers
-from vllm_plugins.training.recipes import load_base
 from vllm_plugins.vllm_version import SUPPORTED_VLLM, UnsupportedVllmError, require_supported_vllm
-
-pytestmark = pytest.mark.engine
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama):
-    from vllm_plugins.serving.offline import running_engine
-
-    with running_engine(tiny_llama, max_model_len=512) as llm:
-        yield llm
-
-
-def test_demo_model_generates_in_vllm_like_transformers(engine, tiny_llama):
-    from vllm_plugins.serving.offline import greedy_texts
-
-    prompts = [
-        format_example(list(letters), op, instructed=True).prompt
-        for letters, op in zip(["abc", "qwerty", "zz", "hello", "mno"], OPS.values())
-    ] + ["a b c =", "x y ="]
-    base, tokenizer = load_base(tiny_llama)
-    expected = generate_answers(PlainLM(base), tokenizer, prompts)
-    got = greedy_texts(engine, prompts)
-    assert got == expected
-    assert any(got)  # the engine produced tokens, not only empty strings
 
 
 def test_installed_vllm_is_the_supported_version():

@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dest", type=Path, default=Path(".vllm_lora_ops"), help="where to write (ignored by git)")
     p.set_defaults(func=cmd_bench_carry_vllm_lora_ops)
 
-    p = sub.add_parser("loadtest", help="Locust, headless: every method's tenants against one server, with a report")
+    p = sub.add_parser("loadtest", help="Locust, headless: every method's tenants against one server, with a report "
+                                         "(a server's --api-key is sent from $OPENAI_API_KEY, as vllm bench serve does)")
     p.add_argument("--config", type=Path, default=None,
                    help="load-test TOML (default: the demo's, vllm_plugins/loadtest/demo.toml, which documents every field)")
     p.add_argument("--host", required=True, help="the server's base URL, e.g. http://127.0.0.1:8000")

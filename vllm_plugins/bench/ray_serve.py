@@ -21,16 +21,17 @@ from vllm_plugins.serving.process import free_port, request_json, running_server
 FIGURES = ("ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99")
 
 
-def _warm(url: str, models: list[str]) -> None:
+def _warm(url: str, models: list[str], api_key: str | None) -> None:
     for model in models:
-        status, body = request_json(f"{url}/v1/completions", {"model": model, "prompt": "a b c", "max_tokens": 2})
+        body = {"model": model, "prompt": "a b c", "max_tokens": 2}
+        status, body = request_json(f"{url}/v1/completions", body, api_key=api_key)
         if status != 200:
             raise RuntimeError(f"{model}: HTTP {status}: {body}")
 
 
-def _measure(config: Path, url: str, models: list[str], out: Path) -> dict:
-    _warm(url, models)
-    run_loadtest(config, url, out)
+def _measure(config: Path, url: str, models: list[str], out: Path, api_key: str | None) -> dict:
+    _warm(url, models, api_key)
+    run_loadtest(config, url, out, api_key=api_key)
     summary = json.loads((out / "summary.json").read_text())
     return {"requests": summary["requests"], "failed": summary["failed"],
             "by_method": {m: {k: s[k] for k in FIGURES} for m, s in summary["by_method"].items()}}
@@ -40,19 +41,20 @@ def run_ray_serve_bench(config: Path, model: Path, adapter_dir: Path, serve_args
     import ray
     from ray import serve
 
-    from vllm_plugins.deploy.ray_serve import RayServeConfig, build_app
+    from vllm_plugins.deploy.ray_serve import RayServeConfig, api_key_of, build_app
 
+    api_key = api_key_of(serve_args)  # both servers get the same flags
     models = sorted({t.model for t in load_spec(config).tenants})
     report: dict = {"config": str(config)}
     with running_server(model, adapter_dir, out / "plain-server.log", *serve_args) as url:
-        report["plain"] = _measure(config, url, models, out / "plain")
+        report["plain"] = _measure(config, url, models, out / "plain", api_key)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", _temp_dir=tempfile.mkdtemp(prefix="ray-"))
     try:
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         app = build_app(RayServeConfig(model=str(model), adapter_dir=str(adapter_dir), serve_args=serve_args, num_replicas=1))
         serve.run(app, name="vllm-plugins", route_prefix="/")
-        report["ray_serve"] = _measure(config, f"http://127.0.0.1:{port}", models, out / "ray-serve")
+        report["ray_serve"] = _measure(config, f"http://127.0.0.1:{port}", models, out / "ray-serve", api_key)
     finally:
         serve.shutdown()
         ray.shutdown()

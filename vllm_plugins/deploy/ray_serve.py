@@ -111,6 +111,7 @@ class RayServeConfig(ConfigModel):
     max_adapters_per_replica: int = Field(16, ge=1)  # adapters a replica is preferred for (multiplexing LRU)
     max_ongoing_requests: int = Field(64, ge=1)
     num_cpus_per_replica: float = Field(1, gt=0)
+    num_gpus_per_replica: float = Field(0, ge=0)  # 1: each replica takes a GPU of its node (its server's device)
     max_replicas_per_node: int | None = Field(None, ge=1)  # 1: at most one replica per node
 
     @classmethod
@@ -136,7 +137,7 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": "BadRequestError", "code": status}}, status_code=status)
 
 
-def _api_key(serve_args: list[str]) -> str | None:
+def api_key_of(serve_args: list[str]) -> str | None:
     """The server's API key, as vLLM picks it: the first ``--api-key`` value, else
     ``VLLM_API_KEY``."""
     for i, arg in enumerate(serve_args):
@@ -202,7 +203,7 @@ class PluginServer:
         # thread that started it, and this one lives as long as the replica.
         self.server = ServerProcess.start(Path(config.model), Path(config.adapter_dir), log, *config.serve_args)
         self.client = httpx.AsyncClient(base_url=self.server.url, timeout=None)
-        key = _api_key(config.serve_args)
+        key = api_key_of(config.serve_args)
         self.own_headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
         self.tag = serve.get_replica_context().replica_tag
         self.lock = asyncio.Lock()  # one load, unload or reconcile at a time on this server
@@ -414,7 +415,7 @@ def build_app(config: RayServeConfig):
         name="PluginServer",
         max_ongoing_requests=config.max_ongoing_requests,
         max_replicas_per_node=config.max_replicas_per_node,
-        ray_actor_options={"num_cpus": config.num_cpus_per_replica},
+        ray_actor_options={"num_cpus": config.num_cpus_per_replica, "num_gpus": config.num_gpus_per_replica},
         health_check_period_s=2,
         health_check_timeout_s=30,
         deployment_actors=[ledger],

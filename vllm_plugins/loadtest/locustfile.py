@@ -10,6 +10,9 @@ tokens, tenant, method, status, and for a failed request its ``error`` (see
 stream cut before its final usage chunk or ``[DONE]``, or fewer tokens than asked with
 ``ignore_eos``. Locust counts the same requests as failures.
 
+A server started with ``--api-key`` gets ``Authorization: Bearer $OPENAI_API_KEY`` on every
+request when that variable is set, as ``vllm bench serve`` sends it.
+
 Run through ``vllm-plugins loadtest`` (vllm_plugins/loadtest/runner.py), which writes the
 spec to ``$VLLM_PLUGINS_LOADTEST_SPEC``, names the CSV in
 ``$VLLM_PLUGINS_LOADTEST_RECORDS`` and passes the user classes of the methods present.
@@ -78,6 +81,8 @@ class TenantUser(HttpUser):
         self.rng = random.Random(f"{SPEC.seed}/{self.method}/{id(self)}")
         self.tenants = SPEC.tenants_of(self.method)
         self.weights = zipf_weights(len(self.tenants), SPEC.zipf_exponent)
+        if api_key := os.environ.get("OPENAI_API_KEY"):
+            self.client.headers["Authorization"] = f"Bearer {api_key}"
 
     @task
     def complete(self) -> None:

@@ -21,8 +21,9 @@ def default_words() -> list[str]:
     return corpus_vocabulary()
 
 
-def run_locust(spec: LoadTestSpec, host: str, out: Path) -> Path:
-    """Run the users of every method in ``spec`` against ``host``; the per-request CSV."""
+def run_locust(spec: LoadTestSpec, host: str, out: Path, api_key: str | None = None) -> Path:
+    """Run the users of every method in ``spec`` against ``host``; the per-request CSV.
+    ``api_key`` (default: ``$OPENAI_API_KEY``, if set) is sent as a bearer token."""
     if spec.users < len(spec.methods):
         raise ValueError(f"{spec.users} users for {len(spec.methods)} methods: every method's class needs a user")
     out.mkdir(parents=True, exist_ok=True)
@@ -35,6 +36,8 @@ def run_locust(spec: LoadTestSpec, host: str, out: Path) -> Path:
         "--csv", str(out / "locust"), *map(user_class_name, spec.methods),
     ]
     env = {**os.environ, "VLLM_PLUGINS_LOADTEST_SPEC": str(spec_file), "VLLM_PLUGINS_LOADTEST_RECORDS": str(records)}
+    if api_key is not None:
+        env["OPENAI_API_KEY"] = api_key
     with open(out / "locust.log", "w") as log:
         done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                               timeout=spec.run_time_s + spec.request_timeout_s + 120)
@@ -43,11 +46,12 @@ def run_locust(spec: LoadTestSpec, host: str, out: Path) -> Path:
     return records
 
 
-def run_loadtest(config: Path, host: str, out: Path, title: str | None = None) -> Path:
+def run_loadtest(config: Path, host: str, out: Path, title: str | None = None, api_key: str | None = None) -> Path:
     """The load test of ``config`` against ``host``: ``out/requests.csv`` (one row per
-    request), ``out/report.html`` and ``out/summary.json``; returns the HTML report's path."""
+    request), ``out/report.html`` and ``out/summary.json``; returns the HTML report's path.
+    ``api_key``: the server's ``--api-key`` (default: ``$OPENAI_API_KEY``, if set)."""
     spec = load_spec(config)
     if not spec.words:
         spec = spec.with_words(default_words())
-    records = run_locust(spec, host, out)
+    records = run_locust(spec, host, out, api_key)
     return write_report(records, spec, out, title or f"Load test of {host}")

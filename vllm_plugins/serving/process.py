@@ -27,10 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def request_json(url: str, body: dict | bytes | None = None, method: str | None = None) -> tuple[int, dict]:
-    """(status, JSON body) of one HTTP request; error statuses are returned, not raised."""
+def request_json(url: str, body: dict | bytes | None = None, method: str | None = None,
+                 api_key: str | None = None) -> tuple[int, dict]:
+    """(status, JSON body) of one HTTP request, with ``api_key`` as a bearer token if given;
+    error statuses are returned, not raised."""
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=REQUEST_SECONDS) as resp:
             return resp.status, json.loads(resp.read())
