@@ -101,12 +101,15 @@ def run_kvpress_reference(bench: EvictionBench, model: Path, spec: ReferenceVenv
     logger.info(f"kvpress {KVPRESS_VERSION}: {len(job['presses'])} presses on {len(prompts)} prompts in {spec.path}")
     with tempfile.TemporaryDirectory(prefix="kvpress-") as workdir:
         result = run_job(job, python, Path(workdir))
+    rows = score_runs(result, job, [e.answer for e in examples])
+    for row in rows:
+        logger.info(f"kvpress {row['press']} {row['keep_ratio']}: facts {row['fact_accuracy']}, answers {row['answer_accuracy']}")
     return {
         "library": "kvpress", "version": result["kvpress_version"], "transformers_version": result["transformers_version"],
         "torch_version": result["torch_version"], "venv": str(spec.path), "seconds": result["seconds"],
         "max_new_tokens": job["max_new_tokens"],
         "kept_tokens": {str(b["keep_ratio"]): sorted(set(b["kept_tokens"])) for b in job["budgets"]},
-        "results": score_runs(result, job, [e.answer for e in examples]),
+        "results": rows,
     }
 
 

@@ -130,9 +130,9 @@ def run_job(job: dict) -> dict:
         model = model_for(press_name)
         if press_name == NO_PRESS:
             runs.append(run_press(model, tokenizer, job, press_name, None, [len(p) for p in job["prompts"]]))
-            continue
-        for budget in job["budgets"]:
-            runs.append(run_press(model, tokenizer, job, press_name, budget["keep_ratio"], budget["kept_tokens"]))
+        else:
+            for budget in job["budgets"]:
+                runs.append(run_press(model, tokenizer, job, press_name, budget["keep_ratio"], budget["kept_tokens"]))
         print(f"kvpress: {press_name} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return {"kvpress_version": installed, "transformers_version": version("transformers"),
             "torch_version": torch.__version__, "seconds": round(time.perf_counter() - start, 1), "runs": runs}
