@@ -102,10 +102,24 @@ def cmd_bench_eviction(args: argparse.Namespace) -> None:
 
     from vllm_plugins.bench.eviction import PRESETS, format_report, run_eviction_bench
 
-    report = run_eviction_bench(dataclasses.replace(PRESETS[args.preset], enforce_eager=args.enforce_eager))
+    bench = dataclasses.replace(PRESETS[args.preset], enforce_eager=args.enforce_eager)
+    reference = None
+    if args.reference == "kvpress":  # first: a failed install stops the command before the engine's minutes
+        from vllm_plugins.bench.kvpress_reference import run_kvpress_reference
+        from vllm_plugins.demo_model import build_demo_model
+
+        reference = run_kvpress_reference(bench, build_demo_model(bench.preset))
+    report = run_eviction_bench(bench)
+    if reference is not None:
+        report["reference"] = reference
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
+    if reference is not None:
+        from vllm_plugins.bench.kvpress_reference import format_reference
+
+        print()
+        print(format_reference(report))
     print(f"written: {args.json}")
 
 
@@ -204,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="tiny: a quick run on the tiny model")
     p.add_argument("--enforce-eager", action="store_true", help="run the engine eager (default: vLLM's default mode)")
+    p.add_argument("--reference", choices=["kvpress"],
+                   help="also run NVIDIA kvpress 0.5.5's presses on the same prompts and kept-token counts, in its own "
+                        "venv under $VLLM_PLUGINS_HOME/venvs (created on first use), and report them beside ours")
     p.set_defaults(func=cmd_bench_eviction)
     p = bench.add_parser(
         "ray-serve",

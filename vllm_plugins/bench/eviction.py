@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.eviction.policies import POLICIES
-from vllm_plugins.tasks.retrieval import make_retrieval_example
+from vllm_plugins.tasks.retrieval import RetrievalExample, make_retrieval_example
 
 logger = logging.getLogger(__name__)
 
@@ -125,8 +125,9 @@ class _Stepper:
         return most
 
 
-def _accuracy(answers: list[str], expected: list[str]) -> tuple[float, float]:
-    """(share of answer facts right, share of answers entirely right)."""
+def score_answers(answers: list[str], expected: list[str]) -> tuple[float, float]:
+    """(share of answer facts right, share of answers entirely right): an answer's facts
+    are its whitespace-separated words, compared with the expected ones in order."""
     right = whole = 0
     for got, want in zip(answers, expected):
         got_facts, want_facts = got.split(), want.split()
@@ -177,9 +178,20 @@ def _timed_request(stepper: _Stepper, prompt: str, config, decode_tokens: int) -
     return prefill, statistics.mean(decode)
 
 
-def run_eviction_bench(bench: EvictionBench) -> dict:
+def bench_examples(bench: EvictionBench) -> list[RetrievalExample]:
+    """The ``accuracy_prompts`` retrieval examples the bench asks (the first of them also
+    serve the timing and concurrency runs)."""
     rng = random.Random(bench.seed)
-    examples = [make_retrieval_example(rng, bench.prompt_words) for _ in range(bench.accuracy_prompts)]
+    return [make_retrieval_example(rng, bench.prompt_words) for _ in range(bench.accuracy_prompts)]
+
+
+def answer_tokens(example: RetrievalExample) -> int:
+    """Tokens generated for an accuracy answer: one per fact."""
+    return len(example.questions[0].facts)
+
+
+def run_eviction_bench(bench: EvictionBench) -> dict:
+    examples = bench_examples(bench)
     prompts = [e.prompt for e in examples]
     llm = _engine(bench)
     stepper = _Stepper(llm)
@@ -187,8 +199,8 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
     rows = {config: {"policy": config[0], "keep_ratio": config[1]} for config in configs}
 
     for config in configs:
-        outputs = llm.generate(prompts, _params(config, max_tokens=len(examples[0].questions[0].facts)), use_tqdm=False)
-        facts, whole = _accuracy([o.outputs[0].text for o in outputs], [e.answer for e in examples])
+        outputs = llm.generate(prompts, _params(config, max_tokens=answer_tokens(examples[0])), use_tqdm=False)
+        facts, whole = score_answers([o.outputs[0].text for o in outputs], [e.answer for e in examples])
         rows[config].update(fact_accuracy=round(facts, 4), answer_accuracy=round(whole, 4))
         if config != OFF:
             rows[config]["later_facts_kept"] = _later_facts_kept(llm, outputs, examples)
