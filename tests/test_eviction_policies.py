@@ -73,12 +73,16 @@ def test_streaming_llm_keeps_the_sinks_and_the_most_recent_tokens():
 
 
 def test_snapkv_keeps_its_window_and_the_neighbours_of_what_the_window_attends_to():
-    n, window = 200, 32
+    """Window 64, votes average-pooled over 5 tokens: the two neighbours on each side of
+    the token the window attends to come with it."""
+    n, window = 200, 64
     keys = torch.randn(1, n, 16) * 0.1
     prompt = cached_prompt(n=n, rows=1, group=1, window=window, keys=keys)
     keys[0, 60] = prompt.queries[0].mean(dim=0) * 40  # one token the whole window attends to
-    kept = POLICIES["snapkv"]().select(prompt, window + 7)[0].tolist()
-    assert kept == list(range(57, 64)) + list(range(n - window, n))
+    policy = POLICIES["snapkv"]()
+    assert policy.query_window(n) == window
+    kept = policy.select(prompt, window + 5)[0].tolist()
+    assert kept == list(range(58, 63)) + list(range(n - window, n))
 
 
 def test_nacl_keeps_sinks_proxy_tokens_the_top_third_and_samples_the_rest():
@@ -180,7 +184,7 @@ def test_every_policy_protects_the_prompts_last_tokens_then_its_sinks():
     n = ISSUE_PROMPT
     expected = {  # (last tokens, sinks): the end of the question first
         "nacl": (11, 4),  # the proxy tokens, max(8, 1% of 1,035)
-        "snapkv": (32, 0),  # the observation window
+        "snapkv": (64, 0),  # the observation window
         "sca": (8, 4), "streaming_llm": (8, 4), "random": (8, 0),
     }
     assert set(expected) == set(POLICIES)
