@@ -129,9 +129,9 @@ def served_adapter_dir(tiny_llama, tmp_path_factory) -> Path:
     return root
 
 
-SERVER_ARGS = (
+SERVER_ARGS = (  # 1 GiB of KV cache (serve's CPU default is 4): the tiny models need far less, and up to 8 servers run at once
     "--runtime-loading", "--served-model-name", "demo", "--max-model-len", "512",
-    "--dtype", "float32", "--max-num-batched-tokens", "64",
+    "--dtype", "float32", "--max-num-batched-tokens", "64", "--kv-cache-memory-bytes", str(2**30),
 )
 
 
