@@ -61,6 +61,22 @@ def test_rescale_reference_is_per_request_product():
 
 
 @DTYPES
+def test_rescale_leaves_tokens_of_row_minus_one_alone(dtype):
+    """Every token fed, those without a request row marked -1 (as a CUDA graph feeds them)."""
+    out = torch.randn(6, 40).to(dtype)
+    rows = torch.tensor([-1, 1, -1, 0, 2, -1])
+    scales = torch.rand(3, 30).to(dtype) + 0.5
+    ref, got = out.clone(), out.clone()
+    rescale.rescale_columns_torch(ref, torch.arange(6), rows, scales, ((0, 20), (30, 10)))
+    rescale.rescale_columns_triton(got, torch.arange(6), rows, scales, ((0, 20), (30, 10)))
+    assert relative_error(got, ref) < TOLERANCE[dtype]
+    assert torch.equal(got[rows < 0], out[rows < 0]) and torch.equal(ref[rows < 0], out[rows < 0])
+    compact = out.clone()
+    rescale.rescale_columns_torch(compact, torch.tensor([1, 3, 4]), torch.tensor([1, 0, 2]), scales, ((0, 20), (30, 10)))
+    assert torch.equal(ref, compact)
+
+
+@DTYPES
 @pytest.mark.parametrize("requests,num_soft,kv_heads,head_dim,block_size", [(3, 4, 2, 32, 16), (1, 4, 4, 64, 8), (5, 3, 1, 48, 12)])
 def test_write_soft_kv_matches_reference(dtype, requests, num_soft, kv_heads, head_dim, block_size):
     key_cache, value_cache = paged_cache(6, kv_heads, block_size, head_dim, dtype)
@@ -77,21 +93,29 @@ def test_write_soft_kv_matches_reference(dtype, requests, num_soft, kv_heads, he
 @DTYPES
 @pytest.mark.parametrize("tokens,requests,heads,kv_heads,head_dim,num_soft", [(6, 3, 4, 2, 32, 4), (9, 4, 8, 8, 16, 4), (3, 1, 6, 2, 64, 3)])
 def test_soft_attention_matches_reference(dtype, tokens, requests, heads, kv_heads, head_dim, num_soft):
+    """Requests with different numbers of soft tokens in one call, and every token fed
+    with 0 soft tokens for the ones left alone (as a CUDA graph feeds them)."""
     block_size = 8
     key_cache, value_cache = paged_cache(requests + 2, kv_heads, block_size, head_dim, dtype)
     request_block = torch.randperm(requests + 2)[:requests]
+    request_count = torch.randint(1, num_soft + 1, (requests,))
     request_first = torch.randint(0, block_size - num_soft + 1, (requests,))
     index, rows = adapted_tokens(tokens, requests)
+    every = torch.arange(tokens)
+    token_rows = torch.full((tokens,), -1)
+    token_rows[index] = rows
+    counts = torch.where(token_rows >= 0, request_count[token_rows.clamp(min=0)], 0)
     queries = torch.randn(tokens, heads * head_dim).to(dtype)
     out = torch.randn(tokens, heads * head_dim).to(dtype)
-    args = (queries, index, request_block[rows], request_first[rows], key_cache, value_cache, num_soft, head_dim**-0.5)
+    args = (queries, every, request_block[token_rows.clamp(min=0)], request_first[token_rows.clamp(min=0)], counts,
+            key_cache, value_cache, num_soft, head_dim**-0.5)
     ref, got = out.clone(), out.clone()
     soft_kv.soft_attention_paged_torch(ref, *args)
     soft_kv.soft_attention_paged_triton(got, *args)
     assert relative_error(got - out.float(), ref - out.float()) < TOLERANCE[dtype]
     others = torch.ones(tokens, dtype=torch.bool)
     others[index] = False
-    assert torch.equal(got[others], out[others])
+    assert torch.equal(got[others], out[others]) and torch.equal(ref[others], out[others])
 
 
 def test_soft_attention_reference_reads_the_request_slots():
@@ -99,7 +123,8 @@ def test_soft_attention_reference_reads_the_request_slots():
     key_cache, value_cache = paged_cache(3, 1, 8, head_dim, torch.float32)
     q = torch.randn(1, heads * head_dim)
     out = torch.zeros(1, heads * head_dim)
-    soft_kv.soft_attention_paged_torch(out, q, torch.tensor([0]), torch.tensor([2]), torch.tensor([4]), key_cache, value_cache, num_soft, 0.25)
+    soft_kv.soft_attention_paged_torch(out, q, torch.tensor([0]), torch.tensor([2]), torch.tensor([4]), torch.tensor([num_soft]),
+                                       key_cache, value_cache, num_soft, 0.25)
     keys, values = key_cache[2, :, 4:8].transpose(0, 1)[None], value_cache[2, :, 4:8].transpose(0, 1)[None]
     assert torch.allclose(out, soft_attention(q.view(1, 1, heads, head_dim), keys, values, 0.25).reshape(1, -1))
 
@@ -268,7 +293,8 @@ def test_public_ops_run_the_references_off_cuda(monkeypatch):
     soft_kv.write_soft_kv(key_cache, value_cache, keys, keys, torch.tensor([1]), torch.tensor([4]))
     assert torch.equal(key_cache[1, 0, 4:8], keys[0, :, 0])
     out = torch.zeros(1, 16)
-    soft_kv.soft_attention_paged_(out, torch.randn(1, 16), torch.tensor([0]), torch.tensor([1]), torch.tensor([4]), key_cache, value_cache, 4, 0.25)
+    soft_kv.soft_attention_paged_(out, torch.randn(1, 16), torch.tensor([0]), torch.tensor([1]), torch.tensor([4]), torch.tensor([4]),
+                                  key_cache, value_cache, 4, 0.25)
     assert out.abs().sum() > 0
     out = torch.zeros(1, 4)
     expert_lora.expert_lora_(out, torch.randn(1, 8), torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]), torch.randn(1, 2, 8), torch.randn(1, 4, 2), 0)

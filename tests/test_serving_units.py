@@ -24,7 +24,7 @@ from vllm_plugins.serving import ops
 from vllm_plugins.serving.batch import StepBatch
 from vllm_plugins.serving.kv_eviction import KvEviction
 from vllm_plugins.serving.layers import install_plugin_layers
-from vllm_plugins.serving.metadata import PromptAwareMetadata
+from vllm_plugins.serving.metadata import PooledChunk, PromptAwareMetadata
 
 
 def _batch() -> StepBatch:
@@ -47,34 +47,39 @@ def test_step_batch_maps_tokens_to_rows_positions_and_roles():
 
 
 def test_metadata_update_then_clear_leaves_no_token_of_the_step():
-    meta = PromptAwareMetadata(max_tokens=16, max_rows=4)
-    rows = np.array([3, 3, -1, 1])
-    meta.update(rows, np.array([True, True, True, False]), np.array([False, True, True, True]), [3])
-    assert meta.token_rows[:5].tolist() == [3, 3, -1, 1, -1]
-    assert meta.token_pooled[:4].tolist() == [True, True, False, False]  # a token without a row is never pooled
-    assert meta.token_adapted[:4].tolist() == [False, True, False, True]
-    assert meta.row_completes.tolist() == [False, False, False, True]
+    meta = PromptAwareMetadata(num_methods=3, max_tokens=16, device=torch.device("cpu"))
+    rows = np.array([[-1, -1, -1, -1], [3, 3, -1, 1], [-1, -1, -1, -1]])
+    slots = np.where(rows >= 0, 5, -1)
+    chunks = [PooledChunk(3, 0, 2, True)]
+    meta.update(rows, slots, chunks, [3])
+    assert meta.method_rows[1, :5].tolist() == [3, 3, -1, 1, -1] and (meta.method_rows[[0, 2]] == -1).all()
+    assert meta.method_slots[1, :5].tolist() == [5, 5, -1, 5, -1]
+    assert meta.active_methods == {1} and meta.pooled == chunks and meta.completing == [3]
+    assert meta.token_index[:4].tolist() == [0, 1, 2, 3]
     meta.clear()
-    assert (meta.token_rows == -1).all() and not meta.token_pooled.any() and not meta.token_adapted.any()
-    assert not meta.row_completes.any()
+    assert (meta.method_rows == -1).all() and (meta.method_slots == -1).all()
+    assert not meta.active_methods and not meta.pooled and not meta.completing
 
 
 @dataclasses.dataclass
-class _Metadata:  # the fields of vLLM's CommonAttentionMetadata that narrowing reads
+class _Metadata:  # the fields of vLLM's CommonAttentionMetadata that narrowing reads or resets
     num_reqs: int
     block_table_tensor: torch.Tensor
     seq_lens: torch.Tensor
+    _num_computed_tokens_cache: torch.Tensor | None = None
 
 
 def test_narrowed_metadata_starts_at_the_first_kept_block_and_leaves_the_table_alone():
-    eviction = KvEviction([], block_size=32, num_heads=2, head_dim=4, max_tokens=8, max_reqs=4, dtype=torch.float32)
+    eviction = KvEviction([], block_size=32, num_heads=2, head_dim=4, max_tokens=8, max_reqs=4, dtype=torch.float32,
+                          device=torch.device("cpu"))
     table = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]], dtype=torch.int32)
-    metadata = _Metadata(2, table, torch.tensor([128, 70], dtype=torch.int32))
+    metadata = _Metadata(2, table, torch.tensor([128, 70], dtype=torch.int32), torch.tensor([127, 69]))
     assert eviction.narrow(metadata) is metadata  # nothing evicted: vLLM's metadata as it is
     eviction.skipped_rows[0] = 2
     narrowed = eviction.narrow(metadata)
     assert narrowed.block_table_tensor[0, :2].tolist() == [3, 4] and narrowed.block_table_tensor[1].tolist() == [5, 6, 7, 0]
     assert narrowed.seq_lens.tolist() == [64, 70] and narrowed.seq_lens.dtype == torch.int32
+    assert narrowed._num_computed_tokens_cache is None  # derived from seq_lens: vLLM recomputes it
     assert table.tolist() == [[1, 2, 3, 4], [5, 6, 7, 0]] and metadata.seq_lens.tolist() == [128, 70]
     eviction.clear()
     assert eviction.narrow(metadata) is metadata

@@ -127,7 +127,7 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     from vllm_plugins.config_reader import read_config
     from vllm_plugins.eviction.settings import EvictionSettings
     from vllm_plugins.serving.config import PromptAdapterSettings
-    from vllm_plugins.serving.launcher import serve_argv
+    from vllm_plugins.serving.launcher import serve_argv, serve_environment
 
     eviction = read_config(EvictionSettings, {"policy": args.kv_eviction, "keep_ratio": args.kv_keep_ratio,
                                               "budget": args.kv_budget, "min_prompt": args.kv_eviction_min_prompt},
@@ -137,7 +137,7 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
         "max_soft_tokens": args.max_soft_tokens, "max_adapters": args.max_adapters,
         "runtime_loading": args.runtime_loading}, "vllm-plugins serve")
     argv = serve_argv(args.model, adapters, vllm_args, eviction)
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, serve_environment())
 
 
 def build_parser() -> argparse.ArgumentParser:

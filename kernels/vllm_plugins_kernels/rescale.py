@@ -17,7 +17,10 @@ Segments = tuple[tuple[int, int], ...]
 
 
 def rescale_columns_torch(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor, segments: Segments) -> None:
-    """out[index[t], segment] *= scales[rows[t], the segment's part], in place."""
+    """out[index[t], segment] *= scales[rows[t], the segment's part], in place; tokens with
+    row -1 are left alone."""
+    chosen = rows >= 0
+    index, rows = index[chosen], rows[chosen]
     offset = 0
     for start, width in segments:
         out[index, start : start + width] *= scales[rows, offset : offset + width]
@@ -31,15 +34,16 @@ def _rescale_kernel(
     BLOCK: tl.constexpr,
 ):
     t = tl.program_id(0)
-    token = tl.load(index_ptr + t).to(tl.int64)
     row = tl.load(rows_ptr + t).to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < width
-    column = tl.where(c < width_a, start_a + c, start_b + c - width_a)
-    out_ptrs = out_ptr + token * out_stride + column
-    scale = tl.load(scales_ptr + row * scales_stride + c, mask=mask)
-    value = tl.load(out_ptrs, mask=mask)
-    tl.store(out_ptrs, (value.to(tl.float32) * scale.to(tl.float32)).to(value.dtype), mask=mask)
+    if row >= 0:
+        token = tl.load(index_ptr + t).to(tl.int64)
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < width
+        column = tl.where(c < width_a, start_a + c, start_b + c - width_a)
+        out_ptrs = out_ptr + token * out_stride + column
+        scale = tl.load(scales_ptr + row * scales_stride + c, mask=mask)
+        value = tl.load(out_ptrs, mask=mask)
+        tl.store(out_ptrs, (value.to(tl.float32) * scale.to(tl.float32)).to(value.dtype), mask=mask)
 
 
 def rescale_columns_triton(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor, segments: Segments) -> None:
@@ -66,7 +70,8 @@ def rescale_columns_(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor,
     """Rescale ``segments`` of rows ``index`` of ``out`` by ``scales[rows]`` in place.
 
     out: (tokens, columns); index, rows: (A,) the adapted tokens and their request's row
-    of scales: (requests, sum of segment widths).
+    of scales: (requests, sum of segment widths), -1 for a token left alone (a CUDA graph
+    feeds every token of the step and marks the others so).
     """
     impl = rescale_columns_triton if out.is_cuda else rescale_columns_torch
     impl(out, index, rows, scales, segments)

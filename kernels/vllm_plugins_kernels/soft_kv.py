@@ -75,26 +75,35 @@ def write_soft_kv(key_cache, value_cache, keys, values, blocks, first) -> None:
     impl(key_cache, value_cache, keys, values, blocks, first)
 
 
-def soft_attention_paged_torch(out, queries, index, blocks, first, key_cache, value_cache, num_soft, scale) -> None:
-    slots = _soft_slots(first, num_soft)
-    keys = key_cache[blocks[:, None], :, slots].to(queries.dtype)  # (A, n, kv_heads, hd)
-    values = value_cache[blocks[:, None], :, slots].to(queries.dtype)
-    head_dim = keys.shape[-1]
-    q = queries[index].view(len(index), 1, -1, head_dim)
-    out[index] += soft_attention(q, keys, values, scale)[:, 0].reshape(len(index), -1)
+def soft_attention_paged_torch(out, queries, index, blocks, first, counts, key_cache, value_cache, max_soft, scale) -> None:
+    head_dim = key_cache.shape[-1]
+    for num_soft in counts.unique().tolist():
+        if num_soft == 0:
+            continue
+        chosen = counts == num_soft
+        tokens = index[chosen]
+        slots = _soft_slots(first[chosen], num_soft)
+        keys = key_cache[blocks[chosen][:, None], :, slots].to(queries.dtype)  # (A, n, kv_heads, hd)
+        values = value_cache[blocks[chosen][:, None], :, slots].to(queries.dtype)
+        q = queries[tokens].view(len(tokens), 1, -1, head_dim)
+        out[tokens] += soft_attention(q, keys, values, scale)[:, 0].reshape(len(tokens), -1)
 
 
 @triton.jit
 def _soft_attention_kernel(
-    out_ptr, out_stride, q_ptr, q_stride, index_ptr, blocks_ptr, first_ptr,
+    out_ptr, out_stride, q_ptr, q_stride, index_ptr, blocks_ptr, first_ptr, counts_ptr,
     key_cache_ptr, value_cache_ptr, cache_block_stride, cache_head_stride, cache_slot_stride,
-    num_soft, group, head_dim, scale,
+    group, head_dim, scale,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (adapted token, KV head): its ``group`` query heads attend to the
-    request's ``num_soft`` soft keys/values of that KV head."""
+    """One program per (token, KV head): the token's ``group`` query heads attend to its
+    request's ``num_soft`` soft keys/values of that KV head; a token with none is left
+    alone."""
     t = tl.program_id(0)
     kv_head = tl.program_id(1)
+    num_soft = tl.load(counts_ptr + t)
+    if num_soft == 0:
+        return
     token = tl.load(index_ptr + t).to(tl.int64)
     block = tl.load(blocks_ptr + t).to(tl.int64)
     first = tl.load(first_ptr + t).to(tl.int64)
@@ -119,7 +128,7 @@ def _soft_attention_kernel(
     tl.store(out_ptrs, (out + o).to(out_ptr.dtype.element_ty), mask=head_mask)
 
 
-def soft_attention_paged_triton(out, queries, index, blocks, first, key_cache, value_cache, num_soft, scale) -> None:
+def soft_attention_paged_triton(out, queries, index, blocks, first, counts, key_cache, value_cache, max_soft, scale) -> None:
     check_paged_cache(key_cache, value_cache)
     if out.stride(1) != 1 or queries.stride(1) != 1:
         raise ValueError("out and queries need contiguous rows")
@@ -128,21 +137,24 @@ def soft_attention_paged_triton(out, queries, index, blocks, first, key_cache, v
     _, kv_heads, _, head_dim = key_cache.shape
     group = queries.shape[1] // (kv_heads * head_dim)
     _soft_attention_kernel[(index.numel(), kv_heads)](
-        out, out.stride(0), queries, queries.stride(0), index, blocks, first,
+        out, out.stride(0), queries, queries.stride(0), index, blocks, first, counts,
         key_cache, value_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        num_soft, group, head_dim, scale,
-        BLOCK_N=triton.next_power_of_2(num_soft), BLOCK_G=triton.next_power_of_2(group),
+        group, head_dim, scale,
+        BLOCK_N=triton.next_power_of_2(max_soft), BLOCK_G=triton.next_power_of_2(group),
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
     )
 
 
-def soft_attention_paged_(out, queries, index, blocks, first, key_cache, value_cache, num_soft: int, scale: float) -> None:
+def soft_attention_paged_(out, queries, index, blocks, first, counts, key_cache, value_cache, max_soft: int,
+                          scale: float) -> None:
     """IAPT's soft-token term ``o_t += softmax(q_t K_s^T / sqrt(d_h)) V_s`` (see
     ``adapters/iapt/layer.py``), in place.
 
     out, queries: (tokens, heads * head_dim) the attention output and its rotated
-    queries; index: (A,) adapted tokens; blocks, first: (A,) each adapted token's
-    request's soft-token block and first slot.
+    queries; index: (A,) adapted tokens; blocks, first, counts: (A,) each adapted token's
+    request's soft-token block, first slot and number of soft tokens, 1 to ``max_soft``,
+    or 0 for a token left alone (a CUDA graph feeds every token of the step and marks the
+    others so).
     """
     impl = soft_attention_paged_triton if out.is_cuda else soft_attention_paged_torch
-    impl(out, queries, index, blocks, first, key_cache, value_cache, num_soft, scale)
+    impl(out, queries, index, blocks, first, counts, key_cache, value_cache, max_soft, scale)

@@ -28,6 +28,7 @@ import torch
 
 from vllm_plugins.adapters.common.model_parts import LINEAR_MODULES, Dims
 from vllm_plugins.bench.device_timing import copy_bandwidth_gbps, launched_copy_gbps, median_ms
+from vllm_plugins.serving.paged_cache import flash_layout_key_value
 from vllm_plugins_kernels import compact_kept_, expert_lora_, proxy_attention_scores, rescale_columns_, soft_attention_paged_, write_soft_kv
 from vllm_plugins_kernels import eviction, expert_lora, rescale, soft_kv
 
@@ -98,10 +99,12 @@ def _near_one(*size: int, dtype) -> torch.Tensor:
 
 
 def _paged_cache(num_blocks: int, shape: ServingShape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values (num_blocks, kv_heads, block_size, head_dim) viewing the layout of
-    vLLM's FlashAttention backend, (2, num_blocks, block_size, kv_heads, head_dim)."""
-    kv = torch.randn(2, num_blocks, shape.block_size, shape.dims.num_kv_heads, shape.dims.head_dim, device="cuda").to(dtype)
-    return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+    """Keys and values (num_blocks, kv_heads, block_size, head_dim) of one layer's cache as
+    vLLM 0.32's FlashAttention and Triton backends hold it by default: stored (num_blocks,
+    block_size, kv_heads, 2 * head_dim), viewed through the serving plugins' own layout
+    code (:mod:`vllm_plugins.serving.paged_cache`)."""
+    stored = torch.randn(num_blocks, shape.block_size, shape.dims.num_kv_heads, 2 * shape.dims.head_dim, device="cuda")
+    return flash_layout_key_value(stored.to(dtype).transpose(1, 2))
 
 
 def para_decode(shape: ServingShape, batch: int, dtype) -> Timing:
@@ -128,6 +131,7 @@ def iapt_decode(shape: ServingShape, batch: int, dtype) -> Timing:
     blocks = torch.arange(batch, device="cuda") // runs_per_block
     first = (torch.arange(batch, device="cuda") % runs_per_block) * shape.num_soft
     index = torch.arange(batch, device="cuda")
+    counts = torch.full((batch,), shape.num_soft, device="cuda")
     width = shape.dims.q_size
     layers = [
         (torch.randn(batch, width, device="cuda").to(dtype), torch.randn(batch, width, device="cuda").to(dtype),
@@ -137,7 +141,8 @@ def iapt_decode(shape: ServingShape, batch: int, dtype) -> Timing:
 
     def step() -> None:
         for out, queries, key_cache, value_cache in layers:
-            soft_attention_paged_(out, queries, index, blocks, first, key_cache, value_cache, shape.num_soft, shape.dims.head_dim**-0.5)
+            soft_attention_paged_(out, queries, index, blocks, first, counts, key_cache, value_cache, shape.num_soft,
+                                  shape.dims.head_dim**-0.5)
 
     elt = torch.finfo(dtype).bits // 8
     nbytes = shape.dims.num_layers * batch * (3 * width + 2 * shape.num_soft * shape.dims.kv_size) * elt
@@ -320,7 +325,8 @@ def _check_errors(shape: ServingShape, dtype):
     out = torch.randn(batch, q, device=cuda).to(dtype)
     queries = torch.randn(batch, q, device=cuda).to(dtype)
     ref, got = out.clone(), out.clone()
-    args = (queries, index, blocks[rows], first[rows], ref_k, ref_v, shape.num_soft, shape.dims.head_dim**-0.5)
+    counts = torch.full((len(index),), shape.num_soft, device=cuda)
+    args = (queries, index, blocks[rows], first[rows], counts, ref_k, ref_v, shape.num_soft, shape.dims.head_dim**-0.5)
     soft_kv.soft_attention_paged_torch(ref, *args)
     soft_kv.soft_attention_paged_triton(got, *args)
     yield "iapt soft attention", _relative_error(got.float() - out.float(), ref.float() - out.float())

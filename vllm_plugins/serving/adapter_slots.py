@@ -17,6 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from vllm_plugins.adapters.common.model_parts import Dims
@@ -33,14 +34,17 @@ class LoadedAdapter:
 
 class AdapterSlots:
     def __init__(self, model_dir: str | Path, d: Dims, capacity: int,
-                 on_load: Callable[[int, str, nn.ModuleList], None], check: Callable[[str, object], None]):
+                 on_load: Callable[[int, str, nn.ModuleList], None], check: Callable[[str, object], None],
+                 device: torch.device):
         """``on_load(slot, method, layers)`` writes an adapter's weights into its slot;
-        ``check(method, config)`` raises for an adapter the worker's tables cannot hold."""
+        ``check(method, config)`` raises for an adapter the worker's tables cannot hold;
+        adapters are moved to ``device`` (the model's) when loaded."""
         if capacity < 1:
             raise ValueError(f"the adapter capacity must be >= 1, got {capacity}")
         self.model_dir = model_dir
         self.dims = d
         self.capacity = capacity
+        self.device = device
         self._on_load = on_load
         self._check = check
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
@@ -82,6 +86,7 @@ class AdapterSlots:
 
     def _load(self, name: str, path: str, slot: int) -> LoadedAdapter:
         layers, manifest = load_prompt_aware_layers(path, self.dims, self.fingerprint, self._check)
+        layers = layers.to(self.device)
         self._on_load(slot, manifest["method"], layers)
         self.loads += 1
         return LoadedAdapter(name=name, method=manifest["method"], layers=layers, slot=slot)

@@ -34,14 +34,15 @@ outputs of ``self_attn.qkv_proj``, ``self_attn.attn``, ``self_attn.o_proj``,
 
 
 def linear_without_bias(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """x W^T through a vLLM linear layer's own kernel, without its bias or any LoRA.
+    """x W^T through a vLLM linear layer's own kernel, without its bias or any LoRA; ``x``
+    is first cast to the layer's dtype.
 
     vLLM's CPU build repacks linear weights for its GEMM and drops ``.weight``, so the
     layer's quantisation method (its ``apply``) is the way to its weights.
     """
     while hasattr(module, "base_layer"):  # the plugins' and vLLM's LoRA wrappers
         module = module.base_layer
-    return module.quant_method.apply(module, x)
+    return module.quant_method.apply(module, x.to(module.params_dtype))
 
 
 @dataclass(frozen=True)
@@ -56,12 +57,12 @@ class LayerModules:
 
 class ServedMethod:
     name: ClassVar[str]
-    code: ClassVar[int]  # the method's number in PromptAwareMetadata.row_method
+    code: ClassVar[int]  # the method's number: its row of PromptAwareMetadata.method_rows
     sites: ClassVar[frozenset[str]]
 
-    def __init__(self, layers: list[LayerModules], max_rows: int, settings: PromptAdapterSettings):
+    def __init__(self, layers: list[LayerModules], max_rows: int, settings: PromptAdapterSettings, device: torch.device):
         """Tables for ``max_rows`` requests (vLLM's max_num_seqs) and ``settings.max_active``
-        adapter slots."""
+        adapter slots, on ``device`` (the model's)."""
         self.layers = layers
 
     @classmethod
@@ -83,5 +84,7 @@ class ServedMethod:
     def apply(self, site: str, layer: int, x: torch.Tensor, out: torch.Tensor, index: torch.Tensor,
               rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Act on ``out`` (the site's output; ``x`` its input) in place at tokens ``index``
-        (A,), whose state rows are ``rows`` (A,) and adapter slots ``slots`` (A,)."""
+        (A,), whose state rows are ``rows`` (A,) and adapter slots ``slots`` (A,); a token
+        whose row is -1 is left alone. Launches device work only (no host
+        synchronisation), so a CUDA graph can hold it."""
         raise NotImplementedError

@@ -25,9 +25,10 @@ class IaptMethod(ServedMethod):
     code = 0
     sites = frozenset({"attention"})
 
-    def __init__(self, layers: list[LayerModules], max_rows: int, settings):
-        super().__init__(layers, max_rows, settings)
-        self.runs = torch.zeros(max_rows, 3, dtype=torch.int64)
+    def __init__(self, layers: list[LayerModules], max_rows: int, settings, device: torch.device):
+        super().__init__(layers, max_rows, settings, device)
+        self.runs = torch.zeros(max_rows, 3, dtype=torch.int64, device=device)
+        self.max_soft = settings.max_soft_tokens
 
     @classmethod
     def check(cls, config, d, settings) -> str | None:
@@ -62,8 +63,6 @@ class IaptMethod(ServedMethod):
         modules = self.layers[layer]
         key_cache, value_cache = paged_key_value(modules.attn)
         scale = modules.dims.head_dim**-0.5
-        blocks, first, counts = self.runs[rows].unbind(1)
-        for count in counts.unique().tolist():
-            chosen = counts == count
-            soft_attention_paged_(out, x, index[chosen], blocks[chosen], first[chosen], key_cache, value_cache,
-                                  count, scale)
+        blocks, first, counts = self.runs[rows.clamp(min=0)].unbind(1)
+        counts = torch.where(rows >= 0, counts, 0)  # no soft token: the kernel leaves the token alone
+        soft_attention_paged_(out, x, index, blocks, first, counts, key_cache, value_cache, self.max_soft, scale)
