@@ -34,13 +34,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, choose_kept
-from vllm_plugins.serving import vllm_internals as vi
 from vllm_plugins.serving.batch import StepBatch
-from vllm_plugins.serving.paged_cache import paged_key_value
+from vllm_plugins.serving.methods import LayerModules
 from vllm_plugins_kernels import compact_kept_layers_
 
 PLAN_ARG = "kv_eviction_plan"
@@ -66,14 +64,17 @@ class KvEviction:
 
     KEPT_RECORDS = 256  # the kept tokens of this many recent evictions stay inspectable
 
-    def __init__(self, attention: list[nn.Module], block_size: int, num_heads: int, head_dim: int,
+    def __init__(self, layers: list[LayerModules], scale: float, block_size: int, num_heads: int, head_dim: int,
                  max_tokens: int, max_reqs: int, dtype: torch.dtype):
-        self.attention = attention
+        """``layers``: the decoder layers, whose attention caches are compacted; ``scale``:
+        the attention's softmax scale, which the policies score with."""
+        self.layers = layers
+        self.scale = scale
         self.block_size = block_size
         self.num_heads, self.head_dim = num_heads, head_dim
         self.capture_tokens = torch.zeros(max_tokens, dtype=torch.int64)  # the step's tokens whose queries are kept
         self.num_capture = torch.zeros(1, dtype=torch.int64)  # how many of capture_tokens are listed
-        self.captured = torch.zeros(len(attention), max_tokens, num_heads * head_dim, dtype=dtype)
+        self.captured = torch.zeros(len(layers), max_tokens, num_heads * head_dim, dtype=dtype)
         self.skipped_rows = torch.zeros(max_reqs, dtype=torch.int64)  # per batch row: leading blocks attention skips
         self.prefills: dict[str, _Prefill] = {}
         self.skipped_blocks: dict[str, int] = {}  # evicted requests: leading blocks attention skips
@@ -94,7 +95,7 @@ class KvEviction:
                 self.prefills.pop(req_id, None)
                 if (plan := plan_of(req_id)) is not None:
                     window = POLICIES[plan.policy]().query_window(plan.num_prompt)
-                    shape = (len(self.attention), self.num_heads, window, self.head_dim)
+                    shape = (len(self.layers), self.num_heads, window, self.head_dim)
                     self.prefills[req_id] = _Prefill(plan, torch.empty(shape, dtype=self.captured.dtype))
             self.skipped_rows[row] = self.skipped_blocks.get(req_id, 0)
             if req_id not in self.prefills:
@@ -110,7 +111,7 @@ class KvEviction:
         prompt this step completed."""
         for req_id, first, count, offset, completes in self._step:
             prefill = self.prefills[req_id]
-            queries = self.captured[:, first : first + count].view(len(self.attention), count, self.num_heads, self.head_dim)
+            queries = self.captured[:, first : first + count].view(len(self.layers), count, self.num_heads, self.head_dim)
             prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)
             if completes:
                 self._evict(req_id, self.prefills.pop(req_id), block_ids_of(req_id))
@@ -153,15 +154,14 @@ class KvEviction:
         plan = prefill.plan
         num_blocks = -(-plan.num_prompt // self.block_size)
         table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64)
-        caches = [paged_key_value(attn) for attn in self.attention]
+        caches = [layer.key_value() for layer in self.layers]
         layers, kv_heads = len(caches), caches[0][0].shape[1]
         # every layer's cached prompt keys, gathered once into one layer-major tensor
         keys = torch.empty(layers, kv_heads, num_blocks, self.block_size, self.head_dim, dtype=caches[0][0].dtype)
         for layer, (key_cache, _) in enumerate(caches):
             keys[layer].copy_(key_cache.index_select(0, table).transpose(0, 1))
         keys = keys.view(layers * kv_heads, num_blocks * self.block_size, self.head_dim)[:, : plan.num_prompt]
-        scale = vi.attention_scale(self.attention[0])
-        kept = choose_kept(plan, keys, prefill.queries.flatten(0, 1), scale, kv_heads).view(layers, kv_heads, plan.num_kept)
+        kept = choose_kept(plan, keys, prefill.queries.flatten(0, 1), self.scale, kv_heads).view(layers, kv_heads, plan.num_kept)
         compact_kept_layers_(caches, table[None], kept[:, None], torch.tensor([plan.num_prompt]))
         self.skipped_blocks[req_id] = plan.evicted_blocks(self.block_size)
         self.evictions += 1
