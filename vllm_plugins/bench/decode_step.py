@@ -100,9 +100,10 @@ PRESETS = {
         batches=(1, 4, 16), adapter_counts=(4, 32), prompt_len=12, generators=2, prefill_tokens=256, timed_steps=10,
         replays=2,
     ),
+    # 1,000 adapters first: the targets are judged there, and a run cut short keeps them.
     "8b": DecodePreset(
         config=StackConfig(LLAMA3_8B, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5),
-        batches=(1, 16, 64, 256), adapter_counts=(16, 1000), prompt_len=128, generators=8, prefill_tokens=4096,
+        batches=(1, 16, 64, 256), adapter_counts=(1000, 16), prompt_len=128, generators=8, prefill_tokens=4096,
         timed_steps=30,
     ),
 }
