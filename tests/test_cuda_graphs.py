@@ -22,6 +22,7 @@ from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.cuda_graphs import HOST_DRIVEN_OPS, PluginBatchDescriptor, PluginCudagraphDispatcher, StepGraphs
 from vllm_plugins.serving.gpu_model_runner import PluginGPUModelRunner
 from vllm_plugins.serving.methods import LayerModules
+from vllm_plugins.serving.paged_cache import paged_key_value
 from vllm_plugins.serving.prompt_aware import PromptAwareRuntime
 from vllm_plugins.serving.worker_mixin import PluginWorkerMixin
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
@@ -94,10 +95,10 @@ def test_the_runner_asks_for_graphs_by_its_step_and_captures_by_the_key(monkeypa
 
     seen = []
     monkeypatch.setattr(vi.GPUModelRunner, "_warmup_and_capture",
-                        lambda self, desc, *args: seen.append((desc.prompt_adapters, set(runtime.metadata.active_methods))))
+                        lambda self, desc, *args: seen.append((desc.prompt_adapters, list(runtime.metadata.acting))))
     for with_adapters in (False, True):
         runner._warmup_and_capture(PluginBatchDescriptor(4, prompt_adapters=with_adapters), vi.CUDAGraphMode.FULL)
-    assert seen == [(False, set()), (True, {0, 1, 2})] and not runtime.metadata.active_methods
+    assert seen == [(False, [False] * 3), (True, [True] * 3)] and not any(runtime.metadata.acting)
 
 
 class _Worker(PluginWorkerMixin):
@@ -144,7 +145,7 @@ def _runtime() -> PromptAwareRuntime:
     kv_cache = torch.randn(4, DIMS.num_kv_heads, BLOCK_SIZE, 2 * DIMS.head_dim)
     attn = SimpleNamespace(kv_cache=kv_cache, attn_backend=SimpleNamespace(get_name=lambda: "FLASH_ATTN"))
     settings = PromptAdapterSettings(max_active=3, max_rank=2, max_soft_tokens=4)
-    runtime = PromptAwareRuntime([LayerModules(0, None, attn, DIMS)], settings, "unused", max_tokens=16, max_rows=4,
+    runtime = PromptAwareRuntime([LayerModules(0, None, attn, DIMS, paged_key_value)], settings, "unused", max_tokens=16, max_rows=4,
                                  device=torch.device("cpu"))
     methods = {"iapt": 0, "para": 1, "milora": 2}
     runtime.slots.activate = lambda keys: {key: LoadedAdapter(key[0], key[0].split("-")[0], None, methods[key[0].split("-")[0]])
@@ -286,8 +287,8 @@ def test_the_step_map_sends_each_token_to_its_methods_row_and_slot():
     meta = runtime.metadata
     a, b, c = runtime.rows["a"], runtime.rows["b"], runtime.rows["c"]
     assert meta.method_rows[:, :6].tolist() == [[a, -1, -1, -1, -1, -1], [-1, b, -1, -1, -1, -1], [-1, -1, -1, -1, c, -1]]
-    assert meta.method_slots[:, :6].tolist() == [[0, -1, -1, -1, -1, -1], [-1, 1, -1, -1, -1, -1], [-1, -1, -1, -1, 2, -1]]
-    assert [(p.row, p.first, p.end, p.fresh) for p in meta.pooled] == [(c, 2, 5, True)] and meta.completing == [c]
-    assert meta.active_methods == {0, 1, 2}
+    assert meta.token_slots[:6].tolist() == [0, 1, 2, 2, 2, -1]
+    assert meta.token_pooled[:6].tolist() == [False, False, True, True, True, False] and meta.row_completes[c]
+    assert meta.pooling and meta.acting == [True, True, True]
     runtime.end_step()
-    assert (meta.method_rows == -1).all() and not meta.pooled
+    assert (meta.method_rows == -1).all() and not meta.pooling and not any(meta.acting)

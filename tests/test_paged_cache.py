@@ -134,8 +134,8 @@ def test_the_plugins_kernels_read_and_move_tokens_on_the_gpu_layout(layout):
 
     heads, tokens = 2 * KV_HEADS, 3
     queries, out = torch.randn(2, tokens, heads * HEAD_DIM)
-    args = (queries, torch.arange(tokens), torch.tensor([4, 2, 0]), torch.tensor([4, 0, 0]), torch.tensor([4, 3, 0]),
-            key_cache, value_cache, 4, HEAD_DIM**-0.5)
+    runs = torch.tensor([[4, 4, 4], [2, 0, 3]])  # per request: block, first slot, count
+    args = (queries, torch.arange(tokens), torch.tensor([0, 1, -1]), runs, key_cache, value_cache, 4, HEAD_DIM**-0.5)
     ref, got = out.clone(), out.clone()
     soft_kv.soft_attention_paged_torch(ref, *args)
     soft_kv.soft_attention_paged_triton(got, *args)

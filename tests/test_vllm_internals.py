@@ -120,3 +120,24 @@ def test_the_plugin_classes_build_on_vllms_classes():
     assert inspect.signature(PromptAwareGPUWorker._make_model_runner).return_annotation in (PluginGPUModelRunner, "PluginGPUModelRunner")
     for _, bases in PLUGIN_CLASSES:
         assert all(base in vi.SUBCLASSED for base in bases)
+
+
+def test_the_metadata_builders_build_from_the_narrowed_metadata_with_its_derived_cache_reset():
+    """KV eviction's narrowing (a new block table and seq_lens, or None) applied to vLLM's
+    CommonAttentionMetadata, whose cache of computed tokens derives from seq_lens."""
+    import torch
+    from vllm.v1.attention.backend import CommonAttentionMetadata
+
+    built = []
+    builder = type("Builder", (), {"build": lambda self, prefix, metadata: built.append(metadata)})()
+    runner = type("Runner", (), {"attn_groups": [[type("Group", (), {"metadata_builders": [builder]})()]]})()
+    vi.rewrite_attention_metadata(runner, lambda num_reqs, table, seq_lens: None if num_reqs == 1 else (table + 1, seq_lens - 1))
+    fields = {f.name for f in dataclasses.fields(CommonAttentionMetadata)}
+    assert {"num_reqs", "block_table_tensor", "seq_lens", "_num_computed_tokens_cache"} <= fields
+    for num_reqs in (1, 2):
+        values = {f: None for f in fields} | dict(num_reqs=num_reqs, block_table_tensor=torch.tensor([[1], [2]]),
+                                                     seq_lens=torch.tensor([5, 6]), _num_computed_tokens_cache=torch.tensor([4, 5]))
+        builder.build(0, CommonAttentionMetadata(**values))
+    assert built[0].block_table_tensor.tolist() == [[1], [2]] and built[0]._num_computed_tokens_cache is not None
+    assert built[1].block_table_tensor.tolist() == [[2], [3]] and built[1].seq_lens.tolist() == [4, 5]
+    assert built[1]._num_computed_tokens_cache is None

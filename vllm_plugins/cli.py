@@ -84,6 +84,22 @@ def cmd_bench_kernels(args: argparse.Namespace) -> None:
         raise SystemExit("a kernel does not match its reference")
 
 
+def cmd_bench_decode_step(args: argparse.Namespace) -> None:
+    import torch
+
+    from vllm_plugins.bench.decode_step import format_report, run_decode_step_bench, write_report
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = args.preset or ("8b" if device == "cuda" else "tiny")
+    report = run_decode_step_bench(preset, device, compile_step=args.compile,
+                                   on_progress=lambda partial: write_report(partial, args.json))
+    write_report(report, args.json)
+    print(format_report(report))
+    print(f"written: {args.json}")
+    if not all(row["replays_match"] for row in report["rows"]):
+        raise SystemExit("a replayed step does not match the eager step")
+
+
 def cmd_bench_ray_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     import json
 
@@ -200,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--no-check", action="store_true", help="skip comparing each kernel with its torch reference")
     p.set_defaults(func=cmd_bench_kernels)
+    p = bench.add_parser("decode-step", help="one decode step of each method captured, replayed for other requests, "
+                                             "checked against eager and timed, without vLLM (docs/kernels.md)")
+    p.add_argument("--json", required=True, type=Path, help="where to write the results")
+    p.add_argument("--preset", choices=["tiny", "8b"], help="model and batch sizes (default: 8b on CUDA, else tiny)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if there is a GPU")
+    p.add_argument("--compile", action="store_true", help="on the CPU, also time the step compiled by torch.compile")
+    p.set_defaults(func=cmd_bench_decode_step)
     p = bench.add_parser("eviction", help="KV eviction policies and keep ratios on the long-context retrieval task")
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="tiny: a quick run on the tiny model")

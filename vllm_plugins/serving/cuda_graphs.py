@@ -9,11 +9,15 @@ inputs from buffers at fixed addresses, written before the replay. By what they 
 (docs/serving.md, "CUDA graphs"):
 
 * ``prompt_aware_apply`` reads only device buffers (:mod:`.metadata`) and launches the
-  Triton kernels with no host synchronisation: full and piecewise graphs hold it. As vLLM
-  captures its graphs with and without LoRA, every graph is captured twice, without
-  prompt-aware adapters (the op launches nothing) and with them (the kernels of every
-  method, fed every token): :class:`PluginBatchDescriptor` carries the key, a step
-  replays the graphs of its own kind.
+  Triton kernels with no host synchronisation: full and piecewise graphs hold it. It
+  launches the kernels of the methods acting in the step (``metadata.acting``), so a
+  graph holds those acting while it was captured. As vLLM captures its graphs with and
+  without LoRA, every graph is captured twice, on vLLM's dummy batches: without
+  prompt-aware adapters (no method acting: the op launches nothing) and with them (every
+  method marked acting, :meth:`~.metadata.PromptAwareMetadata.capturing`: each method's
+  kernels fed every token, -1 rows for the tokens it leaves alone).
+  :class:`PluginBatchDescriptor` carries the key; a step with some method acting
+  replays the graphs with adapters, where the methods not acting find only -1 rows.
 * ``prompt_aware_prefill`` and ``kv_eviction_capture`` are host-driven
   (:data:`HOST_DRIVEN_OPS`): they choose rows and tokens on the host and run each
   adapter's own modules. They are splitting ops (eager between the pieces), a full graph
@@ -39,7 +43,7 @@ HOST_DRIVEN_OPS = ("vllm_plugins::prompt_aware_prefill", "vllm_plugins::kv_evict
 class StepGraphs:
     """What the step about to run (or the graph being captured) asks of the graphs."""
 
-    prompt_adapters: bool  # some token is adapted: the graphs holding the prompt-aware kernels
+    prompt_adapters: bool  # some method acts in the step: the graphs holding every method's kernels
     full_graph: bool  # no host-driven op has work and no attention is narrowed: a full graph may replay it
 
 

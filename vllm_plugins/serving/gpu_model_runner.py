@@ -17,14 +17,15 @@ class PluginGPUModelRunner(PluginRunnerMixin, vi.GPUModelRunner):
 
     def step_graphs(self) -> StepGraphs:
         """What the step prepared (or the graph being captured) asks of the CUDA graphs."""
-        host_work = bool(self.prompt_aware.metadata.pooled) or self.kv_eviction.num_capture > 0
-        return StepGraphs(prompt_adapters=bool(self.prompt_aware.metadata.active_methods),
+        metadata = self.prompt_aware.metadata
+        host_work = metadata.pooling or self.kv_eviction.num_capture > 0
+        return StepGraphs(prompt_adapters=any(metadata.acting),
                           full_graph=not (host_work or self.kv_eviction.narrowing))
 
     def _warmup_and_capture(self, desc, cudagraph_runtime_mode, profile_seq_lens=None, allow_microbatching=False,
                             num_warmups=None, profiler=None):
         """vLLM's warm-up and capture of the graph keyed ``desc``, with the prompt-aware
         kernels in it if its key says so."""
-        with self.prompt_aware.capturing(desc.prompt_adapters):
+        with self.prompt_aware.metadata.capturing(desc.prompt_adapters):
             super()._warmup_and_capture(desc, cudagraph_runtime_mode, profile_seq_lens, allow_microbatching,
                                         num_warmups, profiler)

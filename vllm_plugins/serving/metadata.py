@@ -1,70 +1,97 @@
-"""The per-step inputs of the prompt-aware ops.
+"""The per-step inputs of the prompt-aware ops, in persistent buffers.
 
 :class:`PromptAwareMetadata` plays the role of vLLM's punica wrapper for LoRA: the model
-runner writes each step's token-to-request map into buffers preallocated at load, on the
-model's device (:meth:`update`, in place, before the forward pass) and clears it after.
-What the ops read is of two kinds, by the kind of op (docs/serving.md, "CUDA graphs"):
+runner writes each step's token-to-request map into buffers preallocated at load
+(:meth:`update`, in place, before the forward pass) and clears it after; the custom ops
+read the buffers and nothing else of the step. So a traced-once compiled forward, or a
+replayed CUDA graph, sees each step's values through the same tensors.
 
-* device buffers, the only inputs of ``prompt_aware_apply``, which a CUDA graph may hold:
-  per method and token (``num_methods, max_tokens``), ``method_rows`` the token's state
-  row if that method acts on it, else -1, and ``method_slots`` that row's adapter slot,
-  else -1; ``token_index`` is 0, 1, 2, ... (the kernels are fed every token of the step
-  and leave the -1 ones alone, so a replayed graph needs no index list of the step);
-* host values, read by the host-driven ``prompt_aware_prefill`` (which runs eagerly, and
-  a step that has some never replays a full graph): ``pooled``, the step's prompt tokens
-  per state row as (row, first token, end token, whether it is the row's first chunk),
-  and ``completing``, the rows whose prompt completes this step.
+On the model's device, what the per-token work reads (it may be captured in a CUDA
+graph, so it gets fixed shapes and no host reads):
 
-``active_methods`` (host) holds the codes of the methods with an adapted token in the
-step: the apply op launches nothing for the others, and a step with none replays the
-graphs captured without prompt-aware adapters (as vLLM keys its graphs by LoRA).
+* ``method_rows`` (methods, max_tokens): for each served method (by its ``code``) and
+  token, the token's state row if that method acts on it, else -1;
+* ``token_slots`` (max_tokens,): the adapter slot of the token's request (-1: none);
+* ``all_tokens``: 0, 1, 2, ... (the index of every token, what a fixed-shape call passes).
+
+On the host, what the prefill's pooling reads (it chooses rows on the host and runs only
+in steps with a prompt token): per token ``token_rows`` (its request's state row, -1: no
+prompt-aware adapter) and ``token_pooled`` (a prompt token); per state row
+``row_method`` (the served method's code), ``row_slot`` (its adapter's slot) and
+``row_completes`` (this step holds its last prompt token); and per step ``pooling`` (some
+token is pooled) and ``acting[code]`` (the method acts on some token).
+
+A captured CUDA graph holds the methods acting while it was captured; vLLM captures on
+dummy batches, which have no prompt-aware token, so :meth:`capturing` marks every method
+acting (or none) for the capture, and the graphs are keyed by whether a step has an
+acting method (:mod:`.cuda_graphs`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 
-@dataclass(frozen=True)
-class PooledChunk:
-    """A state row's prompt tokens in the step's flat batch: [first, end)."""
-
-    row: int
-    first: int
-    end: int
-    fresh: bool  # the row's first chunk: nothing pooled before it
-
-
 class PromptAwareMetadata:
-    def __init__(self, num_methods: int, max_tokens: int, device: torch.device):
+    def __init__(self, max_tokens: int, max_rows: int, num_methods: int, device: torch.device | str = "cpu"):
+        device = torch.device(device)
         self.method_rows = torch.full((num_methods, max_tokens), -1, dtype=torch.int64, device=device)
-        self.method_slots = torch.full((num_methods, max_tokens), -1, dtype=torch.int64, device=device)
-        self.token_index = torch.arange(max_tokens, device=device)
-        self.active_methods: frozenset[int] = frozenset()
-        self.pooled: list[PooledChunk] = []
-        self.completing: list[int] = []
+        self.token_slots = torch.full((max_tokens,), -1, dtype=torch.int64, device=device)
+        self.all_tokens = torch.arange(max_tokens, device=device)
+        self.token_rows = torch.full((max_tokens,), -1, dtype=torch.int64)
+        self.token_pooled = torch.zeros(max_tokens, dtype=torch.bool)
+        self.row_method = torch.full((max_rows,), -1, dtype=torch.int64)
+        self.row_slot = torch.full((max_rows,), -1, dtype=torch.int64)
+        self.row_completes = torch.zeros(max_rows, dtype=torch.bool)
+        self.pooling = False
+        self.acting = [False] * num_methods
         self._filled = 0  # tokens written by the last update
 
-    def update(self, method_rows: np.ndarray, method_slots: np.ndarray, pooled: list[PooledChunk],
-               completing: list[int]) -> None:
-        """Write one step's map: ``method_rows``, ``method_slots`` (num_methods, tokens),
-        -1 where the method leaves the token alone."""
+    def update(self, token_rows: np.ndarray, pooled: np.ndarray, adapted: np.ndarray,
+               completing_rows: list[int]) -> None:
+        """Write one step's map: (tokens,) arrays and the state rows whose prompt completes.
+
+        Reads ``row_method`` and ``row_slot`` of the rows named, which the caller sets first.
+        """
         self.clear()
-        n = method_rows.shape[1]
+        n = len(token_rows)
+        named = token_rows >= 0
+        safe_rows = np.where(named, token_rows, 0)
+        codes = np.where(named, self.row_method.numpy()[safe_rows], -1)
+        of_method = codes[None, :] == np.arange(len(self.acting))[:, None]  # (methods, tokens)
+        method_rows = np.where(of_method & adapted & named, token_rows, -1)
         self.method_rows[:, :n] = torch.from_numpy(method_rows)
-        self.method_slots[:, :n] = torch.from_numpy(method_slots)
-        self.active_methods = frozenset(np.flatnonzero((method_rows >= 0).any(axis=1)).tolist())
-        self.pooled, self.completing = pooled, completing
+        self.token_slots[:n] = torch.from_numpy(np.where(named, self.row_slot.numpy()[safe_rows], -1))
+        self.token_rows[:n] = torch.from_numpy(token_rows)
+        self.token_pooled[:n] = torch.from_numpy(pooled & named)
+        self.row_completes[completing_rows] = True
+        self.pooling = bool((pooled & named).any())
+        self.acting = [bool((row >= 0).any()) for row in method_rows]
         self._filled = n
 
     def clear(self) -> None:
         """No prompt-aware token: what the ops see outside a step (profiling, warm-up)."""
         n = self._filled
         self.method_rows[:, :n] = -1
-        self.method_slots[:, :n] = -1
-        self.active_methods = frozenset()
-        self.pooled, self.completing = [], []
+        self.token_slots[:n] = -1
+        self.token_rows[:n] = -1
+        self.token_pooled[:n] = False
+        self.row_completes.fill_(False)
+        self.pooling = False
+        self.acting = [False] * len(self.acting)
         self._filled = 0
+
+    @contextlib.contextmanager
+    def capturing(self, with_adapters: bool) -> Iterator[None]:
+        """While vLLM warms up and captures a CUDA graph: every method acting
+        (``with_adapters``: the graph holds every method's kernels, each fed every token,
+        -1 for the ones it leaves alone) or none, whatever the step's map holds."""
+        self.acting = [with_adapters] * len(self.acting)
+        try:
+            yield
+        finally:
+            self.acting = [False] * len(self.acting)

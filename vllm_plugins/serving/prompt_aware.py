@@ -24,39 +24,35 @@ the same vector as one pass over it (docs/serving.md).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
 from vllm_plugins.adapters.common.pooling import PoolStats
-from vllm_plugins.serving.adapter_slots import AdapterSlots, LoadedAdapter
+from vllm_plugins.serving.adapter_slots import AdapterSlots, LoadedAdapter, ReadAdapter
 from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG, StepBatch
 from vllm_plugins.serving.config import PromptAdapterSettings
-from vllm_plugins.serving.metadata import PooledChunk, PromptAwareMetadata
-from vllm_plugins.serving.methods import METHODS, SITES, LayerModules, ServedMethod, check_limits
+from vllm_plugins.serving.metadata import PromptAwareMetadata
+from vllm_plugins.serving.methods import METHODS, LayerModules, ServedMethod, check_limits
 
 
 class PromptAwareRuntime:
     def __init__(self, layers: list[LayerModules], settings: PromptAdapterSettings, model_dir: str,
-                 max_tokens: int, max_rows: int, device: torch.device):
+                 max_tokens: int, max_rows: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, read_adapter: ReadAdapter | None = None):
         """``max_tokens``, ``max_rows``: vLLM's max_num_batched_tokens and max_num_seqs;
-        every table and buffer lives on ``device``, the model's."""
+        ``device``, ``dtype``: the model's; ``read_adapter``: how an adapter's path becomes
+        its layers (default: the checked snapshot reader, :class:`~.adapter_slots.AdapterSlots`)."""
         d = layers[0].dims
         self.layers = layers
         self.settings = settings
-        self.methods: list[ServedMethod] = [cls(layers, max_rows, settings, device) for cls in METHODS]
+        self.metadata = PromptAwareMetadata(max_tokens, max_rows, len(METHODS), device)
+        self.methods: list[ServedMethod] = [cls(layers, max_rows, settings, device, dtype) for cls in METHODS]
         self.by_name = {m.name: m for m in self.methods}
-        self.at_site = {site: [m for m in self.methods if site in m.sites] for site in SITES}
-        self.metadata = PromptAwareMetadata(len(self.methods), max_tokens, device)
-        self.slots = AdapterSlots(model_dir, d, settings.max_active, self._load, self._check, device)
+        self.slots = AdapterSlots(model_dir, d, settings.max_active, self._load, self._check, device, read_adapter)
         shape = (len(layers), max_rows, settings.max_soft_tokens)
         self.pool_peak = torch.full(shape, -torch.inf, device=device)
         self.pool_total = torch.zeros(shape, device=device)
         self.pool_weighted = torch.zeros(*shape, d.hidden, device=device)
-        self.row_method = np.full(max_rows, -1, dtype=np.int64)  # each state row's method code (-1: free)
-        self.row_slot = np.full(max_rows, -1, dtype=np.int64)  # each state row's adapter slot, as of its last step
         self.rows: dict[str, int] = {}  # request id -> state row
         self._free_rows = list(reversed(range(max_rows)))
         self.compute_state_calls = 0  # (request, layer) states finalised so far
@@ -75,46 +71,26 @@ class PromptAwareRuntime:
         self.most_adapters_in_a_step = max(self.most_adapters_in_a_step, len(set(keys)))
         state_row = np.full(len(batch.req_ids), -1, dtype=np.int64)
         restarts, completes = batch.restarts, batch.completes_prompt
-        pooled = []
         for i, key in zip(named, keys):
             req_id = batch.req_ids[i]
             adapter = resident[key]
-            fresh = req_id not in self.rows or bool(restarts[i])
-            if fresh:
+            if req_id not in self.rows or restarts[i]:
                 self._start(req_id, self.by_name[adapter.method], request_args[req_id])
             row = state_row[i] = self.rows[req_id]
-            self.row_slot[row] = adapter.slot
-            first, count, _ = batch.prompt_tail(i, int(batch.num_prompt[i]))
-            if count:
-                pooled.append(PooledChunk(int(row), first, first + count, fresh))
-        token_rows = state_row[batch.token_row]
-        adapted = batch.is_adapted & (token_rows >= 0)
-        token_methods = np.where(token_rows >= 0, self.row_method[token_rows], -1)
-        codes = np.array([m.code for m in self.methods])[:, None]
-        method_rows = np.where(adapted & (token_methods == codes), token_rows, -1)
-        method_slots = np.where(method_rows >= 0, self.row_slot[token_rows], -1)
+            self.metadata.row_slot[row] = adapter.slot
         completing = [int(state_row[i]) for i in named if completes[i]]
-        self.metadata.update(method_rows, method_slots, pooled, completing)
+        token_rows = state_row[batch.token_row]
+        self.metadata.update(token_rows, batch.is_prompt, batch.is_adapted, completing)
 
     def end_step(self) -> None:
         self.metadata.clear()
-
-    @contextlib.contextmanager
-    def capturing(self, with_adapters: bool) -> Iterator[None]:
-        """While vLLM captures a CUDA graph (and runs its warm-ups): the apply op records
-        every method's kernels (``with_adapters``) or none, whatever the buffers hold."""
-        self.metadata.active_methods = frozenset(m.code for m in self.methods) if with_adapters else frozenset()
-        try:
-            yield
-        finally:
-            self.metadata.active_methods = frozenset()
 
     def release(self, req_ids) -> None:
         """Free the state rows of finished or preempted requests."""
         for req_id in req_ids:
             row = self.rows.pop(req_id, None)
             if row is not None:
-                self.row_method[row] = -1
+                self.metadata.row_method[row] = -1
                 self._free_rows.append(row)
 
     def _start(self, req_id: str, method: ServedMethod, request_args: dict) -> None:
@@ -126,7 +102,7 @@ class PromptAwareRuntime:
         self.pool_peak[:, row] = -torch.inf
         self.pool_total[:, row] = 0
         self.pool_weighted[:, row] = 0
-        self.row_method[row] = method.code
+        self.metadata.row_method[row] = method.code
         method.start(row, request_args)
 
     def _load(self, slot: int, method: str, layers) -> None:
@@ -138,29 +114,34 @@ class PromptAwareRuntime:
     # -- op side, inside the forward pass -----------------------------------------------
     def prefill(self, layer: int, hidden: torch.Tensor) -> None:
         """Pool the step's prompt tokens of layer ``layer`` (``hidden``: (tokens, d), the
-        normalised hidden states) and finalise the rows whose prompt completes. Host-driven:
-        reads the step's chunks on the host and runs each adapter's own modules."""
-        for chunk in self.metadata.pooled:
-            adapter = self._adapter(chunk.row).layers[layer]
-            self._pool(layer, chunk, adapter.pool.partial(adapter.pool_features(hidden[chunk.first : chunk.end].float())))
-        for row in self.metadata.completing:
+        normalised hidden states) and finalise the rows whose prompt completes."""
+        if not self.metadata.pooling:  # a decode step (a captured decode graph holds no pooling)
+            return
+        n = hidden.shape[0]
+        pooled_tokens = self.metadata.token_pooled[:n].nonzero().squeeze(1)
+        rows_of_tokens = self.metadata.token_rows[pooled_tokens]
+        for row in rows_of_tokens.unique().tolist():
+            adapter = self._adapter(row).layers[layer]
+            tokens = pooled_tokens[rows_of_tokens == row]
+            self._pool(layer, row, adapter.pool.partial(adapter.pool_features(hidden[tokens].float())))
+        for row in self.metadata.row_completes.nonzero().squeeze(1).tolist():
             adapter = self._adapter(row).layers[layer]
             dim, queries = adapter.pool.query.shape
             pooled = self.pool_weighted[layer, row, :queries, :dim] / self.pool_total[layer, row, :queries, None]
-            self.methods[self.row_method[row]].finalize(layer, row, adapter, pooled[None])
+            self.methods[int(self.metadata.row_method[row])].finalize(layer, row, adapter, pooled[None])
             self.compute_state_calls += 1
 
     def _adapter(self, row: int) -> LoadedAdapter:
         """The adapter of state row ``row`` this step (its slot's)."""
-        return self.slots.in_slot(int(self.row_slot[row]))
+        return self.slots.in_slot(int(self.metadata.row_slot[row]))
 
-    def _pool(self, layer: int, chunk: PooledChunk, part: PoolStats) -> None:
+    def _pool(self, layer: int, row: int, part: PoolStats) -> None:
         queries, dim = part.weighted.shape
-        row = chunk.row
-        if chunk.fresh:
+        peak = self.pool_peak[layer, row, :queries]
+        if bool(torch.isinf(peak).all()):  # the row's first pooled chunk
             merged = part
         else:
-            merged = PoolStats(self.pool_peak[layer, row, :queries].clone(), self.pool_total[layer, row, :queries].clone(),
+            merged = PoolStats(peak.clone(), self.pool_total[layer, row, :queries].clone(),
                                self.pool_weighted[layer, row, :queries, :dim].clone()).merge(part)
         self.pool_peak[layer, row, :queries] = merged.peak
         self.pool_total[layer, row, :queries] = merged.total
@@ -169,12 +150,14 @@ class PromptAwareRuntime:
     def apply(self, site: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
         """Each method with work at ``site`` acts on its adapted tokens of ``out``.
 
-        Reads only device buffers, with no host synchronisation, so a CUDA graph can hold
-        it: every method active in the step is fed every token, its rows -1 for the tokens
-        it leaves alone."""
+        Every token of the step goes to a method's kernels, those it does not act on marked
+        -1 (``method_rows``): fixed shapes and no host reads, so a CUDA graph captured
+        around this call serves any batch of as many tokens. A method that acts on no token
+        of the step is skipped (``acting``, a host flag): a captured graph holds the methods
+        acting in the batch it was captured for, and serves batches with the same ones.
+        """
         n = out.shape[0]
-        index = self.metadata.token_index[:n]
-        for method in self.at_site[site]:
-            if method.code in self.metadata.active_methods:
-                rows, slots = self.metadata.method_rows[method.code, :n], self.metadata.method_slots[method.code, :n]
-                method.apply(site, layer, x, out, index, rows, slots)
+        meta = self.metadata
+        for method in self.methods:
+            if site in method.sites and meta.acting[method.code]:
+                method.apply(site, layer, x, out, meta.all_tokens[:n], meta.method_rows[method.code, :n], meta.token_slots[:n])

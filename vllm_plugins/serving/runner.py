@@ -29,7 +29,7 @@ from vllm_plugins.serving.batch import StepBatch, requested_adapter
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.kv_eviction import KvEviction, requested_plan
 from vllm_plugins.serving.layers import install_plugin_layers
-from vllm_plugins.serving.paged_cache import check_attention_backends
+from vllm_plugins.serving.paged_cache import check_attention_backends, paged_key_value
 from vllm_plugins.serving.prompt_aware import PromptAwareRuntime
 from vllm_plugins.serving.vllm_fixes import mark_seeded_generators, prompt_logprobs_per_request
 
@@ -39,12 +39,12 @@ class PluginRunnerMixin:
         super().load_model(*args, **kwargs)
         settings = PromptAdapterSettings.from_additional_config(self.vllm_config.additional_config)
         d = dims(self.model_config.hf_config)
-        layers = install_plugin_layers(self.model, self.model_config.architecture, d)
+        layers = install_plugin_layers(self.model, self.model_config.architecture, d, paged_key_value)
         self.prompt_aware = PromptAwareRuntime(layers, settings, self.model_config.model, self.max_num_tokens,
-                                               self.max_num_reqs, self.device)
-        self.kv_eviction = KvEviction([layer.attn for layer in layers], self.cache_config.block_size, d.num_heads,
-                                      d.head_dim, self.max_num_tokens, self.max_num_reqs, self.model_config.dtype,
-                                      self.device)
+                                               self.max_num_reqs, self.device, self.model_config.dtype)
+        self.kv_eviction = KvEviction(layers, vi.attention_scale(layers[0].attn), self.cache_config.block_size,
+                                      d.num_heads, d.head_dim, self.max_num_tokens, self.max_num_reqs,
+                                      self.model_config.dtype, self.device)
         ops.bind(self.prompt_aware, self.kv_eviction)
         vi.separate_compile_cache(self.vllm_config)
 

@@ -101,7 +101,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "vllm.v1.request.Request": ("request_id", "sampling_params", "num_prompt_tokens", "num_computed_tokens", "skip_reading_prefix_cache",
                 "cache_salt", "block_hashes", "update_block_hashes"),
     "vllm.model_executor.layers.attention.attention.Attention": ("kv_cache", "impl", "attn_backend"),
-    "vllm.model_executor.layers.linear.LinearBase": ("quant_method", "params_dtype"),
+    "vllm.model_executor.layers.linear.LinearBase": ("quant_method",),
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder": ("isa",),  # it sets Attention.isa
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": ("scale",),  # Attention.impl
     "vllm.config.vllm.VllmConfig": ("additional_config", "model_config", "compilation_config", "scheduler_config"),
@@ -207,9 +207,21 @@ def gone_requests(scheduler_output) -> set[str]:
     return set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
 
 
-def rewrite_attention_metadata(runner, rewrite: Callable) -> None:
-    """Make every attention metadata builder of ``runner`` build from
-    ``rewrite(common_attn_metadata)``: the place vLLM builds each step's metadata."""
+def rewrite_attention_metadata(runner, narrow: Callable) -> None:
+    """Make every attention metadata builder of ``runner`` build from vLLM's common
+    metadata (``CommonAttentionMetadata``) narrowed by ``narrow(num_reqs, block_table,
+    seq_lens) -> (block_table, seq_lens) | None`` (None: unchanged): the place vLLM builds
+    each step's metadata. A narrowed copy has its cache of computed tokens (derived from
+    seq_lens) reset."""
+
+    def rewrite(metadata):
+        narrowed = narrow(metadata.num_reqs, metadata.block_table_tensor, metadata.seq_lens)
+        if narrowed is None:
+            return metadata
+        block_table, seq_lens = narrowed
+        return dataclasses.replace(metadata, block_table_tensor=block_table, seq_lens=seq_lens,
+                                   _num_computed_tokens_cache=None)
+
     for groups in runner.attn_groups:
         for group in groups:
             for builder in group.metadata_builders:
@@ -220,13 +232,6 @@ def rewrite_attention_metadata(runner, rewrite: Callable) -> None:
                     return _build(common_prefix_len, rewrite(common_attn_metadata), *args, **kwargs)
 
                 builder.build = rewritten
-
-
-def narrowed_attention_metadata(metadata, block_table: torch.Tensor, seq_lens: torch.Tensor):
-    """A copy of vLLM's ``CommonAttentionMetadata`` with another block table and other
-    seq_lens (and its cache of computed tokens, derived from seq_lens, reset)."""
-    return dataclasses.replace(metadata, block_table_tensor=block_table, seq_lens=seq_lens,
-                               _num_computed_tokens_cache=None)
 
 
 # -- configuration -----------------------------------------------------------------------
