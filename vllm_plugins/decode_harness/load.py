@@ -48,6 +48,6 @@ def bind_runtime(layers: list[LayerModules], settings: PromptAdapterSettings, mo
     d = layers[0].dims
     runtime = PromptAwareRuntime(layers, settings, model_dir, max_tokens, max_rows, device, dtype, read_adapter)
     eviction = KvEviction(layers, d.head_dim**-0.5, layers[0].attn.inputs.block_size, d.num_heads, d.head_dim,
-                          max_tokens, max_rows, dtype)
+                          max_tokens, max_rows, dtype, device)
     ops.bind(runtime, eviction)
     return runtime
