@@ -21,8 +21,10 @@ tensors and run their torch references elsewhere.
   site's apply takes the result.
 
 Under CUDA graphs (:mod:`.cuda_graphs`) ``prompt_aware_apply`` reads only device buffers
-and is captured; ``prompt_aware_prefill`` and ``kv_eviction_capture`` read the step's
-chunks and token count on the host and run as graph-splitting ops.
+and is captured, with the work of the methods acting while it was captured;
+``prompt_aware_prefill`` and ``kv_eviction_capture`` read the step's pooled tokens and
+capture count on the host (each returns at once in a step where it has no work, as in a
+full decode graph) and run as graph-splitting ops.
 """
 
 from __future__ import annotations
