@@ -83,17 +83,46 @@ def test_serve_refuses_bad_kv_eviction_flags_before_starting_vllm(tmp_path):
     assert result.returncode == 2 and "not allowed with argument" in result.stderr
 
 
-def test_serve_refuses_a_platform_it_has_no_worker_for(tmp_path, monkeypatch):
-    """The plugins' worker is built on vLLM's CPU worker: on a GPU platform serve stops
-    with a clear error before vLLM starts, instead of running the CPU worker there."""
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_serve_runs_the_worker_of_vllms_platform(tmp_path, monkeypatch, device):
+    """CPU: the CPU worker, its KV cache sized. CUDA: the GPU worker on Model Runner V1
+    (its environment), without async scheduling, the KV cache left to vLLM's memory share."""
+    from vllm.platforms import current_platform
+
+    from vllm_plugins.serving import launcher
+    from vllm_plugins.serving.config import PromptAdapterSettings
+
+    monkeypatch.setattr(type(current_platform), "device_type", device)
+    argv = launcher.serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), ["--port", "9000"])
+    environment = launcher.serve_environment()
+    if device == "cpu":
+        assert argv[argv.index("--worker-cls") + 1] == launcher.CPU_WORKER
+        assert "--kv-cache-memory-bytes" in argv and "--no-async-scheduling" not in argv
+        assert environment.get("VLLM_USE_V2_MODEL_RUNNER") == os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    else:
+        assert argv[argv.index("--worker-cls") + 1] == launcher.GPU_WORKER
+        assert "--no-async-scheduling" in argv and "--kv-cache-memory-bytes" not in argv
+        assert environment["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+        for given in (["--async-scheduling"], ["--no-async-scheduling"]):
+            argv = launcher.serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), given)
+            assert argv.count(given[0]) == 1 and "--no-async-scheduling" not in argv[: -len(given)]
+    assert argv[argv.index("--scheduler-cls") + 1] == launcher.SCHEDULER
+
+
+@pytest.mark.parametrize("device", ["xpu", "tpu", "rocm"])
+def test_serve_refuses_a_platform_it_has_no_worker_for(tmp_path, monkeypatch, device):
+    """Anything but CPU and CUDA stops with a clear error before vLLM starts, instead of
+    running a worker built for another platform there."""
     from vllm.platforms import current_platform
 
     from vllm_plugins.serving.config import PromptAdapterSettings
-    from vllm_plugins.serving.launcher import serve_argv
+    from vllm_plugins.serving.launcher import serve_argv, serve_environment
 
-    monkeypatch.setattr(type(current_platform), "device_type", "cuda")
-    with pytest.raises(ValueError, match="platform here is 'cuda'"):
+    monkeypatch.setattr(type(current_platform), "device_type", device)
+    with pytest.raises(ValueError, match=f"platform here is '{device}'"):
         serve_argv("some-model", PromptAdapterSettings(dir=str(tmp_path)), [])
+    with pytest.raises(ValueError, match="CPU and CUDA"):
+        serve_environment()
 
 
 def test_serve_listens_on_loopback_unless_told_otherwise(tmp_path):

@@ -51,10 +51,10 @@ def prompts():
 
 
 def eviction_settings(**overrides) -> dict:
-    from vllm_plugins.serving.launcher import SCHEDULER, WORKER
+    from vllm_plugins.serving.launcher import CPU_WORKER, SCHEDULER
 
     settings = dict(
-        max_model_len=1024, worker_cls=WORKER, scheduler_cls=SCHEDULER, block_size=BLOCK,
+        max_model_len=1024, worker_cls=CPU_WORKER, scheduler_cls=SCHEDULER, block_size=BLOCK,
         max_num_batched_tokens=CHUNK, enable_chunked_prefill=True, enable_prefix_caching=True,
     )
     return {**settings, **overrides}

@@ -32,12 +32,21 @@ def adapted_tokens(tokens: int, requests: int) -> tuple[torch.Tensor, torch.Tens
     return index, torch.randint(0, requests, (len(index),))
 
 
+def every_token(tokens: int, requests: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every token of a step, as a captured graph passes them: a random third of them with
+    row -1 (no request the kernel acts for), the others a request's row."""
+    rows = torch.randint(0, requests, (tokens,))
+    rows[torch.randperm(tokens)[: tokens // 3]] = -1
+    return torch.arange(tokens), rows
+
+
 @DTYPES
+@pytest.mark.parametrize("select", [adapted_tokens, every_token], ids=["listed", "every"])
 @pytest.mark.parametrize("tokens,requests,segments", [(5, 2, ((0, 24), (40, 8))), (17, 5, ((16, 48),)), (1, 1, ((3, 1000), (1100, 30)))])
-def test_rescale_matches_reference(dtype, tokens, requests, segments):
+def test_rescale_matches_reference(dtype, select, tokens, requests, segments):
     columns = max(start + width for start, width in segments) + 7
     out = torch.randn(tokens, columns).to(dtype)
-    index, rows = adapted_tokens(tokens, requests)
+    index, rows = select(tokens, requests)
     scales = torch.rand(requests, sum(w for _, w in segments)).to(dtype) + 0.5
     ref, got = out.clone(), out.clone()
     rescale.rescale_columns_torch(ref, index, rows, scales, segments)
@@ -45,7 +54,7 @@ def test_rescale_matches_reference(dtype, tokens, requests, segments):
     assert relative_error(got, ref) < TOLERANCE[dtype]
     untouched = torch.ones(tokens, columns, dtype=torch.bool)
     for start, width in segments:
-        untouched[index, start : start + width] = False
+        untouched[index[rows >= 0], start : start + width] = False
     assert torch.equal(got[untouched], out[untouched])
 
 
@@ -53,11 +62,27 @@ def test_rescale_reference_is_per_request_product():
     out = torch.randn(4, 10)
     scales = torch.randn(2, 5)
     ref = out.clone()
-    rescale.rescale_columns_torch(ref, torch.tensor([1, 3]), torch.tensor([1, 0]), scales, ((0, 2), (7, 3)))
+    rescale.rescale_columns_torch(ref, torch.tensor([0, 1, 3]), torch.tensor([-1, 1, 0]), scales, ((0, 2), (7, 3)))
     expected = out.clone()
     expected[1, [0, 1, 7, 8, 9]] *= scales[1]
     expected[3, [0, 1, 7, 8, 9]] *= scales[0]
     assert torch.equal(ref, expected)
+
+
+@DTYPES
+def test_rescale_leaves_tokens_of_row_minus_one_alone(dtype):
+    """Every token fed, those without a request row marked -1 (as a CUDA graph feeds them)."""
+    out = torch.randn(6, 40).to(dtype)
+    rows = torch.tensor([-1, 1, -1, 0, 2, -1])
+    scales = torch.rand(3, 30).to(dtype) + 0.5
+    ref, got = out.clone(), out.clone()
+    rescale.rescale_columns_torch(ref, torch.arange(6), rows, scales, ((0, 20), (30, 10)))
+    rescale.rescale_columns_triton(got, torch.arange(6), rows, scales, ((0, 20), (30, 10)))
+    assert relative_error(got, ref) < TOLERANCE[dtype]
+    assert torch.equal(got[rows < 0], out[rows < 0]) and torch.equal(ref[rows < 0], out[rows < 0])
+    compact = out.clone()
+    rescale.rescale_columns_torch(compact, torch.tensor([1, 3, 4]), torch.tensor([1, 0, 2]), scales, ((0, 20), (30, 10)))
+    assert torch.equal(ref, compact)
 
 
 @DTYPES
@@ -74,34 +99,46 @@ def test_write_soft_kv_matches_reference(dtype, requests, num_soft, kv_heads, he
     assert torch.equal(ref_k[blocks[0], :, first[0] : first[0] + num_soft], keys[0].transpose(0, 1).to(dtype))
 
 
+def soft_token_runs(requests: int, num_blocks: int, block_size: int, counts: list[int]) -> torch.Tensor:
+    """(requests, 3): each request's soft-token block, first slot and count, in distinct blocks."""
+    blocks = torch.randperm(num_blocks)[:requests]
+    count = torch.tensor([counts[r % len(counts)] for r in range(requests)])
+    first = (torch.rand(requests) * (block_size - count + 1)).long()
+    return torch.stack([blocks, first, count], dim=1)
+
+
 @DTYPES
-@pytest.mark.parametrize("tokens,requests,heads,kv_heads,head_dim,num_soft", [(6, 3, 4, 2, 32, 4), (9, 4, 8, 8, 16, 4), (3, 1, 6, 2, 64, 3)])
-def test_soft_attention_matches_reference(dtype, tokens, requests, heads, kv_heads, head_dim, num_soft):
+@pytest.mark.parametrize("select", [adapted_tokens, every_token], ids=["listed", "every"])
+@pytest.mark.parametrize("tokens,requests,heads,kv_heads,head_dim,counts", [
+    (6, 3, 4, 2, 32, [4]), (9, 4, 8, 8, 16, [4, 1, 3]), (3, 1, 6, 2, 64, [3]),
+])
+def test_soft_attention_matches_reference(dtype, select, tokens, requests, heads, kv_heads, head_dim, counts):
     block_size = 8
     key_cache, value_cache = paged_cache(requests + 2, kv_heads, block_size, head_dim, dtype)
-    request_block = torch.randperm(requests + 2)[:requests]
-    request_first = torch.randint(0, block_size - num_soft + 1, (requests,))
-    index, rows = adapted_tokens(tokens, requests)
+    runs = soft_token_runs(requests, requests + 2, block_size, counts)
+    index, rows = select(tokens, requests)
     queries = torch.randn(tokens, heads * head_dim).to(dtype)
     out = torch.randn(tokens, heads * head_dim).to(dtype)
-    args = (queries, index, request_block[rows], request_first[rows], key_cache, value_cache, num_soft, head_dim**-0.5)
+    args = (queries, index, rows, runs, key_cache, value_cache, max(counts), head_dim**-0.5)
     ref, got = out.clone(), out.clone()
     soft_kv.soft_attention_paged_torch(ref, *args)
     soft_kv.soft_attention_paged_triton(got, *args)
     assert relative_error(got - out.float(), ref - out.float()) < TOLERANCE[dtype]
     others = torch.ones(tokens, dtype=torch.bool)
-    others[index] = False
+    others[index[rows >= 0]] = False
     assert torch.equal(got[others], out[others])
 
 
 def test_soft_attention_reference_reads_the_request_slots():
-    heads, head_dim, num_soft = 2, 16, 4
+    heads, head_dim, num_soft = 2, 16, 3
     key_cache, value_cache = paged_cache(3, 1, 8, head_dim, torch.float32)
-    q = torch.randn(1, heads * head_dim)
-    out = torch.zeros(1, heads * head_dim)
-    soft_kv.soft_attention_paged_torch(out, q, torch.tensor([0]), torch.tensor([2]), torch.tensor([4]), key_cache, value_cache, num_soft, 0.25)
-    keys, values = key_cache[2, :, 4:8].transpose(0, 1)[None], value_cache[2, :, 4:8].transpose(0, 1)[None]
-    assert torch.allclose(out, soft_attention(q.view(1, 1, heads, head_dim), keys, values, 0.25).reshape(1, -1))
+    q = torch.randn(2, heads * head_dim)
+    out = torch.zeros(2, heads * head_dim)
+    runs = torch.tensor([[0, 0, 4], [2, 4, num_soft]])
+    soft_kv.soft_attention_paged_torch(out, q, torch.tensor([0, 1]), torch.tensor([1, -1]), runs, key_cache, value_cache, 4, 0.25)
+    keys, values = key_cache[2, :, 4:7].transpose(0, 1)[None], value_cache[2, :, 4:7].transpose(0, 1)[None]
+    assert torch.allclose(out[0], soft_attention(q[:1].view(1, 1, heads, head_dim), keys, values, 0.25).reshape(-1))
+    assert not out[1].any()
 
 
 @DTYPES
@@ -268,7 +305,7 @@ def test_public_ops_run_the_references_off_cuda(monkeypatch):
     soft_kv.write_soft_kv(key_cache, value_cache, keys, keys, torch.tensor([1]), torch.tensor([4]))
     assert torch.equal(key_cache[1, 0, 4:8], keys[0, :, 0])
     out = torch.zeros(1, 16)
-    soft_kv.soft_attention_paged_(out, torch.randn(1, 16), torch.tensor([0]), torch.tensor([1]), torch.tensor([4]), key_cache, value_cache, 4, 0.25)
+    soft_kv.soft_attention_paged_(out, torch.randn(1, 16), torch.tensor([0]), torch.tensor([0]), torch.tensor([[1, 4, 4]]), key_cache, value_cache, 4, 0.25)
     assert out.abs().sum() > 0
     out = torch.zeros(1, 4)
     expert_lora.expert_lora_(out, torch.randn(1, 8), torch.tensor([0]), torch.tensor([0]), torch.tensor([1.0]), torch.randn(1, 2, 8), torch.randn(1, 4, 2), 0)

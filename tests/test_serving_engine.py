@@ -56,10 +56,10 @@ def prompts():
 
 
 def _plugin_settings(**overrides) -> dict:
-    from vllm_plugins.serving.launcher import SCHEDULER, WORKER
+    from vllm_plugins.serving.launcher import CPU_WORKER, SCHEDULER
 
     settings = dict(
-        max_model_len=512, worker_cls=WORKER, scheduler_cls=SCHEDULER,
+        max_model_len=512, worker_cls=CPU_WORKER, scheduler_cls=SCHEDULER,
         max_num_batched_tokens=CHUNK, enable_chunked_prefill=True, enable_prefix_caching=True,
     )
     return {**settings, **overrides}

@@ -3,7 +3,6 @@ registration, KV eviction's narrowed attention metadata, the architectures serve
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -47,37 +46,35 @@ def test_step_batch_maps_tokens_to_rows_positions_and_roles():
 
 
 def test_metadata_update_then_clear_leaves_no_token_of_the_step():
-    meta = PromptAwareMetadata(max_tokens=16, max_rows=4)
+    meta = PromptAwareMetadata(max_tokens=16, max_rows=4, num_methods=3)
+    meta.row_method[[1, 3]] = torch.tensor([2, 0])
+    meta.row_slot[[1, 3]] = torch.tensor([5, 7])
     rows = np.array([3, 3, -1, 1])
     meta.update(rows, np.array([True, True, True, False]), np.array([False, True, True, True]), [3])
     assert meta.token_rows[:5].tolist() == [3, 3, -1, 1, -1]
     assert meta.token_pooled[:4].tolist() == [True, True, False, False]  # a token without a row is never pooled
-    assert meta.token_adapted[:4].tolist() == [False, True, False, True]
+    assert meta.method_rows[:, :5].tolist() == [[-1, 3, -1, -1, -1], [-1] * 5, [-1, -1, -1, 1, -1]]  # adapted tokens only
+    assert meta.token_slots[:5].tolist() == [7, 7, -1, 5, -1]
     assert meta.row_completes.tolist() == [False, False, False, True]
+    assert meta.pooling and meta.acting == [True, False, True]
     meta.clear()
-    assert (meta.token_rows == -1).all() and not meta.token_pooled.any() and not meta.token_adapted.any()
-    assert not meta.row_completes.any()
+    assert (meta.token_rows == -1).all() and not meta.token_pooled.any() and not meta.row_completes.any()
+    assert (meta.method_rows == -1).all() and (meta.token_slots == -1).all()
+    assert not meta.pooling and meta.acting == [False, False, False]
 
 
-@dataclasses.dataclass
-class _Metadata:  # the fields of vLLM's CommonAttentionMetadata that narrowing reads
-    num_reqs: int
-    block_table_tensor: torch.Tensor
-    seq_lens: torch.Tensor
-
-
-def test_narrowed_metadata_starts_at_the_first_kept_block_and_leaves_the_table_alone():
-    eviction = KvEviction([], block_size=32, num_heads=2, head_dim=4, max_tokens=8, max_reqs=4, dtype=torch.float32)
+def test_narrowed_attention_inputs_start_at_the_first_kept_block_and_leave_the_table_alone():
+    eviction = KvEviction([], 0.5, block_size=32, num_heads=2, head_dim=4, max_tokens=8, max_reqs=4, dtype=torch.float32)
     table = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]], dtype=torch.int32)
-    metadata = _Metadata(2, table, torch.tensor([128, 70], dtype=torch.int32))
-    assert eviction.narrow(metadata) is metadata  # nothing evicted: vLLM's metadata as it is
+    seq_lens = torch.tensor([128, 70], dtype=torch.int32)
+    assert eviction.narrow(2, table, seq_lens) is None  # nothing evicted: vLLM's metadata as it is
     eviction.skipped_rows[0] = 2
-    narrowed = eviction.narrow(metadata)
-    assert narrowed.block_table_tensor[0, :2].tolist() == [3, 4] and narrowed.block_table_tensor[1].tolist() == [5, 6, 7, 0]
-    assert narrowed.seq_lens.tolist() == [64, 70] and narrowed.seq_lens.dtype == torch.int32
-    assert table.tolist() == [[1, 2, 3, 4], [5, 6, 7, 0]] and metadata.seq_lens.tolist() == [128, 70]
+    narrowed_table, narrowed_lens = eviction.narrow(2, table, seq_lens)
+    assert narrowed_table[0, :2].tolist() == [3, 4] and narrowed_table[1].tolist() == [5, 6, 7, 0]
+    assert narrowed_lens.tolist() == [64, 70] and narrowed_lens.dtype == torch.int32
+    assert table.tolist() == [[1, 2, 3, 4], [5, 6, 7, 0]] and seq_lens.tolist() == [128, 70]
     eviction.clear()
-    assert eviction.narrow(metadata) is metadata
+    assert eviction.narrow(2, table, seq_lens) is None
 
 
 def test_ops_are_registered_opaque_with_their_mutation_declared():
@@ -93,7 +90,7 @@ def test_ops_are_registered_opaque_with_their_mutation_declared():
 
 def test_an_architecture_the_plugins_do_not_know_is_refused_by_name():
     with pytest.raises(ValueError, match="GPT2LMHeadModel"):
-        install_plugin_layers(nn.Module(), "GPT2LMHeadModel", Dims(8, 16, 1, 2, 1, 4))
+        install_plugin_layers(nn.Module(), "GPT2LMHeadModel", Dims(8, 16, 1, 2, 1, 4), lambda attn: (attn, attn))
 
 
 DIMS = Dims(hidden=16, intermediate=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)

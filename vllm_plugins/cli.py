@@ -84,6 +84,22 @@ def cmd_bench_kernels(args: argparse.Namespace) -> None:
         raise SystemExit("a kernel does not match its reference")
 
 
+def cmd_bench_decode_step(args: argparse.Namespace) -> None:
+    import torch
+
+    from vllm_plugins.bench.decode_step import format_report, run_decode_step_bench, write_report
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    preset = args.preset or ("8b" if device == "cuda" else "tiny")
+    report = run_decode_step_bench(preset, device, compile_step=args.compile,
+                                   on_progress=lambda partial: write_report(partial, args.json))
+    write_report(report, args.json)
+    print(format_report(report))
+    print(f"written: {args.json}")
+    if not all(row["replays_match"] for row in report["rows"]):
+        raise SystemExit("a replayed step does not match the eager step")
+
+
 def cmd_bench_ray_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     import json
 
@@ -141,7 +157,7 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     from vllm_plugins.config_reader import read_config
     from vllm_plugins.eviction.settings import EvictionSettings
     from vllm_plugins.serving.config import PromptAdapterSettings
-    from vllm_plugins.serving.launcher import serve_argv
+    from vllm_plugins.serving.launcher import serve_argv, serve_environment
 
     eviction = read_config(EvictionSettings, {"policy": args.kv_eviction, "keep_ratio": args.kv_keep_ratio,
                                               "budget": args.kv_budget, "min_prompt": args.kv_eviction_min_prompt},
@@ -151,7 +167,7 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
         "max_soft_tokens": args.max_soft_tokens, "max_adapters": args.max_adapters,
         "runtime_loading": args.runtime_loading}, "vllm-plugins serve")
     argv = serve_argv(args.model, adapters, vllm_args, eviction)
-    os.execv(argv[0], argv)
+    os.execve(argv[0], argv, serve_environment())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -214,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--no-check", action="store_true", help="skip comparing each kernel with its torch reference")
     p.set_defaults(func=cmd_bench_kernels)
+    p = bench.add_parser("decode-step", help="one decode step of each method captured, replayed for other requests, "
+                                             "checked against eager and timed, without vLLM (docs/kernels.md)")
+    p.add_argument("--json", required=True, type=Path, help="where to write the results")
+    p.add_argument("--preset", choices=["tiny", "8b"], help="model and batch sizes (default: 8b on CUDA, else tiny)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if there is a GPU")
+    p.add_argument("--compile", action="store_true", help="on the CPU, also time the step compiled by torch.compile")
+    p.set_defaults(func=cmd_bench_decode_step)
     p = bench.add_parser("eviction", help="KV eviction policies and keep ratios on the long-context retrieval task")
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="tiny: a quick run on the tiny model")

@@ -79,6 +79,8 @@ EXPAND_BLOCK = 256
 def expert_lora_triton(out, x, index, slots, scales, lora_a, lora_b, start: int) -> None:
     if out.stride(1) != 1 or x.stride(1) != 1 or lora_a.stride(2) != 1 or lora_b.stride(2) != 1:
         raise ValueError("out, x and the expert weights need a contiguous last dimension")
+    if any(v.stride(0) != 1 for v in (index, slots, scales) if v.numel() > 1):
+        raise ValueError("index, slots and scales need to be contiguous")
     tokens = index.numel()
     if tokens == 0:
         return

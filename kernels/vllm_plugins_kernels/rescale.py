@@ -4,6 +4,9 @@ PARA (Sec. 3.2) rescales Q' = l_q * Q, V' = l_v * V and U' = l_u * U with vector
 once per request. In vLLM, Q and V are two column ranges of the fused qkv output and U one
 range of the fused gate/up output, so one call covers a whole site: up to two column
 segments of ``out``, each multiplied by that token's request's slice of ``scales``.
+
+A token whose row is -1 is left alone, so a caller may pass every token of a step with
+fixed shapes (what a captured CUDA graph needs) and mark the others -1.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ Segments = tuple[tuple[int, int], ...]
 
 
 def rescale_columns_torch(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor, segments: Segments) -> None:
-    """out[index[t], segment] *= scales[rows[t], the segment's part], in place."""
+    """out[index[t], segment] *= scales[rows[t], the segment's part], in place, where rows[t] >= 0."""
+    acted = rows >= 0
+    index, rows = index[acted], rows[acted]
     offset = 0
     for start, width in segments:
         out[index, start : start + width] *= scales[rows, offset : offset + width]
@@ -33,13 +38,14 @@ def _rescale_kernel(
     t = tl.program_id(0)
     token = tl.load(index_ptr + t).to(tl.int64)
     row = tl.load(rows_ptr + t).to(tl.int64)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < width
-    column = tl.where(c < width_a, start_a + c, start_b + c - width_a)
-    out_ptrs = out_ptr + token * out_stride + column
-    scale = tl.load(scales_ptr + row * scales_stride + c, mask=mask)
-    value = tl.load(out_ptrs, mask=mask)
-    tl.store(out_ptrs, (value.to(tl.float32) * scale.to(tl.float32)).to(value.dtype), mask=mask)
+    if row >= 0:
+        c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = c < width
+        column = tl.where(c < width_a, start_a + c, start_b + c - width_a)
+        out_ptrs = out_ptr + token * out_stride + column
+        scale = tl.load(scales_ptr + row * scales_stride + c, mask=mask)
+        value = tl.load(out_ptrs, mask=mask)
+        tl.store(out_ptrs, (value.to(tl.float32) * scale.to(tl.float32)).to(value.dtype), mask=mask)
 
 
 def rescale_columns_triton(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, scales: torch.Tensor, segments: Segments) -> None:
@@ -66,7 +72,7 @@ def rescale_columns_(out: torch.Tensor, index: torch.Tensor, rows: torch.Tensor,
     """Rescale ``segments`` of rows ``index`` of ``out`` by ``scales[rows]`` in place.
 
     out: (tokens, columns); index, rows: (A,) the adapted tokens and their request's row
-    of scales: (requests, sum of segment widths).
+    of scales: (requests, sum of segment widths); a row of -1 leaves its token alone.
     """
     impl = rescale_columns_triton if out.is_cuda else rescale_columns_torch
     impl(out, index, rows, scales, segments)

@@ -75,74 +75,84 @@ def write_soft_kv(key_cache, value_cache, keys, values, blocks, first) -> None:
     impl(key_cache, value_cache, keys, values, blocks, first)
 
 
-def soft_attention_paged_torch(out, queries, index, blocks, first, key_cache, value_cache, num_soft, scale) -> None:
-    slots = _soft_slots(first, num_soft)
-    keys = key_cache[blocks[:, None], :, slots].to(queries.dtype)  # (A, n, kv_heads, hd)
-    values = value_cache[blocks[:, None], :, slots].to(queries.dtype)
-    head_dim = keys.shape[-1]
-    q = queries[index].view(len(index), 1, -1, head_dim)
-    out[index] += soft_attention(q, keys, values, scale)[:, 0].reshape(len(index), -1)
+def soft_attention_paged_torch(out, queries, index, rows, runs, key_cache, value_cache, max_soft, scale) -> None:
+    acted = rows >= 0
+    index = index[acted]
+    blocks, first, counts = runs[rows[acted]].unbind(1)
+    head_dim = key_cache.shape[-1]
+    for count in counts.unique().tolist():
+        chosen = counts == count
+        slots = _soft_slots(first[chosen], count)
+        keys = key_cache[blocks[chosen][:, None], :, slots].to(queries.dtype)  # (A, n, kv_heads, hd)
+        values = value_cache[blocks[chosen][:, None], :, slots].to(queries.dtype)
+        tokens = index[chosen]
+        q = queries[tokens].view(len(tokens), 1, -1, head_dim)
+        out[tokens] += soft_attention(q, keys, values, scale)[:, 0].reshape(len(tokens), -1)
 
 
 @triton.jit
 def _soft_attention_kernel(
-    out_ptr, out_stride, q_ptr, q_stride, index_ptr, blocks_ptr, first_ptr,
+    out_ptr, out_stride, q_ptr, q_stride, index_ptr, rows_ptr, runs_ptr, runs_stride,
     key_cache_ptr, value_cache_ptr, cache_block_stride, cache_head_stride, cache_slot_stride,
-    num_soft, group, head_dim, scale,
+    group, head_dim, scale,
     BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One program per (adapted token, KV head): its ``group`` query heads attend to the
-    request's ``num_soft`` soft keys/values of that KV head."""
+    """One program per (token, KV head): if the token's row is not -1, its ``group`` query
+    heads attend to its request's soft keys/values of that KV head (the row's run)."""
     t = tl.program_id(0)
     kv_head = tl.program_id(1)
-    token = tl.load(index_ptr + t).to(tl.int64)
-    block = tl.load(blocks_ptr + t).to(tl.int64)
-    first = tl.load(first_ptr + t).to(tl.int64)
-    g = tl.arange(0, BLOCK_G)
-    n = tl.arange(0, BLOCK_N)
-    d = tl.arange(0, BLOCK_D)
-    head_mask = (g[:, None] < group) & (d[None, :] < head_dim)
-    kv_mask = (n[:, None] < num_soft) & (d[None, :] < head_dim)
-    columns = (kv_head * group + g[:, None]) * head_dim + d[None, :]  # (G, D)
-    out_ptrs = out_ptr + token * out_stride + columns
-    # Every load is issued before any arithmetic, so their latencies overlap.
-    q = tl.load(q_ptr + token * q_stride + columns, mask=head_mask, other=0.0).to(tl.float32)
-    out = tl.load(out_ptrs, mask=head_mask).to(tl.float32)
-    kv = block * cache_block_stride + kv_head * cache_head_stride + (first + n[:, None]) * cache_slot_stride + d[None, :]
-    k = tl.load(key_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)  # (N, D)
-    v = tl.load(value_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)
-    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (G, N)
-    s = tl.where(n[None, :] < num_soft, s, float("-inf"))
-    p = tl.exp(s - tl.max(s, axis=1)[:, None])
-    p = p / tl.sum(p, axis=1)[:, None]
-    o = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (G, D)
-    tl.store(out_ptrs, (out + o).to(out_ptr.dtype.element_ty), mask=head_mask)
+    row = tl.load(rows_ptr + t).to(tl.int64)
+    if row >= 0:
+        token = tl.load(index_ptr + t).to(tl.int64)
+        block = tl.load(runs_ptr + row * runs_stride).to(tl.int64)
+        first = tl.load(runs_ptr + row * runs_stride + 1).to(tl.int64)
+        num_soft = tl.load(runs_ptr + row * runs_stride + 2).to(tl.int64)
+        g = tl.arange(0, BLOCK_G)
+        n = tl.arange(0, BLOCK_N)
+        d = tl.arange(0, BLOCK_D)
+        head_mask = (g[:, None] < group) & (d[None, :] < head_dim)
+        kv_mask = (n[:, None] < num_soft) & (d[None, :] < head_dim)
+        columns = (kv_head * group + g[:, None]) * head_dim + d[None, :]  # (G, D)
+        out_ptrs = out_ptr + token * out_stride + columns
+        # Every load is issued before any arithmetic, so their latencies overlap.
+        q = tl.load(q_ptr + token * q_stride + columns, mask=head_mask, other=0.0).to(tl.float32)
+        out = tl.load(out_ptrs, mask=head_mask).to(tl.float32)
+        kv = block * cache_block_stride + kv_head * cache_head_stride + (first + n[:, None]) * cache_slot_stride + d[None, :]
+        k = tl.load(key_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)  # (N, D)
+        v = tl.load(value_cache_ptr + kv, mask=kv_mask, other=0.0).to(tl.float32)
+        s = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scale  # (G, N)
+        s = tl.where(n[None, :] < num_soft, s, float("-inf"))
+        p = tl.exp(s - tl.max(s, axis=1)[:, None])
+        p = p / tl.sum(p, axis=1)[:, None]
+        o = tl.sum(p[:, :, None] * v[None, :, :], axis=1)  # (G, D)
+        tl.store(out_ptrs, (out + o).to(out_ptr.dtype.element_ty), mask=head_mask)
 
 
-def soft_attention_paged_triton(out, queries, index, blocks, first, key_cache, value_cache, num_soft, scale) -> None:
+def soft_attention_paged_triton(out, queries, index, rows, runs, key_cache, value_cache, max_soft, scale) -> None:
     check_paged_cache(key_cache, value_cache)
-    if out.stride(1) != 1 or queries.stride(1) != 1:
-        raise ValueError("out and queries need contiguous rows")
+    if out.stride(1) != 1 or queries.stride(1) != 1 or runs.stride(1) != 1:
+        raise ValueError("out, queries and runs need contiguous rows")
     if index.numel() == 0:
         return
     _, kv_heads, _, head_dim = key_cache.shape
     group = queries.shape[1] // (kv_heads * head_dim)
     _soft_attention_kernel[(index.numel(), kv_heads)](
-        out, out.stride(0), queries, queries.stride(0), index, blocks, first,
+        out, out.stride(0), queries, queries.stride(0), index, rows, runs, runs.stride(0),
         key_cache, value_cache, key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        num_soft, group, head_dim, scale,
-        BLOCK_N=triton.next_power_of_2(num_soft), BLOCK_G=triton.next_power_of_2(group),
+        group, head_dim, scale,
+        BLOCK_N=triton.next_power_of_2(max_soft), BLOCK_G=triton.next_power_of_2(group),
         BLOCK_D=triton.next_power_of_2(head_dim), num_warps=1,
     )
 
 
-def soft_attention_paged_(out, queries, index, blocks, first, key_cache, value_cache, num_soft: int, scale: float) -> None:
+def soft_attention_paged_(out, queries, index, rows, runs, key_cache, value_cache, max_soft: int, scale: float) -> None:
     """IAPT's soft-token term ``o_t += softmax(q_t K_s^T / sqrt(d_h)) V_s`` (see
     ``adapters/iapt/layer.py``), in place.
 
     out, queries: (tokens, heads * head_dim) the attention output and its rotated
-    queries; index: (A,) adapted tokens; blocks, first: (A,) each adapted token's
-    request's soft-token block and first slot.
+    queries; index, rows: (A,) adapted tokens and their request's row of ``runs`` (-1:
+    leave the token alone); runs: (requests, 3) int, each request's soft-token block,
+    first slot and count (at most ``max_soft``).
     """
     impl = soft_attention_paged_triton if out.is_cuda else soft_attention_paged_torch
-    impl(out, queries, index, blocks, first, key_cache, value_cache, num_soft, scale)
+    impl(out, queries, index, rows, runs, key_cache, value_cache, max_soft, scale)

@@ -112,7 +112,7 @@ def random_adapters(method: str, bench: AdapterBench, model_path: Path) -> list[
 def _engine_args(method: str, bench: AdapterBench, model_path: Path):
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    from vllm_plugins.serving.launcher import SCHEDULER, WORKER
+    from vllm_plugins.serving.launcher import CPU_WORKER, SCHEDULER
 
     args = {
         "model": str(model_path),
@@ -127,7 +127,7 @@ def _engine_args(method: str, bench: AdapterBench, model_path: Path):
         args |= {"enable_lora": True, "max_loras": bench.adapters, "max_lora_rank": bench.lora_rank}
     elif method != "base":
         args |= {
-            "worker_cls": WORKER,
+            "worker_cls": CPU_WORKER,
             "scheduler_cls": SCHEDULER,
             "additional_config": {SECTION: {"max_active": bench.adapters}},
         }

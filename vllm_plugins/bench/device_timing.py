@@ -28,6 +28,12 @@ def median_ms(fn: Callable[[], None], replays: int = 50) -> tuple[float, str]:
         torch.cuda.synchronize()
         run, mode = fn, "eager"
     run()
+    return timed_median_ms(run, replays), mode
+
+
+def timed_median_ms(run: Callable[[], None], replays: int) -> float:
+    """Median of ``replays`` calls of ``run`` (a graph's replay, say), each timed with its
+    own pair of device events, in milliseconds."""
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -36,7 +42,7 @@ def median_ms(fn: Callable[[], None], replays: int = 50) -> tuple[float, str]:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times), mode
+    return statistics.median(times)
 
 
 def launched_copy_gbps(bytes_per_launch: int, launches: int) -> float:

@@ -75,7 +75,7 @@ def _params(config: tuple[str, float | None], max_tokens: int, seed: int = 0):
 
 
 def _engine(bench: EvictionBench):
-    from vllm_plugins.serving.launcher import SCHEDULER, WORKER
+    from vllm_plugins.serving.launcher import CPU_WORKER, SCHEDULER
     from vllm_plugins.serving.offline import make_engine
 
     tokens = bench.prompt_words + 16 + bench.decode_tokens
@@ -83,7 +83,7 @@ def _engine(bench: EvictionBench):
     os.environ[IN_PROCESS] = "0"
     try:
         return make_engine(
-            build_demo_model(bench.preset), worker_cls=WORKER, scheduler_cls=SCHEDULER, block_size=bench.block_size,
+            build_demo_model(bench.preset), worker_cls=CPU_WORKER, scheduler_cls=SCHEDULER, block_size=bench.block_size,
             num_gpu_blocks_override=bench.cache_blocks, max_model_len=tokens, max_num_batched_tokens=4 * tokens,
             enable_chunked_prefill=True, enable_prefix_caching=False, enforce_eager=bench.enforce_eager,
         )

@@ -28,6 +28,7 @@ import torch
 
 from vllm_plugins.adapters.common.model_parts import LINEAR_MODULES, Dims
 from vllm_plugins.bench.device_timing import copy_bandwidth_gbps, launched_copy_gbps, median_ms
+from vllm_plugins.serving.paged_cache import flash_layout_key_value
 from vllm_plugins_kernels import compact_kept_, expert_lora_, proxy_attention_scores, rescale_columns_, soft_attention_paged_, write_soft_kv
 from vllm_plugins_kernels import eviction, expert_lora, rescale, soft_kv
 
@@ -98,10 +99,12 @@ def _near_one(*size: int, dtype) -> torch.Tensor:
 
 
 def _paged_cache(num_blocks: int, shape: ServingShape, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values (num_blocks, kv_heads, block_size, head_dim) viewing the layout of
-    vLLM's FlashAttention backend, (2, num_blocks, block_size, kv_heads, head_dim)."""
-    kv = torch.randn(2, num_blocks, shape.block_size, shape.dims.num_kv_heads, shape.dims.head_dim, device="cuda").to(dtype)
-    return kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+    """Keys and values (num_blocks, kv_heads, block_size, head_dim) of one layer's cache as
+    vLLM 0.32's FlashAttention and Triton backends hold it by default: stored (num_blocks,
+    block_size, kv_heads, 2 * head_dim), viewed through the serving plugins' own layout
+    code (:mod:`vllm_plugins.serving.paged_cache`)."""
+    stored = torch.randn(num_blocks, shape.block_size, shape.dims.num_kv_heads, 2 * shape.dims.head_dim, device="cuda")
+    return flash_layout_key_value(stored.to(dtype).transpose(1, 2))
 
 
 def para_decode(shape: ServingShape, batch: int, dtype) -> Timing:
@@ -123,21 +126,28 @@ def para_decode(shape: ServingShape, batch: int, dtype) -> Timing:
     return _time("para", batch, None, step, nbytes)
 
 
-def iapt_decode(shape: ServingShape, batch: int, dtype) -> Timing:
+def _soft_token_runs(shape: ServingShape, requests: int) -> torch.Tensor:
+    """(requests, 3): each request's soft-token block, first slot and count, packed
+    ``block_size // num_soft`` requests to a block."""
     runs_per_block = shape.block_size // shape.num_soft
-    blocks = torch.arange(batch, device="cuda") // runs_per_block
-    first = (torch.arange(batch, device="cuda") % runs_per_block) * shape.num_soft
-    index = torch.arange(batch, device="cuda")
+    request = torch.arange(requests, device="cuda")
+    return torch.stack([request // runs_per_block, (request % runs_per_block) * shape.num_soft,
+                        torch.full_like(request, shape.num_soft)], dim=1)
+
+
+def iapt_decode(shape: ServingShape, batch: int, dtype) -> Timing:
+    runs = _soft_token_runs(shape, batch)
+    index = rows = torch.arange(batch, device="cuda")
     width = shape.dims.q_size
     layers = [
         (torch.randn(batch, width, device="cuda").to(dtype), torch.randn(batch, width, device="cuda").to(dtype),
-         *_paged_cache(int(blocks[-1]) + 1, shape, dtype))
+         *_paged_cache(int(runs[-1, 0]) + 1, shape, dtype))
         for _ in range(shape.dims.num_layers)
     ]
 
     def step() -> None:
         for out, queries, key_cache, value_cache in layers:
-            soft_attention_paged_(out, queries, index, blocks, first, key_cache, value_cache, shape.num_soft, shape.dims.head_dim**-0.5)
+            soft_attention_paged_(out, queries, index, rows, runs, key_cache, value_cache, shape.num_soft, shape.dims.head_dim**-0.5)
 
     elt = torch.finfo(dtype).bits // 8
     nbytes = shape.dims.num_layers * batch * (3 * width + 2 * shape.num_soft * shape.dims.kv_size) * elt
@@ -222,9 +232,7 @@ def lora_decode(shape: ServingShape, adapters: int, batches: tuple[int, ...], dt
 
 
 def soft_kv_prefill(shape: ServingShape, batch: int, dtype) -> Timing:
-    runs_per_block = shape.block_size // shape.num_soft
-    blocks = torch.arange(batch, device="cuda") // runs_per_block
-    first = (torch.arange(batch, device="cuda") % runs_per_block) * shape.num_soft
+    blocks, first, _ = _soft_token_runs(shape, batch).unbind(1)
     layers = [
         (*_paged_cache(int(blocks[-1]) + 1, shape, dtype),
          *torch.randn(2, batch, shape.num_soft, shape.dims.num_kv_heads, shape.dims.head_dim, device="cuda").to(dtype))
@@ -300,17 +308,18 @@ def _check_errors(shape: ServingShape, dtype):
     batch, q, kv, i = 256, shape.dims.q_size, shape.dims.kv_size, shape.dims.intermediate
     index = torch.randperm(batch, device=cuda)[: batch * 3 // 4].sort().values
     rows = torch.randint(0, 64, (len(index),), device=cuda)
+    acted = torch.where(torch.rand(len(index), device=cuda) < 0.9, rows, -1)  # -1: a token the kernels leave alone
 
     out = torch.randn(batch, q + 2 * kv, device=cuda).to(dtype)
     scales = torch.randn(64, q + kv, device=cuda).to(dtype)
     ref, got = out.clone(), out.clone()
-    rescale.rescale_columns_torch(ref, index, rows, scales, ((0, q), (q + kv, kv)))
-    rescale.rescale_columns_triton(got, index, rows, scales, ((0, q), (q + kv, kv)))
+    rescale.rescale_columns_torch(ref, index, acted, scales, ((0, q), (q + kv, kv)))
+    rescale.rescale_columns_triton(got, index, acted, scales, ((0, q), (q + kv, kv)))
     yield "para rescale", _relative_error(got, ref)
 
     key_cache, value_cache = _paged_cache(64, shape, dtype)
-    runs = torch.randperm(64 * shape.block_size // shape.num_soft, device=cuda)[:64]
-    blocks, first = runs // (shape.block_size // shape.num_soft), (runs % (shape.block_size // shape.num_soft)) * shape.num_soft
+    run = torch.randperm(64 * shape.block_size // shape.num_soft, device=cuda)[:64]
+    blocks, first = run // (shape.block_size // shape.num_soft), (run % (shape.block_size // shape.num_soft)) * shape.num_soft
     keys, values = torch.randn(2, 64, shape.num_soft, shape.dims.num_kv_heads, shape.dims.head_dim, device=cuda).to(dtype)
     ref_k, ref_v, got_k, got_v = (c.clone() for c in (key_cache, value_cache, key_cache, value_cache))
     soft_kv.write_soft_kv_torch(ref_k, ref_v, keys, values, blocks, first)
@@ -320,7 +329,8 @@ def _check_errors(shape: ServingShape, dtype):
     out = torch.randn(batch, q, device=cuda).to(dtype)
     queries = torch.randn(batch, q, device=cuda).to(dtype)
     ref, got = out.clone(), out.clone()
-    args = (queries, index, blocks[rows], first[rows], ref_k, ref_v, shape.num_soft, shape.dims.head_dim**-0.5)
+    runs = torch.stack([blocks, first, torch.full_like(blocks, shape.num_soft)], dim=1)
+    args = (queries, index, acted, runs, ref_k, ref_v, shape.num_soft, shape.dims.head_dim**-0.5)
     soft_kv.soft_attention_paged_torch(ref, *args)
     soft_kv.soft_attention_paged_triton(got, *args)
     yield "iapt soft attention", _relative_error(got.float() - out.float(), ref.float() - out.float())

@@ -315,7 +315,7 @@ def load_vllm_lora_ops() -> SimpleNamespace:
     )
 
 
-def _captured_lora_counts(max_loras: int, specialize: bool) -> list[int]:
+def captured_lora_counts(max_loras: int, specialize: bool) -> list[int]:
     """vllm.lora.utils.get_captured_lora_counts (0.32), copied: it lives outside the carry."""
     if not specialize:
         return [max_loras + 1]
@@ -331,6 +331,43 @@ class _Site:
     output_slices: tuple[int, ...]
     lora_a: tuple[torch.Tensor, ...]  # per slice (num_slots, 1, rank, in): vLLM's lora_a_stacked
     lora_b: tuple[torch.Tensor, ...]  # per slice (num_slots, 1, out, rank): vLLM's lora_b_stacked
+
+
+def add_lora_linear(ops: SimpleNamespace, meta_args: tuple, y: torch.Tensor, x: torch.Tensor,
+                    lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...], buffer: torch.Tensor) -> None:
+    """What ``PunicaWrapperGPU.add_lora_linear(y, x, lora_a, lora_b, 1.0, output_slices)``
+    launches for one site: ``lora_shrink`` into the float32 ``buffer`` (slices, tokens,
+    rank), then ``lora_expand`` adding into ``y`` (``offset_start=0``, ``add_inputs=True``).
+    ``ops``: :func:`load_vllm_lora_ops`; ``meta_args``: ``LoRAKernelMeta.meta_args``."""
+    ops.lora_shrink(x, lora_a, buffer, *meta_args, VllmLoraLayer.scale)
+    ops.lora_expand(buffer, lora_b, y, *meta_args, offset_start=0, add_inputs=True)
+
+
+def lora_delta_torch(x: torch.Tensor, lora_a: tuple[torch.Tensor, ...], lora_b: tuple[torch.Tensor, ...],
+                     token_slots: torch.Tensor) -> torch.Tensor:
+    """Plain-torch delta that vLLM's shrink and expand add to one site's output: float32
+    (tokens, sum(out)), zero for tokens with slot -1. ``x`` (tokens, in); ``lora_a`` and
+    ``lora_b`` per slice (slots, 1, rank, in) and (slots, 1, out, rank). As vLLM computes
+    it, the shrink result is kept in float32 and rounded to the weights' dtype before the
+    expand."""
+    slots = token_slots.to(device=x.device, dtype=torch.long)
+    has = slots >= 0
+    idx = slots.clamp(min=0)
+    x = x.float()
+    parts = []
+    for a, b in zip(lora_a, lora_b):
+        s = torch.einsum("ti,tri->tr", x, a[idx, 0].float()) * VllmLoraLayer.scale
+        s = s.to(a.dtype).float()
+        parts.append(torch.einsum("tr,tor->to", s, b[idx, 0].float()))
+    delta = torch.cat(parts, dim=1)
+    return torch.where(has[:, None], delta, torch.zeros_like(delta))
+
+
+MODULE_SLICES = {
+    "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2), "o_proj": ("o_proj", 0),
+    "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1), "down_proj": ("down_proj", 0),
+}
+"""Each of a Llama layer's 7 linear modules: the vLLM site that holds its LoRA and its slice there."""
 
 
 class VllmLoraLayer:
@@ -351,8 +388,6 @@ class VllmLoraLayer:
     def __init__(self, hidden: int, q_size: int, kv_size: int, intermediate: int, rank: int,
                  num_slots: int, dtype: torch.dtype = torch.bfloat16,
                  device: torch.device | str = "cuda", seed: int = 0) -> None:
-        if dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"vLLM's LoRA kernels take bfloat16 or float16 weights, not {dtype}")
         if min(hidden, q_size, kv_size, intermediate, rank, num_slots) < 1:
             raise ValueError("sizes, rank and num_slots must be positive")
         self.hidden, self.q_size, self.kv_size, self.intermediate = hidden, q_size, kv_size, intermediate
@@ -397,6 +432,7 @@ class VllmLoraLayer:
         (n_slices, num_tokens, rank) that ``add_lora_linear`` would allocate per call.
         ``specialize_active_lora`` is vLLM's LoRAConfig option (default False: the kernel
         grid covers max_loras + 1 adapters whatever the batch holds)."""
+        check_kernel_dtype(self.dtype)
         self.ops = ops = load_vllm_lora_ops()
         token_slots = torch.as_tensor(token_slots)
         if token_slots.ndim != 1:
@@ -411,7 +447,7 @@ class VllmLoraLayer:
             self.num_slots,
             max(max_num_tokens or num_tokens, num_tokens),
             device=self.device,
-            captured_lora_counts=_captured_lora_counts(self.num_slots, specialize_active_lora),
+            captured_lora_counts=captured_lora_counts(self.num_slots, specialize_active_lora),
         )
         self.meta.prepare_tensors(self.token_slots)
 
@@ -430,46 +466,46 @@ class VllmLoraLayer:
             ops.utils._get_lora_a_ptr(list(site.lora_a), self.device)
             ops.utils._get_lora_b_ptr(list(site.lora_b), 0, self.device)
 
+    def write_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put one adapter's LoRA into ``slot``: ``weights[module] = (A (rank, in), B (out,
+        rank))`` for modules of :data:`MODULE_SLICES`, B already multiplied by the adapter's
+        alpha / rank (vLLM folds the scaling into lora_b when it loads an adapter); a module
+        left out gets none. ValueError for another rank or an unknown module."""
+        for site in self.sites.values():
+            for a, b in zip(site.lora_a, site.lora_b):
+                a[slot].zero_()
+                b[slot].zero_()
+        for module, (a, b) in weights.items():
+            if module not in MODULE_SLICES:
+                raise ValueError(f"no LoRA site holds module {module!r}")
+            if a.shape[0] != self.rank or b.shape[1] != self.rank:
+                raise ValueError(f"{module}: rank {a.shape[0]}, the layer's slots hold rank {self.rank}")
+            name, part = MODULE_SLICES[module]
+            self.sites[name].lora_a[part][slot, 0] = a
+            self.sites[name].lora_b[part][slot, 0] = b
+
     def run(self) -> None:
-        """One decode step's LoRA kernels: for each site, in layer order, what
-        ``PunicaWrapperGPU.add_lora_linear(y, x, lora_a, lora_b, 1.0, output_slices)`` does:
-        ``lora_shrink`` into the float32 buffer, then ``lora_expand`` adding into ``y``
-        (``offset_start=0``, ``add_inputs=True``). Nothing else runs and nothing is
-        allocated (the buffers come from :meth:`prepare`)."""
+        """One decode step's LoRA kernels: for each site, in layer order,
+        :func:`add_lora_linear` on the site's input ``x`` and base output ``y``. Nothing else
+        runs and nothing is allocated (the buffers come from :meth:`prepare`)."""
         if self.meta is None or self.ops is None:
             raise RuntimeError("call prepare(token_slots) first")
-        ops, meta = self.ops, self.meta
-        n = self.num_tokens
+        meta_args = self.meta.meta_args(self.num_tokens, self.specialize_active_lora)
         for name in SITES:
-            site, x, y, buf = self.sites[name], self.x[name], self.y[name], self.buffers[name]
-            # PunicaWrapperGPU.add_shrink
-            ops.lora_shrink(x, site.lora_a, buf, *meta.meta_args(n, self.specialize_active_lora), self.scale)
-            # PunicaWrapperGPU.add_expand
-            ops.lora_expand(buf, site.lora_b, y, *meta.meta_args(n, self.specialize_active_lora),
-                            offset_start=0, add_inputs=True)
+            site = self.sites[name]
+            add_lora_linear(self.ops, meta_args, self.y[name], self.x[name], site.lora_a, site.lora_b, self.buffers[name])
 
     def reference(self, x_by_site: dict[str, torch.Tensor] | None = None,
                   token_slots: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Plain-torch deltas each site's kernels add to ``y``: float32 (num_tokens,
-        sum(out)), zero for tokens with slot -1. As vLLM computes them, the shrink result
-        is kept in float32 and rounded to the weights' dtype before the expand."""
+        """Plain-torch deltas each site's kernels add to ``y`` (:func:`lora_delta_torch`)."""
         x_by_site = self.x if x_by_site is None else x_by_site
         slots = self.token_slots if token_slots is None else torch.as_tensor(token_slots)
         if slots is None:
             raise RuntimeError("pass token_slots or call prepare(token_slots) first")
-        slots = slots.to(device=self.device, dtype=torch.long)
-        has = slots >= 0
-        idx = slots.clamp(min=0)
-        out: dict[str, torch.Tensor] = {}
-        for name, site in self.sites.items():
-            x = x_by_site[name].float()
-            parts = []
-            for a, b in zip(site.lora_a, site.lora_b):
-                a_tok = a[:, 0].float()[idx]  # (T, rank, in)
-                b_tok = b[:, 0].float()[idx]  # (T, out, rank)
-                s = torch.einsum("ti,tri->tr", x, a_tok) * self.scale
-                s = s.to(self.dtype).float()
-                parts.append(torch.einsum("tr,tor->to", s, b_tok))
-            delta = torch.cat(parts, dim=1)
-            out[name] = torch.where(has[:, None], delta, torch.zeros_like(delta))
-        return out
+        return {name: lora_delta_torch(x_by_site[name], site.lora_a, site.lora_b, slots) for name, site in self.sites.items()}
+
+
+def check_kernel_dtype(dtype: torch.dtype) -> None:
+    """ValueError unless vLLM's LoRA kernels take weights of ``dtype``."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"vLLM's LoRA kernels take bfloat16 or float16 weights, not {dtype}")

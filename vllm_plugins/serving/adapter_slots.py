@@ -17,10 +17,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+import torch
 from torch import nn
 
 from vllm_plugins.adapters.common.model_parts import Dims
 from vllm_plugins.adapters.storage import checkpoint_fingerprint, load_prompt_aware_layers
+
+ReadAdapter = Callable[[str], tuple[nn.ModuleList, dict]]
+"""An adapter's path -> its per-layer modules and its manifest (``method`` at least)."""
 
 
 @dataclass(frozen=True)
@@ -33,16 +37,22 @@ class LoadedAdapter:
 
 class AdapterSlots:
     def __init__(self, model_dir: str | Path, d: Dims, capacity: int,
-                 on_load: Callable[[int, str, nn.ModuleList], None], check: Callable[[str, object], None]):
+                 on_load: Callable[[int, str, nn.ModuleList], None], check: Callable[[str, object], None],
+                 device: torch.device | str = "cpu", read: ReadAdapter | None = None):
         """``on_load(slot, method, layers)`` writes an adapter's weights into its slot;
-        ``check(method, config)`` raises for an adapter the worker's tables cannot hold."""
+        ``check(method, config)`` raises for an adapter the worker's tables cannot hold;
+        ``device``: where the adapters' modules run (the prefill's); ``read``: how a path
+        becomes an adapter, by default :meth:`read_snapshot` (the decode-step harness
+        reads adapters it holds in memory)."""
         if capacity < 1:
             raise ValueError(f"the adapter capacity must be >= 1, got {capacity}")
         self.model_dir = model_dir
         self.dims = d
         self.capacity = capacity
+        self.device = torch.device(device)
         self._on_load = on_load
         self._check = check
+        self._read = read or self.read_snapshot
         self._resident: OrderedDict[str, LoadedAdapter] = OrderedDict()  # least recently used first
         self.loads = 0  # weight loads so far; more than the adapters named means reloads
 
@@ -80,8 +90,14 @@ class AdapterSlots:
                 return adapter
         raise KeyError(f"no prompt-aware adapter is resident in slot {slot}")
 
+    def read_snapshot(self, path: str) -> tuple[nn.ModuleList, dict]:
+        """A validated snapshot directory's adapter, checked against the served checkpoint
+        and the worker's limits; raises AdapterError."""
+        return load_prompt_aware_layers(path, self.dims, self.fingerprint, self._check)
+
     def _load(self, name: str, path: str, slot: int) -> LoadedAdapter:
-        layers, manifest = load_prompt_aware_layers(path, self.dims, self.fingerprint, self._check)
+        layers, manifest = self._read(path)
+        layers = layers.to(self.device)
         self._on_load(slot, manifest["method"], layers)
         self.loads += 1
         return LoadedAdapter(name=name, method=manifest["method"], layers=layers, slot=slot)

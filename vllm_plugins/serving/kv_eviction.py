@@ -7,9 +7,11 @@ scheduler, :mod:`.block_release`):
 
     runner, before each prefill step (:meth:`KvEviction.begin_step`): the flat tokens at
         the prompt's last w positions (the policy's proxy / observation window) are listed
-        in ``capture_tokens``, their number in ``num_capture``
-    forward pass: the ``kv_eviction_capture`` op (:mod:`.ops`) copies each layer's
-        queries of those tokens into ``captured``, in the list's order (:meth:`capture`)
+        in ``capture_tokens`` (on the model's device), their number in ``num_capture`` (on
+        the host)
+    forward pass: the host-driven ``kv_eviction_capture`` op (:mod:`.ops`) copies each
+        layer's queries of those tokens into ``captured``, in the list's order
+        (:meth:`capture`)
     runner, after the forward pass (:meth:`end_step`): the captured queries go into the
         request's query window; if the step completed the prompt (its first generated
         token has seen the whole cache), the policy chooses num_kept tokens for every
@@ -28,19 +30,16 @@ its prompt completes again.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch import nn
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, choose_kept
-from vllm_plugins.serving import vllm_internals as vi
 from vllm_plugins.serving.batch import StepBatch
-from vllm_plugins.serving.paged_cache import paged_key_value
+from vllm_plugins.serving.methods import LayerModules
 from vllm_plugins_kernels import compact_kept_layers_
 
 PLAN_ARG = "kv_eviction_plan"
@@ -66,15 +65,22 @@ class KvEviction:
 
     KEPT_RECORDS = 256  # the kept tokens of this many recent evictions stay inspectable
 
-    def __init__(self, attention: list[nn.Module], block_size: int, num_heads: int, head_dim: int,
-                 max_tokens: int, max_reqs: int, dtype: torch.dtype):
-        self.attention = attention
+    def __init__(self, layers: list[LayerModules], scale: float, block_size: int, num_heads: int, head_dim: int,
+                 max_tokens: int, max_reqs: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        """``layers``: the decoder layers, whose attention caches are compacted; ``scale``:
+        the attention's softmax scale, which the policies score with. Buffers the forward
+        pass reads or writes live on ``device`` (the model's); the narrowing of attention
+        metadata is decided on the host."""
+        self.layers = layers
+        self.scale = scale
         self.block_size = block_size
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.capture_tokens = torch.zeros(max_tokens, dtype=torch.int64)  # the step's tokens whose queries are kept
-        self.num_capture = torch.zeros(1, dtype=torch.int64)  # how many of capture_tokens are listed
-        self.captured = torch.zeros(len(attention), max_tokens, num_heads * head_dim, dtype=dtype)
+        self.device = torch.device(device)
+        self.capture_tokens = torch.zeros(max_tokens, dtype=torch.int64, device=device)  # the step's tokens whose queries are kept
+        self.num_capture = 0  # how many of capture_tokens are listed
+        self.captured = torch.zeros(len(layers), max_tokens, num_heads * head_dim, dtype=dtype, device=device)
         self.skipped_rows = torch.zeros(max_reqs, dtype=torch.int64)  # per batch row: leading blocks attention skips
+        self.narrowing = False  # some row of the step skips blocks
         self.prefills: dict[str, _Prefill] = {}
         self.skipped_blocks: dict[str, int] = {}  # evicted requests: leading blocks attention skips
         self._step: list[tuple[str, int, int, int, bool]] = []  # (req, first capture row, count, window offset, completes)
@@ -87,30 +93,32 @@ class KvEviction:
         eviction plan, read when it (re)starts."""
         self.clear()
         restarts, completes = batch.restarts, batch.completes_prompt
-        next_row = 0
+        tokens: list[int] = []
         for row, req_id in enumerate(batch.req_ids):
             if restarts[row]:  # new, or preempted and recomputed: evicted again at its prompt's end
                 self.skipped_blocks.pop(req_id, None)
                 self.prefills.pop(req_id, None)
                 if (plan := plan_of(req_id)) is not None:
                     window = POLICIES[plan.policy]().query_window(plan.num_prompt)
-                    shape = (len(self.attention), self.num_heads, window, self.head_dim)
-                    self.prefills[req_id] = _Prefill(plan, torch.empty(shape, dtype=self.captured.dtype))
+                    shape = (len(self.layers), self.num_heads, window, self.head_dim)
+                    self.prefills[req_id] = _Prefill(plan, torch.empty(shape, dtype=self.captured.dtype, device=self.device))
             self.skipped_rows[row] = self.skipped_blocks.get(req_id, 0)
             if req_id not in self.prefills:
                 continue
             first, count, offset = batch.prompt_tail(row, self.prefills[req_id].queries.shape[2])
-            self.capture_tokens[next_row : next_row + count] = torch.arange(first, first + count)
-            self._step.append((req_id, next_row, count, offset, bool(completes[row])))
-            next_row += count
-        self.num_capture.fill_(next_row)
+            self._step.append((req_id, len(tokens), count, offset, bool(completes[row])))
+            tokens.extend(range(first, first + count))
+        if tokens:
+            self.capture_tokens[: len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+        self.num_capture = len(tokens)
+        self.narrowing = bool(self.skipped_rows[: len(batch.req_ids)].any())
 
     def end_step(self, block_ids_of: Callable[[str], list[int]]) -> None:
         """After the forward pass: keep the captured queries and evict the requests whose
         prompt this step completed."""
         for req_id, first, count, offset, completes in self._step:
             prefill = self.prefills[req_id]
-            queries = self.captured[:, first : first + count].view(len(self.attention), count, self.num_heads, self.head_dim)
+            queries = self.captured[:, first : first + count].view(len(self.layers), count, self.num_heads, self.head_dim)
             prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)
             if completes:
                 self._evict(req_id, self.prefills.pop(req_id), block_ids_of(req_id))
@@ -119,8 +127,9 @@ class KvEviction:
     def clear(self) -> None:
         """No token to capture and no narrowing: what the op and the metadata builders see
         outside a step (profiling, warm-up)."""
-        self.num_capture.zero_()
+        self.num_capture = 0
         self.skipped_rows.zero_()
+        self.narrowing = False
         self._step = []
 
     def drop(self, req_ids) -> None:
@@ -128,23 +137,24 @@ class KvEviction:
             self.prefills.pop(req_id, None)
             self.skipped_blocks.pop(req_id, None)
 
-    def narrow(self, metadata):
-        """vLLM's common attention metadata (``CommonAttentionMetadata``) with each evicted
-        request's block table starting at its first kept block and its seq_len shortened
-        by the skipped tokens; unchanged when no request of the step skips blocks."""
-        skip = self.skipped_rows[: metadata.num_reqs]
+    def narrow(self, num_reqs: int, block_table: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The step's attention inputs with each evicted request's block table (num_reqs,
+        max blocks) starting at its first kept block and its seq_len (num_reqs,) shortened
+        by the skipped tokens, as new tensors on their devices; None when no request of
+        the step skips blocks (:func:`~.vllm_internals.rewrite_attention_metadata` applies
+        it to vLLM's metadata)."""
+        skip = self.skipped_rows[:num_reqs]
         if not bool(skip.any()):
-            return metadata
-        table = metadata.block_table_tensor
-        columns = (torch.arange(table.shape[1]) + skip[:, None]).clamp(max=table.shape[1] - 1)
-        seq_lens = metadata.seq_lens - (skip * self.block_size).to(metadata.seq_lens.dtype)
-        return dataclasses.replace(metadata, block_table_tensor=table.gather(1, columns.to(table.device)), seq_lens=seq_lens)
+            return None
+        columns = (torch.arange(block_table.shape[1]) + skip[:, None]).clamp(max=block_table.shape[1] - 1)
+        narrowed_lens = seq_lens - (skip * self.block_size).to(seq_lens.device, seq_lens.dtype)
+        return block_table.gather(1, columns.to(block_table.device)), narrowed_lens
 
     # -- op side, inside the forward pass -----------------------------------------------
     def capture(self, layer: int, query: torch.Tensor) -> None:
         """Copy layer ``layer``'s queries (tokens, heads * head_dim) of the step's capture
         tokens into the leading rows of ``captured``, in ``capture_tokens``' order."""
-        count = int(self.num_capture)
+        count = self.num_capture
         if count:
             torch.index_select(query, 0, self.capture_tokens[:count], out=self.captured[layer, :count])
 
@@ -152,17 +162,17 @@ class KvEviction:
     def _evict(self, req_id: str, prefill: _Prefill, block_ids: list[int]) -> None:
         plan = prefill.plan
         num_blocks = -(-plan.num_prompt // self.block_size)
-        table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64)
-        caches = [paged_key_value(attn) for attn in self.attention]
+        table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64, device=self.device)
+        caches = [layer.key_value() for layer in self.layers]
         layers, kv_heads = len(caches), caches[0][0].shape[1]
         # every layer's cached prompt keys, gathered once into one layer-major tensor
-        keys = torch.empty(layers, kv_heads, num_blocks, self.block_size, self.head_dim, dtype=caches[0][0].dtype)
+        keys = torch.empty(layers, kv_heads, num_blocks, self.block_size, self.head_dim, dtype=caches[0][0].dtype,
+                           device=self.device)
         for layer, (key_cache, _) in enumerate(caches):
             keys[layer].copy_(key_cache.index_select(0, table).transpose(0, 1))
         keys = keys.view(layers * kv_heads, num_blocks * self.block_size, self.head_dim)[:, : plan.num_prompt]
-        scale = vi.attention_scale(self.attention[0])
-        kept = choose_kept(plan, keys, prefill.queries.flatten(0, 1), scale, kv_heads).view(layers, kv_heads, plan.num_kept)
-        compact_kept_layers_(caches, table[None], kept[:, None], torch.tensor([plan.num_prompt]))
+        kept = choose_kept(plan, keys, prefill.queries.flatten(0, 1), self.scale, kv_heads).view(layers, kv_heads, plan.num_kept)
+        compact_kept_layers_(caches, table[None], kept[:, None], torch.tensor([plan.num_prompt], device=self.device))
         self.skipped_blocks[req_id] = plan.evicted_blocks(self.block_size)
         self.evictions += 1
         self.kept_records.append((req_id, list(kept)))

@@ -7,11 +7,16 @@
 
 runs
 
-    vllm serve MODEL --worker-cls ...PromptAwareCPUWorker --scheduler-cls ...PromptAwareScheduler
+    vllm serve MODEL --worker-cls WORKER --scheduler-cls ...PromptAwareScheduler
         --middleware ...PromptAdapterMiddleware
         --additional-config '{"prompt_adapters": {"dir": DIR, ...}, "kv_eviction": {...}}'
         [--enable-lora --max-lora-rank R --lora-modules NAME=PATH ...]   # LoRA-family adapters in DIR
         VLLM ARGS...
+
+with the worker of vLLM's platform (:func:`platform_serving`): on the CPU platform
+``PromptAwareCPUWorker``; on CUDA ``PromptAwareGPUWorker``, with Model Runner V1
+(``VLLM_USE_V2_MODEL_RUNNER=0``) and ``--no-async-scheduling``. Another platform is
+refused before anything starts.
 
 Every sub-directory of DIR is an adapter named after the directory: prompt-aware ones
 are served by the plugin, LoRA-family ones (lora, fanlora, alora) by vLLM's stock LoRA.
@@ -19,15 +24,17 @@ A prompt-aware adapter the server cannot hold is left out by the server, which s
 rest and says why in its log and in ``/v1/models`` (:mod:`.registry`).
 
 The server listens on 127.0.0.1 unless ``--host`` is among the vLLM arguments (``vllm
-serve`` alone listens on every interface), and its CPU KV cache takes 4 GiB unless the
-vLLM arguments size it (:data:`CPU_KV_CACHE_BYTES`).
+serve`` alone listens on every interface), and on the CPU its KV cache takes 4 GiB unless
+the vLLM arguments size it (:data:`CPU_KV_CACHE_BYTES`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -39,16 +46,49 @@ from vllm_plugins.serving.config import SECTION, PromptAdapterSettings
 
 logger = logging.getLogger(__name__)
 
-WORKER = "vllm_plugins.serving.worker.PromptAwareCPUWorker"
+CPU_WORKER = "vllm_plugins.serving.worker.PromptAwareCPUWorker"
+GPU_WORKER = "vllm_plugins.serving.gpu_worker.PromptAwareGPUWorker"
 SCHEDULER = "vllm_plugins.serving.scheduler.PromptAwareScheduler"
 MIDDLEWARE = "vllm_plugins.serving.frontend.PromptAdapterMiddleware"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # what vLLM 0.32 accepts as max_lora_rank
 CPU_KV_CACHE_BYTES = 4 << 30
-"""The KV cache ``vllm-plugins serve`` asks for unless ``--kv-cache-memory-bytes`` or
-``--gpu-memory-utilization`` is given (vLLM's ``VLLM_CPU_KVCACHE_SPACE``, in GiB, still
+"""The KV cache ``vllm-plugins serve`` asks for on the CPU unless ``--kv-cache-memory-bytes``
+or ``--gpu-memory-utilization`` is given (vLLM's ``VLLM_CPU_KVCACHE_SPACE``, in GiB, still
 overrides both). Without a size, vLLM 0.32's CPU worker reserves
 ``--gpu-memory-utilization`` (0.92) of the memory node and refuses to start when other
 work holds more than 8% of it."""
+
+
+@dataclass(frozen=True)
+class PlatformServing:
+    """How ``vllm serve`` runs the plugins on one vLLM platform: the worker class, the
+    environment vLLM needs, and vLLM arguments added unless the user's set them
+    (``(flags, args)``: ``args`` unless one of ``flags`` is given)."""
+
+    worker: str
+    environment: dict[str, str] = field(default_factory=dict)
+    defaults: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
+
+
+def platform_serving() -> PlatformServing:
+    """The plugins' way of serving on vLLM's current platform. Raises ValueError on a
+    platform the plugins have no worker for (anything but CPU and CUDA)."""
+    from vllm_plugins.serving import vllm_internals as vi
+
+    device = vi.platform().device_type
+    if device == "cpu":
+        sized = ("--kv-cache-memory-bytes", "--gpu-memory-utilization", "--device-memory-utilization")
+        return PlatformServing(CPU_WORKER, defaults=((sized, ("--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES))),))
+    if device == "cuda":
+        scheduling = ("--async-scheduling", "--no-async-scheduling")
+        return PlatformServing(GPU_WORKER, {"VLLM_USE_V2_MODEL_RUNNER": "0"}, ((scheduling, ("--no-async-scheduling",)),))
+    raise ValueError(f"vLLM's platform here is {device!r}: the plugins provide workers for vLLM's CPU and CUDA platforms "
+                     "only, and will not serve on another")
+
+
+def serve_environment() -> dict[str, str]:
+    """The environment ``vllm serve`` runs in: this process's, and what the platform needs."""
+    return {**os.environ, **platform_serving().environment}
 
 
 def _lora_rank(manifest: dict) -> int:
@@ -83,12 +123,8 @@ def serve_argv(
     """The ``vllm serve`` command line; ``adapters.dir`` is the adapter directory.
 
     Raises ValueError for settings the server cannot take, before anything starts: among
-    them a platform other than vLLM's CPU one, whose worker the plugins do not provide yet."""
-    from vllm_plugins.serving import vllm_internals as vi
-
-    if (device := vi.platform().device_type) != "cpu":
-        raise ValueError(f"vLLM's platform here is {device!r}: the plugins provide a worker for vLLM's CPU platform "
-                         "only so far (docs/serving.md, 'Not done yet'), and will not serve on another")
+    them a platform the plugins have no worker for (:func:`platform_serving`)."""
+    serving = platform_serving()
     root = Path(adapters.dir).resolve()
     if not root.is_dir():
         raise ValueError(f"adapter directory {adapters.dir} does not exist")
@@ -105,7 +141,7 @@ def serve_argv(
     if eviction.policy is not None:
         settings[eviction_settings.SECTION] = eviction.model_dump()
     argv = _vllm_serve(model) + [
-        "--worker-cls", WORKER,
+        "--worker-cls", serving.worker,
         "--scheduler-cls", SCHEDULER,
         "--middleware", MIDDLEWARE,
         "--additional-config", json.dumps(settings),
@@ -116,8 +152,9 @@ def serve_argv(
         argv += ["--lora-modules", *lora_modules]
     if not _given(vllm_args, "--host"):
         argv += ["--host", "127.0.0.1"]
-    if not _given(vllm_args, "--kv-cache-memory-bytes", "--gpu-memory-utilization", "--device-memory-utilization"):
-        argv += ["--kv-cache-memory-bytes", str(CPU_KV_CACHE_BYTES)]
+    for flags, args in serving.defaults:
+        if not _given(vllm_args, *flags):
+            argv += args
     return argv + vllm_args
 
 

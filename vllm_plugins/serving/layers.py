@@ -20,6 +20,7 @@ from torch import nn
 from vllm_plugins.adapters.common.model_parts import Dims
 from vllm_plugins.serving import ops
 from vllm_plugins.serving.methods import SITES, LayerModules
+from vllm_plugins.serving.methods.base import CacheViews
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 
@@ -62,8 +63,9 @@ class PluginAttention(nn.Module):
         return out
 
 
-def install_plugin_layers(model: nn.Module, architecture: str, d: Dims) -> list[LayerModules]:
-    """Wrap every decoder layer's sites; returns the modules the methods read, per layer.
+def install_plugin_layers(model: nn.Module, architecture: str, d: Dims, cache_views: CacheViews) -> list[LayerModules]:
+    """Wrap every decoder layer's sites; returns the modules the methods read, per layer,
+    each reaching its attention's paged KV cache through ``cache_views``.
 
     Raises ValueError for an architecture whose decoder layout the plugins do not know.
     """
@@ -72,7 +74,7 @@ def install_plugin_layers(model: nn.Module, architecture: str, d: Dims) -> list[
     layers = []
     for index, decoder_layer in enumerate(model.model.layers):
         attn = decoder_layer.self_attn
-        layers.append(LayerModules(index, attn.qkv_proj, attn.attn, d))
+        layers.append(LayerModules(index, attn.qkv_proj, attn.attn, d, cache_views))
         for site, path in _LINEAR_SITES.items():
             parent_path, _, name = path.rpartition(".")
             parent = decoder_layer.get_submodule(parent_path)

@@ -4,9 +4,11 @@ Registered with ``torch.library`` under the ``vllm_plugins`` namespace, each wit
 (meta) implementation, so torch.compile treats them as opaque calls: they are traced once
 as calls, never into, and run their real implementation at every step. They take the
 step's activations and the layer's number; everything that changes per step is read from
-the persistent buffers of :class:`~.metadata.PromptAwareMetadata` and of
-:class:`~.kv_eviction.KvEviction`, which the runner writes in place before the forward
-pass (as vLLM's own attention op finds its KV cache and metadata by layer name).
+:class:`~.metadata.PromptAwareMetadata` and :class:`~.kv_eviction.KvEviction`, which the
+runner fills before the forward pass (as vLLM's own attention op finds its KV cache and
+metadata by layer name). The real implementations are the same on every device: the
+methods call the ops of ``vllm_plugins_kernels``, which launch the Triton kernels on CUDA
+tensors and run their torch references elsewhere.
 
 * ``prompt_aware_prefill(hidden, layer) -> dep``: pooling and the once-per-request state
   (:meth:`~.prompt_aware.PromptAwareRuntime.prefill`). Returns an empty tensor that the
@@ -18,10 +20,11 @@ pass (as vLLM's own attention op finds its KV cache and metadata by layer name).
   into the capture buffer (:meth:`~.kv_eviction.KvEviction.capture`); the attention
   site's apply takes the result.
 
-On CUDA graphs (not served yet: docs/serving.md) ``prompt_aware_apply`` and
-``kv_eviction_capture`` read only persistent buffers and suit capture;
-``prompt_aware_prefill`` chooses rows from buffer values on the host and must run as a
-graph-splitting op, which only steps with a prefill need.
+Under CUDA graphs (:mod:`.cuda_graphs`) ``prompt_aware_apply`` reads only device buffers
+and is captured, with the work of the methods acting while it was captured;
+``prompt_aware_prefill`` and ``kv_eviction_capture`` read the step's pooled tokens and
+capture count on the host (each returns at once in a step where it has no work, as in a
+full decode graph) and run as graph-splitting ops.
 """
 
 from __future__ import annotations

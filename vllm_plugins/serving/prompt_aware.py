@@ -17,7 +17,7 @@ Data flow of one step:
             reading its per-row tables and per-slot weights
     runner, after the forward pass: :meth:`end_step` clears the step's map.
 
-Every table is preallocated at load and written in place. Pooling is an online softmax
+Every table is preallocated at load on the model's device and written in place. Pooling is an online softmax
 (running max, sum and weighted sum), so a prompt that arrives in several chunks pools to
 the same vector as one pass over it (docs/serving.md).
 """
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from vllm_plugins.adapters.common.pooling import PoolStats
-from vllm_plugins.serving.adapter_slots import AdapterSlots, LoadedAdapter
+from vllm_plugins.serving.adapter_slots import AdapterSlots, LoadedAdapter, ReadAdapter
 from vllm_plugins.serving.batch import ADAPTER_ARG, ADAPTER_PATH_ARG, StepBatch
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.metadata import PromptAwareMetadata
@@ -37,19 +37,22 @@ from vllm_plugins.serving.methods import METHODS, LayerModules, ServedMethod, ch
 
 class PromptAwareRuntime:
     def __init__(self, layers: list[LayerModules], settings: PromptAdapterSettings, model_dir: str,
-                 max_tokens: int, max_rows: int):
-        """``max_tokens``, ``max_rows``: vLLM's max_num_batched_tokens and max_num_seqs."""
+                 max_tokens: int, max_rows: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, read_adapter: ReadAdapter | None = None):
+        """``max_tokens``, ``max_rows``: vLLM's max_num_batched_tokens and max_num_seqs;
+        ``device``, ``dtype``: the model's; ``read_adapter``: how an adapter's path becomes
+        its layers (default: the checked snapshot reader, :class:`~.adapter_slots.AdapterSlots`)."""
         d = layers[0].dims
         self.layers = layers
         self.settings = settings
-        self.metadata = PromptAwareMetadata(max_tokens, max_rows)
-        self.methods: list[ServedMethod] = [cls(layers, max_rows, settings) for cls in METHODS]
+        self.metadata = PromptAwareMetadata(max_tokens, max_rows, len(METHODS), device)
+        self.methods: list[ServedMethod] = [cls(layers, max_rows, settings, device, dtype) for cls in METHODS]
         self.by_name = {m.name: m for m in self.methods}
-        self.slots = AdapterSlots(model_dir, d, settings.max_active, self._load, self._check)
+        self.slots = AdapterSlots(model_dir, d, settings.max_active, self._load, self._check, device, read_adapter)
         shape = (len(layers), max_rows, settings.max_soft_tokens)
-        self.pool_peak = torch.full(shape, -torch.inf)
-        self.pool_total = torch.zeros(shape)
-        self.pool_weighted = torch.zeros(*shape, d.hidden)
+        self.pool_peak = torch.full(shape, -torch.inf, device=device)
+        self.pool_total = torch.zeros(shape, device=device)
+        self.pool_weighted = torch.zeros(*shape, d.hidden, device=device)
         self.rows: dict[str, int] = {}  # request id -> state row
         self._free_rows = list(reversed(range(max_rows)))
         self.compute_state_calls = 0  # (request, layer) states finalised so far
@@ -112,10 +115,10 @@ class PromptAwareRuntime:
     def prefill(self, layer: int, hidden: torch.Tensor) -> None:
         """Pool the step's prompt tokens of layer ``layer`` (``hidden``: (tokens, d), the
         normalised hidden states) and finalise the rows whose prompt completes."""
+        if not self.metadata.pooling:  # a decode step (a captured decode graph holds no pooling)
+            return
         n = hidden.shape[0]
         pooled_tokens = self.metadata.token_pooled[:n].nonzero().squeeze(1)
-        if pooled_tokens.numel() == 0:
-            return
         rows_of_tokens = self.metadata.token_rows[pooled_tokens]
         for row in rows_of_tokens.unique().tolist():
             adapter = self._adapter(row).layers[layer]
@@ -145,15 +148,16 @@ class PromptAwareRuntime:
         self.pool_weighted[layer, row, :queries, :dim] = merged.weighted
 
     def apply(self, site: str, layer: int, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Each method with work at ``site`` acts on its adapted tokens of ``out``."""
+        """Each method with work at ``site`` acts on its adapted tokens of ``out``.
+
+        Every token of the step goes to a method's kernels, those it does not act on marked
+        -1 (``method_rows``): fixed shapes and no host reads, so a CUDA graph captured
+        around this call serves any batch of as many tokens. A method that acts on no token
+        of the step is skipped (``acting``, a host flag): a captured graph holds the methods
+        acting in the batch it was captured for, and serves batches with the same ones.
+        """
         n = out.shape[0]
-        index = self.metadata.token_adapted[:n].nonzero().squeeze(1)
-        if index.numel() == 0:
-            return
-        rows = self.metadata.token_rows[index]
-        codes = self.metadata.row_method[rows]
+        meta = self.metadata
         for method in self.methods:
-            if site in method.sites:
-                chosen = codes == method.code
-                if bool(chosen.any()):
-                    method.apply(site, layer, x, out, index[chosen], rows[chosen], self.metadata.row_slot[rows[chosen]])
+            if site in method.sites and meta.acting[method.code]:
+                method.apply(site, layer, x, out, meta.all_tokens[:n], meta.method_rows[method.code, :n], meta.token_slots[:n])

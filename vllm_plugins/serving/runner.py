@@ -1,11 +1,14 @@
 """The plugins' side of a vLLM model runner, as a mixin over vLLM's V1 ``GPUModelRunner``
-API (the CPU runner subclasses it; a GPU worker combines the same mixin with vLLM's GPU
-runner).
+API: :class:`~.model_runner.PluginCPUModelRunner` combines it with vLLM's CPU runner (a
+subclass of that API), :class:`~.gpu_model_runner.PluginGPUModelRunner` with the GPU
+runner itself.
 
 * at load: wrap the decoder's modules (:mod:`.layers`), preallocate the prompt-aware
-  tables (:mod:`.prompt_aware`) and KV eviction's buffers (:mod:`.kv_eviction`), bind
-  them to the custom ops (:mod:`.ops`); once the attention metadata builders exist, make
-  them build from KV eviction's narrowed metadata;
+  tables (:mod:`.prompt_aware`) and KV eviction's buffers (:mod:`.kv_eviction`) on the
+  runner's device, bind them to the custom ops (:mod:`.ops`); once the attention
+  metadata builders exist, refuse attention backends whose KV cache the plugins cannot
+  address (:mod:`.paged_cache`) and make the builders build from KV eviction's narrowed
+  metadata;
 * each step, before the forward pass: the step's token -> request map into the
   persistent buffers; after it: evict the prompts the step completed, clear the map;
 * finished and preempted requests give their state rows back;
@@ -26,6 +29,7 @@ from vllm_plugins.serving.batch import StepBatch, requested_adapter
 from vllm_plugins.serving.config import PromptAdapterSettings
 from vllm_plugins.serving.kv_eviction import KvEviction, requested_plan
 from vllm_plugins.serving.layers import install_plugin_layers
+from vllm_plugins.serving.paged_cache import check_attention_backends, paged_key_value
 from vllm_plugins.serving.prompt_aware import PromptAwareRuntime
 from vllm_plugins.serving.vllm_fixes import mark_seeded_generators, prompt_logprobs_per_request
 
@@ -35,16 +39,18 @@ class PluginRunnerMixin:
         super().load_model(*args, **kwargs)
         settings = PromptAdapterSettings.from_additional_config(self.vllm_config.additional_config)
         d = dims(self.model_config.hf_config)
-        layers = install_plugin_layers(self.model, self.model_config.architecture, d)
+        layers = install_plugin_layers(self.model, self.model_config.architecture, d, paged_key_value)
         self.prompt_aware = PromptAwareRuntime(layers, settings, self.model_config.model, self.max_num_tokens,
-                                               self.max_num_reqs)
-        self.kv_eviction = KvEviction([layer.attn for layer in layers], self.cache_config.block_size, d.num_heads,
-                                      d.head_dim, self.max_num_tokens, self.max_num_reqs, self.model_config.dtype)
+                                               self.max_num_reqs, self.device, self.model_config.dtype)
+        self.kv_eviction = KvEviction(layers, vi.attention_scale(layers[0].attn), self.cache_config.block_size,
+                                      d.num_heads, d.head_dim, self.max_num_tokens, self.max_num_reqs,
+                                      self.model_config.dtype, self.device)
         ops.bind(self.prompt_aware, self.kv_eviction)
         vi.separate_compile_cache(self.vllm_config)
 
-    def initialize_metadata_builders(self, *args, **kwargs) -> None:
-        super().initialize_metadata_builders(*args, **kwargs)
+    def initialize_metadata_builders(self, kv_cache_config, kernel_block_sizes: list[int]) -> None:
+        super().initialize_metadata_builders(kv_cache_config, kernel_block_sizes)
+        check_attention_backends(vi.attention_backend_names(self), kernel_block_sizes, self.cache_config.block_size)
         vi.rewrite_attention_metadata(self, self.kv_eviction.narrow)
 
     def _update_states(self, scheduler_output):

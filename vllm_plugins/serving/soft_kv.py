@@ -11,7 +11,7 @@ request finishes; a preempted request keeps it (its soft tokens are recomputed i
 The slot travels to the worker in the request's ``extra_args`` (:data:`SOFT_KV_SLOT_ARG`);
 IAPT's served method writes the soft keys/values there at prefill and reads them at every
 adapted token through :func:`~.paged_cache.paged_key_value`, a token-major view of the
-layer's cache as vLLM's CPU attention backend lays it out.
+layer's cache as its attention backend lays it out (CPU, FlashAttention or Triton).
 """
 
 from __future__ import annotations

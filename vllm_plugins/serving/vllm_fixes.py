@@ -77,9 +77,10 @@ def skip_lora_for_tokens_without_adapter() -> None:
 
 def prompt_logprobs_per_request(runner, compute, hidden_states, num_scheduled_tokens: dict[str, int]) -> dict:
     """vLLM's ``_get_prompt_logprobs_dict`` (``compute``) for the step's requests one at a
-    time, each under its own LoRA; the same result and bookkeeping as one call."""
+    time, each under its own LoRA; the same result and bookkeeping as one call. On a GPU
+    (whose LoRA logits path maps rows with other buffers) vLLM's own call, unchanged."""
     wanted = runner.num_prompt_logprobs
-    if not (runner.lora_config and wanted):
+    if not (runner.lora_config and wanted) or runner.device.type != "cpu":
         return compute(hidden_states, num_scheduled_tokens)
     result = {}
     try:

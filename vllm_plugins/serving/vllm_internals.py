@@ -7,10 +7,10 @@ against the installed vLLM: every class subclassed, every method overridden (wit
 parameters), every private attribute read or written. Another vLLM version is refused at
 start-up (:func:`~vllm_plugins.vllm_version.require_supported_vllm`).
 
-The plugins' runner mixin, worker and scheduler subclass vLLM's classes and read the
-attributes listed in :data:`ATTRIBUTES` on ``self``; everything else goes through the
-functions below. Documented interfaces the plugins also use, not listed here: the
-``vllm.general_plugins`` entry point, ``--worker-cls``, ``--scheduler-cls``,
+The plugins' runner mixin, workers, scheduler and CUDA graph dispatcher subclass vLLM's
+classes and read the attributes listed in :data:`ATTRIBUTES` on ``self``; everything else
+goes through the functions below. Documented interfaces the plugins also use, not listed
+here: the ``vllm.general_plugins`` entry point, ``--worker-cls``, ``--scheduler-cls``,
 ``--middleware``, ``--additional-config``, ``SamplingParams.extra_args`` and
 ``LLM.collective_rpc``.
 """
@@ -18,6 +18,7 @@ functions below. Documented interfaces the plugins also use, not listed here: th
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Callable, Iterator
 
@@ -25,28 +26,45 @@ import numpy as np
 import torch
 
 # -- classes the plugins subclass --------------------------------------------------------
+from vllm.config import CUDAGraphMode  # the graph kinds the dispatcher chooses from
+from vllm.forward_context import BatchDescriptor  # PluginBatchDescriptor
 from vllm.v1.core.sched.scheduler import Scheduler  # PromptAwareScheduler
+from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher  # PluginCudagraphDispatcher
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # KV eviction needs it alone
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner  # PluginCPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker  # PromptAwareCPUWorker
-from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # the runner mixin's API
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # the runner mixin's API; PluginGPUModelRunner
+from vllm.v1.worker.gpu_worker import Worker  # vLLM's GPU worker; PromptAwareGPUWorker
 
 from vllm_plugins.vllm_version import SUPPORTED_VLLM
 
 PINNED = SUPPORTED_VLLM
 
+SUBCLASSED = (Scheduler, CPUModelRunner, CPUWorker, GPUModelRunner, Worker, CudagraphDispatcher, BatchDescriptor)
+"""vLLM's classes the plugins subclass."""
+
 OVERRIDDEN: dict[type, dict[str, tuple[str, ...]]] = {
     # class -> method -> its parameters (self first) as the plugins call and override it
     GPUModelRunner: {
+        "__init__": ("self", "vllm_config", "device"),
         "load_model": ("self", "load_dummy_weights", "model"),
         "initialize_metadata_builders": ("self", "kv_cache_config", "kernel_block_sizes"),
         "_update_states": ("self", "scheduler_output"),
         "_prepare_inputs": ("self", "scheduler_output", "num_scheduled_tokens"),
         "_model_forward": ("self", "input_ids", "positions", "intermediate_tensors", "inputs_embeds", "model_kwargs"),
         "_get_prompt_logprobs_dict": ("self", "hidden_states", "num_scheduled_tokens"),
+        "_warmup_and_capture": ("self", "desc", "cudagraph_runtime_mode", "profile_seq_lens", "allow_microbatching",
+                                "num_warmups", "profiler"),
     },
     CPUModelRunner: {"load_model": ("self", "load_dummy_weights")},
     CPUWorker: {"init_device": ("self",)},
+    Worker: {"_make_model_runner": ("self",)},
+    CudagraphDispatcher: {
+        "initialize_cudagraph_keys": ("self", "cudagraph_mode", "uniform_decode_query_len"),
+        "_create_padded_batch_descriptor": ("self", "num_tokens", "uniform_decode", "has_lora", "num_active_loras"),
+        "dispatch": ("self", "num_tokens", "uniform_decode", "has_lora", "num_active_loras", "valid_modes",
+                     "invalid_modes"),
+    },
     Scheduler: {
         "add_request": ("self", "request"),
         "update_from_output": ("self", "scheduler_output", "model_runner_output"),
@@ -62,7 +80,8 @@ OVERRIDDEN: dict[type, dict[str, tuple[str, ...]]] = {
 ATTRIBUTES: dict[str, tuple[str, ...]] = {
     # the class or module that owns them -> attributes the plugins read or write
     "vllm.v1.worker.gpu_model_runner.GPUModelRunner": ("model", "model_config", "cache_config", "vllm_config", "requests", "input_batch", "attn_groups",
-                       "max_num_tokens", "max_num_reqs", "lora_config", "num_prompt_logprobs", "query_start_loc"),
+                       "max_num_tokens", "max_num_reqs", "lora_config", "num_prompt_logprobs", "query_start_loc",
+                       "device", "cudagraph_dispatcher"),
     "vllm.v1.worker.lora_model_runner_mixin.LoRAModelRunnerMixin": ("lora_manager",),
     "vllm.lora.worker_manager.WorkerLoRAManager": ("_adapter_manager",),
     "vllm.lora.model_manager.LoRAModelManager": ("punica_wrapper_mapping",),
@@ -71,22 +90,29 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "vllm.v1.worker.gpu_input_batch.InputBatch": ("req_ids", "num_reqs", "num_computed_tokens_cpu", "generators",
                                                   "req_id_to_index"),
     "vllm.v1.worker.gpu_input_batch.CachedRequestState": ("num_prompt_tokens", "sampling_params", "block_ids", "generator"),
-    "vllm.v1.worker.utils.AttentionGroup": ("metadata_builders",),
-    "vllm.v1.attention.backend.CommonAttentionMetadata": ("num_reqs", "block_table_tensor", "seq_lens"),
+    "vllm.v1.worker.utils.AttentionGroup": ("metadata_builders", "backend"),
+    "vllm.v1.attention.backend.AttentionBackend": ("get_name",),
+    "vllm.v1.attention.backend.CommonAttentionMetadata": ("num_reqs", "block_table_tensor", "seq_lens",
+                                                          "_num_computed_tokens_cache"),
     "vllm.v1.core.sched.output.SchedulerOutput": ("finished_req_ids", "preempted_req_ids", "num_scheduled_tokens"),
     "vllm.v1.core.sched.scheduler.Scheduler": ("kv_cache_manager", "block_size", "running", "requests", "need_mamba_block_aligned_split"),
     "vllm.v1.core.kv_cache_manager.KVCacheManager": ("kv_cache_config", "coordinator", "block_pool"),
     "vllm.v1.core.single_type_kv_cache_manager.SingleTypeKVCacheManager": ("req_to_blocks", "_remove_blocks_in_range"),
     "vllm.v1.request.Request": ("request_id", "sampling_params", "num_prompt_tokens", "num_computed_tokens", "skip_reading_prefix_cache",
                 "cache_salt", "block_hashes", "update_block_hashes"),
-    "vllm.model_executor.layers.attention.attention.Attention": ("kv_cache", "impl"),
+    "vllm.model_executor.layers.attention.attention.Attention": ("kv_cache", "impl", "attn_backend"),
+    "vllm.model_executor.layers.linear.LinearBase": ("quant_method",),
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder": ("isa",),  # it sets Attention.isa
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": ("scale",),  # Attention.impl
-    "vllm.config.vllm.VllmConfig": ("additional_config", "model_config"),
+    "vllm.config.vllm.VllmConfig": ("additional_config", "model_config", "compilation_config", "scheduler_config"),
+    "vllm.config.compilation.CompilationConfig": ("splitting_ops",),
+    "vllm.config.scheduler.SchedulerConfig": ("async_scheduling",),
+    "vllm.forward_context.BatchDescriptor": ("num_tokens", "num_reqs", "uniform", "has_lora", "num_active_loras"),
     "vllm.entrypoints.llm.LLM": ("llm_engine",),
     "vllm.v1.engine.llm_engine.LLMEngine": ("engine_core",),
     "vllm.v1.engine.core_client.EngineCoreClient": ("shutdown",),
     "vllm.v1.worker.cpu_worker.CPUWorker": ("use_v2_model_runner", "cache_config", "vllm_config", "model_runner"),
+    "vllm.v1.worker.gpu_worker.Worker": ("use_v2_model_runner", "cache_config", "vllm_config", "model_runner", "device"),
     "vllm.v1.core.kv_cache_coordinator.KVCacheCoordinator": ("single_type_managers",),
     "vllm.v1.core.block_pool.BlockPool": ("get_num_free_blocks", "get_new_blocks", "free_blocks"),
     "vllm.v1.core.kv_cache_utils.KVCacheBlock": ("block_id", "is_null"),
@@ -155,6 +181,12 @@ def first_group_block_ids(runner, req_id: str) -> list[int]:
     return runner.requests[req_id].block_ids[0]
 
 
+def attention_backend_names(runner) -> list[str]:
+    """vLLM's names of the attention backends of ``runner``'s KV cache groups
+    (``AttentionBackend.get_name()``: "CPU_ATTN", "FLASH_ATTN", ...)."""
+    return [group.backend.get_name() for groups in runner.attn_groups for group in groups]
+
+
 COMPILE_CACHE_MARK = "vllm_plugins_layers"
 
 
@@ -175,9 +207,21 @@ def gone_requests(scheduler_output) -> set[str]:
     return set(scheduler_output.finished_req_ids) | set(scheduler_output.preempted_req_ids or ())
 
 
-def rewrite_attention_metadata(runner, rewrite: Callable) -> None:
-    """Make every attention metadata builder of ``runner`` build from
-    ``rewrite(common_attn_metadata)``: the place vLLM builds each step's metadata."""
+def rewrite_attention_metadata(runner, narrow: Callable) -> None:
+    """Make every attention metadata builder of ``runner`` build from vLLM's common
+    metadata (``CommonAttentionMetadata``) narrowed by ``narrow(num_reqs, block_table,
+    seq_lens) -> (block_table, seq_lens) | None`` (None: unchanged): the place vLLM builds
+    each step's metadata. A narrowed copy has its cache of computed tokens (derived from
+    seq_lens) reset."""
+
+    def rewrite(metadata):
+        narrowed = narrow(metadata.num_reqs, metadata.block_table_tensor, metadata.seq_lens)
+        if narrowed is None:
+            return metadata
+        block_table, seq_lens = narrowed
+        return dataclasses.replace(metadata, block_table_tensor=block_table, seq_lens=seq_lens,
+                                   _num_computed_tokens_cache=None)
+
     for groups in runner.attn_groups:
         for group in groups:
             for builder in group.metadata_builders:
@@ -188,6 +232,25 @@ def rewrite_attention_metadata(runner, rewrite: Callable) -> None:
                     return _build(common_prefix_len, rewrite(common_attn_metadata), *args, **kwargs)
 
                 builder.build = rewritten
+
+
+# -- configuration -----------------------------------------------------------------------
+def add_splitting_ops(vllm_config, ops: tuple[str, ...]) -> None:
+    """Make ``ops`` graph-splitting ops (run eagerly between the pieces of piecewise CUDA
+    graphs, as attention is) if vLLM compiles piecewise, i.e. has splitting ops at all.
+    Called before the model is compiled."""
+    splitting_ops = vllm_config.compilation_config.splitting_ops
+    if splitting_ops:
+        splitting_ops.extend(op for op in ops if op not in splitting_ops)
+
+
+def without_full_graphs(invalid_modes) -> set:
+    """A dispatch's excluded CUDA graph modes (vLLM's ``CUDAGraphMode``), full graphs added."""
+    return {*(invalid_modes or ()), CUDAGraphMode.FULL}
+
+
+def async_scheduling(vllm_config) -> bool:
+    return bool(vllm_config.scheduler_config.async_scheduling)
 
 
 # -- scheduler ---------------------------------------------------------------------------
@@ -225,8 +288,14 @@ def rehash_with_salt(request, salt: str) -> None:
 
 # -- attention layers and caches ---------------------------------------------------------
 def attention_cache(attn) -> torch.Tensor:
-    """The layer's paged KV cache (CPU layout: num_blocks, kv_heads, block_size, 2 * head_dim)."""
+    """The layer's paged KV cache, (num_blocks, kv_heads, block_size, 2 * head_dim) in
+    logical order (:mod:`.paged_cache` reads it)."""
     return attn.kv_cache
+
+
+def attention_backend_name(attn) -> str:
+    """vLLM's name of the attention layer's backend ("CPU_ATTN", "FLASH_ATTN", ...)."""
+    return attn.attn_backend.get_name()
 
 
 def attention_isa(attn) -> str:

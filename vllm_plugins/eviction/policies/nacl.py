@@ -39,7 +39,8 @@ class NaclPolicy(EvictionPolicy):
         chosen = keep_best(scores, num_kept - num_sampled, protected)
         if num_sampled == 0:
             return chosen
-        uniform = torch.rand(scores.shape, generator=prompt.generator).clamp_min(1e-20)
+        # drawn from the request's (CPU) generator wherever the cache is: the same draws on any device
+        uniform = torch.rand(scores.shape, generator=prompt.generator).to(scores.device).clamp_min(1e-20)
         # a token no query attends to (its score underflowed to 0) still gets a finite key,
         # below every other: only the chosen tokens' -inf keeps them from being drawn twice
         gumbel_keys = scores.clamp_min(torch.finfo(scores.dtype).tiny).log() - (-uniform.log()).log()

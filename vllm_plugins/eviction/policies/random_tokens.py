@@ -14,4 +14,5 @@ class RandomPolicy(EvictionPolicy):
     sinks = 0
 
     def scores(self, prompt: CachedPrompt) -> torch.Tensor:
-        return torch.rand(prompt.num_rows, prompt.num_tokens, generator=prompt.generator)
+        # drawn from the request's (CPU) generator wherever the cache is: the same tokens on any device
+        return torch.rand(prompt.num_rows, prompt.num_tokens, generator=prompt.generator).to(prompt.keys.device)

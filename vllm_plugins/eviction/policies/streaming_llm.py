@@ -13,4 +13,4 @@ class StreamingLLMPolicy(EvictionPolicy):
 
     def scores(self, prompt: CachedPrompt) -> torch.Tensor:
         """Recency: besides the protected sinks and recent window, the newest tokens."""
-        return torch.arange(prompt.num_tokens, dtype=torch.float32).expand(prompt.num_rows, -1)
+        return torch.arange(prompt.num_tokens, dtype=torch.float32, device=prompt.keys.device).expand(prompt.num_rows, -1)

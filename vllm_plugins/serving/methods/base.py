@@ -18,7 +18,7 @@ lives in ``vllm_plugins/adapters/<method>/``: :meth:`finalize` calls the adapter
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
@@ -44,14 +44,25 @@ def linear_without_bias(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module.quant_method.apply(module, x)
 
 
+CacheViews = Callable[[nn.Module], tuple[torch.Tensor, torch.Tensor]]
+"""An attention layer -> token-major (keys, values) views (num_blocks, kv_heads,
+block_size, head_dim) of its paged KV cache, in the backend's layout
+(:func:`~vllm_plugins.serving.paged_cache.paged_key_value` for vLLM's)."""
+
+
 @dataclass(frozen=True)
 class LayerModules:
     """A vLLM decoder layer's modules the methods read, and the model's sizes."""
 
     index: int
     qkv_proj: nn.Module
-    attn: nn.Module  # vLLM's Attention; ``attn.kv_cache`` is the layer's paged KV cache
+    attn: nn.Module  # vLLM's Attention (or the decode-step harness's), which holds the layer's paged KV cache
     dims: Dims
+    cache_views: CacheViews
+
+    def key_value(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-major (keys, values) views of the layer's paged KV cache."""
+        return self.cache_views(self.attn)
 
 
 class ServedMethod:
@@ -59,10 +70,13 @@ class ServedMethod:
     code: ClassVar[int]  # the method's number in PromptAwareMetadata.row_method
     sites: ClassVar[frozenset[str]]
 
-    def __init__(self, layers: list[LayerModules], max_rows: int, settings: PromptAdapterSettings):
+    def __init__(self, layers: list[LayerModules], max_rows: int, settings: PromptAdapterSettings,
+                 device: torch.device | str, dtype: torch.dtype):
         """Tables for ``max_rows`` requests (vLLM's max_num_seqs) and ``settings.max_active``
-        adapter slots."""
+        adapter slots, on the model's ``device``; what the per-token work reads of them is
+        in the model's ``dtype``."""
         self.layers = layers
+        self.dtype = dtype
 
     @classmethod
     def check(cls, config, d: Dims, settings: PromptAdapterSettings) -> str | None:
@@ -83,5 +97,7 @@ class ServedMethod:
     def apply(self, site: str, layer: int, x: torch.Tensor, out: torch.Tensor, index: torch.Tensor,
               rows: torch.Tensor, slots: torch.Tensor) -> None:
         """Act on ``out`` (the site's output; ``x`` its input) in place at tokens ``index``
-        (A,), whose state rows are ``rows`` (A,) and adapter slots ``slots`` (A,)."""
+        (A,), whose state rows are ``rows`` (A,; -1: a token the method leaves alone) and
+        adapter slots ``slots`` (A,). No host reads of tensors: the call may be captured in
+        a CUDA graph."""
         raise NotImplementedError

@@ -15,7 +15,6 @@ import torch
 
 from vllm_plugins.adapters.iapt.layer import IaptLayer
 from vllm_plugins.serving.methods.base import LayerModules, ServedMethod, linear_without_bias
-from vllm_plugins.serving.paged_cache import paged_key_value
 from vllm_plugins.serving.soft_kv import SOFT_KV_SLOT_ARG
 from vllm_plugins_kernels import soft_attention_paged_, write_soft_kv
 
@@ -25,9 +24,10 @@ class IaptMethod(ServedMethod):
     code = 0
     sites = frozenset({"attention"})
 
-    def __init__(self, layers: list[LayerModules], max_rows: int, settings):
-        super().__init__(layers, max_rows, settings)
-        self.runs = torch.zeros(max_rows, 3, dtype=torch.int64)
+    def __init__(self, layers: list[LayerModules], max_rows: int, settings, device, dtype):
+        super().__init__(layers, max_rows, settings, device, dtype)
+        self.runs = torch.zeros(max_rows, 3, dtype=torch.int64, device=device)
+        self.max_soft_tokens = settings.max_soft_tokens
 
     @classmethod
     def check(cls, config, d, settings) -> str | None:
@@ -47,23 +47,19 @@ class IaptMethod(ServedMethod):
     def finalize(self, layer: int, row: int, adapter: IaptLayer, pooled: torch.Tensor) -> None:
         modules = self.layers[layer]
         d = modules.dims
-        qkv = linear_without_bias(modules.qkv_proj, adapter.soft_hidden(pooled)[0])
+        qkv = linear_without_bias(modules.qkv_proj, adapter.soft_hidden(pooled)[0].to(self.dtype))
         shape = (-1, d.num_kv_heads, d.head_dim)
         # Finite whatever the adapter: soft keys/values that overflowed to inf/NaN stayed in their KV block after
         # the request and turned base-model answers into '' (tests/test_hardening.py, overflow test).
         qkv = qkv.nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
         keys = qkv[:, d.q_size : d.q_size + d.kv_size].reshape(shape)
         values = qkv[:, d.q_size + d.kv_size :].reshape(shape)
-        key_cache, value_cache = paged_key_value(modules.attn)
+        key_cache, value_cache = modules.key_value()
         block, first, _ = self.runs[row]
         write_soft_kv(key_cache, value_cache, keys[None], values[None], block[None], first[None])
 
     def apply(self, site, layer, x, out, index, rows, slots) -> None:
         modules = self.layers[layer]
-        key_cache, value_cache = paged_key_value(modules.attn)
-        scale = modules.dims.head_dim**-0.5
-        blocks, first, counts = self.runs[rows].unbind(1)
-        for count in counts.unique().tolist():
-            chosen = counts == count
-            soft_attention_paged_(out, x, index[chosen], blocks[chosen], first[chosen], key_cache, value_cache,
-                                  count, scale)
+        key_cache, value_cache = modules.key_value()
+        soft_attention_paged_(out, x, index, rows, self.runs, key_cache, value_cache, self.max_soft_tokens,
+                              modules.dims.head_dim**-0.5)

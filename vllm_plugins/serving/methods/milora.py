@@ -39,14 +39,16 @@ class MiloraMethod(ServedMethod):
     code = 2
     sites = frozenset(SITE_MODULES)
 
-    def __init__(self, layers: list[LayerModules], max_rows: int, settings):
-        super().__init__(layers, max_rows, settings)
+    def __init__(self, layers: list[LayerModules], max_rows: int, settings, device, dtype):
+        super().__init__(layers, max_rows, settings, device, dtype)
         d = layers[0].dims
-        self.gates = torch.zeros(len(layers), max_rows, len(LINEAR_MODULES))
+        self.gates = torch.zeros(len(layers), max_rows, len(LINEAR_MODULES), device=device)
         slots, rank = settings.max_active, settings.max_rank
         shapes = {m: d.linear_shape(m) for m in LINEAR_MODULES}
-        self.lora_a = [{m: torch.zeros(slots, rank, shapes[m][0]) for m in LINEAR_MODULES} for _ in layers]
-        self.lora_b = [{m: torch.zeros(slots, shapes[m][1], rank) for m in LINEAR_MODULES} for _ in layers]
+        self.lora_a = [{m: torch.zeros(slots, rank, shapes[m][0], device=device, dtype=dtype) for m in LINEAR_MODULES}
+                       for _ in layers]
+        self.lora_b = [{m: torch.zeros(slots, shapes[m][1], rank, device=device, dtype=dtype) for m in LINEAR_MODULES}
+                       for _ in layers]
 
     @classmethod
     def check(cls, config, d, settings) -> str | None:
@@ -64,12 +66,14 @@ class MiloraMethod(ServedMethod):
 
     def finalize(self, layer: int, row: int, adapter: MiloraLayer, pooled: torch.Tensor) -> None:
         gates = adapter.state_from_pooled(pooled).gates[0]
-        scaling = torch.tensor([adapter.experts[m].scaling for m in LINEAR_MODULES])
+        scaling = torch.tensor([adapter.experts[m].scaling for m in LINEAR_MODULES], device=gates.device)
         self.gates[layer, row] = gates * scaling
 
     def apply(self, site, layer, x, out, index, rows, slots) -> None:
+        acted = rows >= 0
         for module in SITE_MODULES[site]:
-            scales = self.gates[layer, rows, LINEAR_MODULES.index(module)]
-            chosen_slots = torch.where(scales > 0, slots, -1)
+            # (A,) contiguous, as the kernels read it; a row of -1 reads row 0, unused
+            scales = self.gates[layer, :, LINEAR_MODULES.index(module)].index_select(0, rows.clamp(min=0))
+            chosen_slots = torch.where(acted & (scales > 0), slots, -1)
             expert_lora_(out, x, index, chosen_slots, scales, self.lora_a[layer][module], self.lora_b[layer][module],
                          _first_column(module, self.layers[layer]))

@@ -21,11 +21,11 @@ class ParaMethod(ServedMethod):
     code = 1
     sites = frozenset({"qkv", "gate_up"})
 
-    def __init__(self, layers: list[LayerModules], max_rows: int, settings):
-        super().__init__(layers, max_rows, settings)
+    def __init__(self, layers: list[LayerModules], max_rows: int, settings, device, dtype):
+        super().__init__(layers, max_rows, settings, device, dtype)
         d = layers[0].dims
-        self.qkv = torch.ones(len(layers), max_rows, d.q_size + d.kv_size)
-        self.up = torch.ones(len(layers), max_rows, d.intermediate)
+        self.qkv = torch.ones(len(layers), max_rows, d.q_size + d.kv_size, device=device, dtype=dtype)
+        self.up = torch.ones(len(layers), max_rows, d.intermediate, device=device, dtype=dtype)
 
     @classmethod
     def check(cls, config, d, settings) -> str | None:
