@@ -11,8 +11,13 @@ generating function at ``scale * k`` (the paper's closed form, its method sectio
 and its share of the prompt's keys is the softmax over the keys j of those exponents:
 score_h(j) = z_h(j) - logsumexp_i z_h(i), with
 z_h(j) = scale * mu_h . k_j + scale^2 / 2 * k_j^T Sigma_h k_j. A KV head's score is the log
-of the mean over its group's query heads of exp(score_h). 4 sinks are kept, as the paper
-does; the prompt's last :attr:`~.base.EvictionPolicy.recent` tokens, like every policy.
+of the mean over its group's query heads of exp(score_h). 4 sinks are kept (the paper
+keeps a few; kvpress's press 4), and the prompt's last
+:attr:`~.base.EvictionPolicy.recent` tokens, like every policy.
+
+Shapes: ``prompt.keys`` (rows, n, d), rotated as cached; ``prompt.queries``
+(rows * group, w, d), the rotated queries of the prompt's last ``w = min(64, n)`` tokens,
+a row's ``group`` query heads together; scores (rows, n).
 
 Computed without forming Sigma: mu_h . k is the mean over the window of the logits
 q_p . k, and k^T Sigma_h k their variance (with the same 1 / (w - 1)), so the exponent is
@@ -33,11 +38,13 @@ Deviations from the paper:
   (n - w .. n - 1), so a future query is modelled as one more query of the window: its
   position relative to the keys is that of the end of the prompt, not of the tokens to be
   generated. The spread of the window's rotations over w positions enters Sigma.
-* **Statistics from the prompt's own last queries**, ``min(64, n)`` of them, rather than
-  from hidden states pushed through the query projection; the paper's prefilling setting
-  reads the same thing (the queries of the prompt's end). The window is only read, not
-  protected: the paper keeps no window, so the policy protects just the last
-  :attr:`~.base.EvictionPolicy.recent` tokens and the sinks.
+* **Statistics from the prompt's own last queries**, ``min(64, n)`` of them (the window
+  is our choice; 32 and 128 were measured, docs/eviction.md). The paper models hidden
+  states as Gaussian and maps them through the query projection; a linear map of a
+  Gaussian is the Gaussian of the projected mean and covariance, so only RoPE (above)
+  differs. The window is only read, not protected: the paper keeps no window, so the
+  policy protects just the last :attr:`~.base.EvictionPolicy.recent` tokens and the
+  sinks (protecting all 64 lost most facts at small budgets, docs/eviction.md).
 """
 
 from __future__ import annotations
