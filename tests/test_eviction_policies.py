@@ -85,6 +85,36 @@ def test_snapkv_keeps_its_window_and_the_neighbours_of_what_the_window_attends_t
     assert kept == list(range(58, 63)) + list(range(n - window, n))
 
 
+def test_expected_attention_is_the_gaussian_expectation_of_the_attention_each_key_receives():
+    """Per query head, future queries drawn from the Gaussian with the window's mean and
+    covariance: the Monte Carlo mean of exp(q . k * scale), normalised over the keys and
+    averaged over a KV head's query heads, is exp(score)."""
+    n, rows, group = 120, 2, 2
+    prompt = prompt_for("expected_attention", n=n)
+    assert prompt.queries.shape == (rows * group, 64, 16)
+    got = POLICIES["expected_attention"]().scores(prompt).exp()
+    gen = torch.Generator().manual_seed(1)
+    expected = torch.zeros(rows, n, dtype=torch.float64)
+    for head, window in enumerate(prompt.queries.double()):
+        mean, covariance = window.mean(dim=0), torch.cov(window.T)
+        draws = mean + torch.randn(400_000, 16, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(covariance).T
+        attention = (draws @ prompt.keys[head // group].double().T * prompt.scale).exp().mean(dim=0)
+        expected[head // group] += attention / attention.sum() / group
+    assert torch.allclose(got.double(), expected, rtol=0.02, atol=0)
+    assert torch.allclose(got.sum(dim=-1), torch.ones(rows))
+
+
+def test_expected_attention_keeps_the_keys_the_future_queries_point_to_not_its_window():
+    """A key along the queries' mean direction is kept; the window's other tokens are not
+    protected beyond the last 8."""
+    n = 200
+    keys = torch.randn(1, n, 16) * 0.1
+    prompt = cached_prompt(n=n, rows=1, group=1, window=64, keys=keys)
+    keys[0, 60] = prompt.queries[0].mean(dim=0) * 40
+    kept = POLICIES["expected_attention"]().select(prompt, 4 + 8 + 1)[0].tolist()
+    assert kept == [0, 1, 2, 3, 60] + list(range(n - 8, n))
+
+
 def test_nacl_keeps_sinks_proxy_tokens_the_top_third_and_samples_the_rest():
     n, num_kept = 400, 80
     policy = NaclPolicy()
@@ -186,6 +216,7 @@ def test_every_policy_protects_the_prompts_last_tokens_then_its_sinks():
         "nacl": (11, 4),  # the proxy tokens, max(8, 1% of 1,035)
         "snapkv": (64, 0),  # the observation window
         "sca": (8, 4), "streaming_llm": (8, 4), "random": (8, 0),
+        "expected_attention": (8, 4),  # its 64 queries give statistics only, not protected
     }
     assert set(expected) == set(POLICIES)
     for name, (recent, sinks) in expected.items():

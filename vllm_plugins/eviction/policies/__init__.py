@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt
+from vllm_plugins.eviction.policies.expected_attention import ExpectedAttentionPolicy
 from vllm_plugins.eviction.policies.nacl import NaclPolicy
 from vllm_plugins.eviction.policies.random_tokens import RandomPolicy
 from vllm_plugins.eviction.policies.sca import ScaPolicy
@@ -17,7 +18,7 @@ if TYPE_CHECKING:  # budget.py imports the policies (their protected tokens), no
     from vllm_plugins.eviction.budget import EvictionPlan
 
 POLICIES: dict[str, type[EvictionPolicy]] = {
-    cls.name: cls for cls in (NaclPolicy, ScaPolicy, StreamingLLMPolicy, SnapKVPolicy, RandomPolicy)
+    cls.name: cls for cls in (NaclPolicy, ScaPolicy, StreamingLLMPolicy, SnapKVPolicy, ExpectedAttentionPolicy, RandomPolicy)
 }
 
 
