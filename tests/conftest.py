@@ -32,6 +32,12 @@ SHARED_SERVER_MODULES = ("tests/test_ray_serve.py", "tests/test_serving_http.py"
                          "tests/test_serving_parity.py")
 
 
+def _scope(nodeid: str) -> str:
+    """The unit one pytest-xdist worker runs whole: the test's module, or the shared server's modules."""
+    module = nodeid.split("::", 1)[0]
+    return "shared-server" if module in SHARED_SERVER_MODULES else module
+
+
 def pytest_xdist_make_scheduler(config, log):
     """``make test`` runs two pytest-xdist workers; each takes whole modules, and the
     modules of :data:`SHARED_SERVER_MODULES` as one."""
@@ -39,8 +45,7 @@ def pytest_xdist_make_scheduler(config, log):
 
     class ModuleScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "shared-server" if module in SHARED_SERVER_MODULES else module
+            return _scope(nodeid)
 
     return ModuleScheduling(config, log)
 
@@ -60,14 +65,10 @@ def pytest_collection_modifyitems(config, items) -> None:
     def rank(item) -> int:
         return 0 if item.get_closest_marker("ray") else 1 if item.get_closest_marker("engine") else 2
 
-    def scope(item) -> str:
-        module = item.nodeid.split("::", 1)[0]
-        return "shared-server" if module in SHARED_SERVER_MODULES else module
-
     scope_rank: dict[str, int] = {}
     for item in items:
-        scope_rank[scope(item)] = min(scope_rank.get(scope(item), 2), rank(item))
-    items.sort(key=lambda item: scope_rank[scope(item)])  # stable: a module's tests keep their order
+        scope_rank[_scope(item.nodeid)] = min(scope_rank.get(_scope(item.nodeid), 2), rank(item))
+    items.sort(key=lambda item: scope_rank[_scope(item.nodeid)])  # stable: a module's tests keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)
