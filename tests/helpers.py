@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+
 import torch
 
 from vllm_plugins.adapters.registry import METHODS
@@ -29,3 +33,24 @@ def perturb(lm, seed: int = 0, scale: float = 0.5) -> None:
         for p in lm.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def run_cli(*args: str) -> tuple[int, str]:
+    """(exit status, stderr) of ``vllm-plugins ARGS`` run in this process through the
+    command's ``main``, as its entry point runs it: for runs that are refused or short,
+    without the seconds a new interpreter spends importing torch. The ``vllm_plugins``
+    logger is left as it was found (``main`` configures it)."""
+    from vllm_plugins import cli, logs
+
+    logger = logging.getLogger(logs.ROOT)
+    handlers, level = list(logger.handlers), logger.level
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            try:
+                status = cli.main(list(args))
+            except SystemExit as stop:  # argparse's refusals
+                status = stop.code
+    finally:
+        logger.handlers[:], logger.level = handlers, level
+    return status, stderr.getvalue()

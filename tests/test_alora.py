@@ -13,16 +13,15 @@ from vllm_plugins.adapters.alora import AloraConfig, train_alora
 from vllm_plugins.adapters.alora.allocation import export_peft, importance_scores, validation_batch
 from vllm_plugins.adapters.alora.gated_lora import GatedLoraModel
 from vllm_plugins.adapters.common.model_parts import LINEAR_MODULES
-from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.tasks import load_task
 from vllm_plugins.training.data import EncodedExample, collate, encode
 from vllm_plugins.training.trainer import TrainConfig
 
 
 @pytest.fixture(scope="module")
-def model_dir() -> Path:
-    """The tiny demo model, built on first use and reused from ``$VLLM_PLUGINS_HOME`` after."""
-    return build_demo_model("tiny")
+def model_dir(tiny_llama: Path) -> Path:
+    """The tiny demo model (conftest's: built once per run, whichever worker asks first)."""
+    return tiny_llama
 
 
 @pytest.fixture()

@@ -1,4 +1,5 @@
-"""The ``vllm-plugins`` command line, run as a user runs it."""
+"""The ``vllm-plugins`` command line, run as a user runs it: in a child process, or (for
+refusals and short runs) through its ``main`` in this process."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 
 import pytest
 
+from helpers import run_cli
 from vllm_plugins.adapters.storage import MANIFEST
 
 
@@ -32,15 +34,15 @@ def test_train_writes_a_self_describing_adapter(tiny_llama, tmp_path):
 def test_train_reuses_an_adapter_only_if_it_is_the_one_asked_for(tiny_llama, tmp_path):
     out = tmp_path / "acme"
 
-    def train(task: str, steps: int) -> subprocess.CompletedProcess:
-        return _cli("train", "--method", "para", "--task", task, "--out", str(out), "--steps", str(steps), "--preset", "tiny")
+    def train(task: str, steps: int) -> tuple[int, str]:
+        return run_cli("train", "--method", "para", "--task", task, "--out", str(out), "--steps", str(steps), "--preset", "tiny")
 
-    assert train("reverse", 2).returncode == 0
+    assert train("reverse", 2)[0] == 0
     weights = (out / "adapter.safetensors").read_bytes()
-    assert train("reverse", 2).returncode == 0 and (out / "adapter.safetensors").read_bytes() == weights
+    assert train("reverse", 2)[0] == 0 and (out / "adapter.safetensors").read_bytes() == weights
     for task, steps, differ in (("reverse", 3, "training steps 2"), ("upper", 2, "task 'reverse'")):
-        result = train(task, steps)
-        assert result.returncode == 2 and "holds another adapter" in result.stderr and differ in result.stderr, result.stderr
+        status, stderr = train(task, steps)
+        assert status == 2 and "holds another adapter" in stderr and differ in stderr, stderr
         assert (out / "adapter.safetensors").read_bytes() == weights
 
 
@@ -51,36 +53,40 @@ def test_train_never_writes_into_what_is_not_its_adapter(tiny_llama, tmp_path):
     peft_dir.mkdir()
     (peft_dir / "adapter_config.json").write_text("{}")
     file.write_text("x")
-    assert _cli("train", "--method", "para", "--task", "reverse", "--out", str(odd), "--steps", "1", "--preset", "tiny").returncode == 0
+    assert run_cli("train", "--method", "para", "--task", "reverse", "--out", str(odd), "--steps", "1", "--preset", "tiny")[0] == 0
     manifest = json.loads((odd / MANIFEST).read_text())
     (odd / MANIFEST).write_text(json.dumps({**manifest, "metrics": None, "base_model": "x"}))
     for out, message in ((file, "is not a directory"), (peft_dir, "holds no adapter manifest"), (odd, "holds another adapter")):
         before = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
-        result = _cli("train", "--method", "para", "--task", "reverse", "--out", str(out), "--steps", "1", "--preset", "tiny")
-        assert result.returncode == 2 and message in result.stderr, result.stderr
+        status, stderr = run_cli("train", "--method", "para", "--task", "reverse", "--out", str(out), "--steps", "1", "--preset", "tiny")
+        assert status == 2 and message in stderr, stderr
         assert (sorted(p.name for p in out.iterdir()) if out.is_dir() else None) == before
 
 
 def test_train_refuses_an_unknown_method(tmp_path):
-    result = _cli("train", "--method", "prefix-magic", "--task", "reverse", "--out", str(tmp_path))
-    assert result.returncode == 2
-    assert "invalid choice: 'prefix-magic'" in result.stderr
+    status, stderr = run_cli("train", "--method", "prefix-magic", "--task", "reverse", "--out", str(tmp_path))
+    assert status == 2
+    assert "invalid choice: 'prefix-magic'" in stderr
 
 
 def test_bench_adapters_refuses_a_request_count_below_one(tmp_path):
-    result = _cli("bench", "adapters", "--json", str(tmp_path / "b.json"), "--requests", "0")
-    assert result.returncode == 2
-    assert "--requests: must be at least 1, got 0" in result.stderr
+    status, stderr = run_cli("bench", "adapters", "--json", str(tmp_path / "b.json"), "--requests", "0")
+    assert status == 2
+    assert "--requests: must be at least 1, got 0" in stderr
 
 
-def test_serve_refuses_bad_kv_eviction_flags_before_starting_vllm(tmp_path):
-    result = _cli("serve", "some-model", "--adapter-dir", str(tmp_path), "--kv-eviction", "nacl", "--kv-keep-ratio", "2")
-    assert result.returncode == 2
-    assert "the KV keep ratio must be in (0, 1], got 2.0" in result.stderr
-    result = _cli("serve", "some-model", "--adapter-dir", str(tmp_path), "--kv-eviction", "h2o")
-    assert result.returncode == 2 and "invalid choice: 'h2o'" in result.stderr
-    result = _cli("serve", "some-model", "--adapter-dir", str(tmp_path), "--kv-keep-ratio", "0.5", "--kv-budget", "9")
-    assert result.returncode == 2 and "not allowed with argument" in result.stderr
+def test_serve_refuses_bad_kv_eviction_flags_before_starting_vllm(tmp_path, monkeypatch):
+    def execve(*args):  # serve replaces its process with vllm serve: here, that is a failure
+        raise AssertionError(f"serve went on to start vLLM: {args[1]}")
+
+    monkeypatch.setattr(os, "execve", execve)
+    status, stderr = run_cli("serve", "some-model", "--adapter-dir", str(tmp_path), "--kv-eviction", "nacl", "--kv-keep-ratio", "2")
+    assert status == 2
+    assert "the KV keep ratio must be in (0, 1], got 2.0" in stderr
+    status, stderr = run_cli("serve", "some-model", "--adapter-dir", str(tmp_path), "--kv-eviction", "h2o")
+    assert status == 2 and "invalid choice: 'h2o'" in stderr
+    status, stderr = run_cli("serve", "some-model", "--adapter-dir", str(tmp_path), "--kv-keep-ratio", "0.5", "--kv-budget", "9")
+    assert status == 2 and "not allowed with argument" in stderr
 
 
 @pytest.mark.parametrize("device", ["cpu", "cuda"])
@@ -158,14 +164,17 @@ def test_serve_sizes_the_cpu_kv_cache_unless_told_otherwise(tmp_path):
 def test_bench_adapters_writes_figures_and_ratios(plugins_home, tmp_path):
     """The benchmark's machinery on a tiny random model: base, first and last, and one
     prompt-aware method, each run through an engine of its own (figures are not judged
-    here; every method's engine comes from the same code)."""
+    here; every method's engine comes from the same code). Eager, to start the three
+    engines in a third of the time: the compiled engines are the serving tests' own."""
     out = tmp_path / "bench.json"
-    result = _cli("bench", "adapters", "--preset", "tiny", "--methods", "iapt", "--json", str(out))
+    result = _cli("bench", "adapters", "--preset", "tiny", "--methods", "iapt", "--enforce-eager", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert list(report["methods"]) == ["base", "iapt"]
+    assert report["settings"]["enforce_eager"] is True
     for figures in report["methods"].values():
         assert figures["requests"] == 8
+        assert figures["compilation_mode"] == "NONE"
         assert 0 < figures["ttft_p50_ms"] <= figures["ttft_p99_ms"]
         assert 0 < figures["tpot_p50_ms"] <= figures["tpot_p99_ms"]
         assert figures["output_tokens_per_s"] > 0

@@ -5,12 +5,11 @@ every bad key."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
 from vllm_plugins.config_reader import read_config
 from vllm_plugins.deploy.ray_serve import RayServeConfig
 from vllm_plugins.serving.config import PromptAdapterSettings
@@ -73,10 +72,10 @@ def test_values_that_are_not_json_are_refused():
 
 
 @pytest.mark.parametrize("level, ok", [("debug", True), ("10", True), ("bogus", False)])
-def test_the_cli_logging_level(level, ok, tmp_path):
+def test_the_cli_logging_level(level, ok, tmp_path, monkeypatch):
     """A bad VLLM_PLUGINS_LOGGING_LEVEL is a clear error (exit 2), not a traceback."""
-    done = subprocess.run([sys.executable, "-m", "vllm_plugins.cli", "loadtest", "--config", str(tmp_path / "missing.toml"),
-                           "--host", "http://127.0.0.1:9", "--out", str(tmp_path / "out")], capture_output=True, text=True,
-                          env={"PATH": "/usr/bin:/bin", "VLLM_PLUGINS_LOGGING_LEVEL": level, "HOME": str(tmp_path)})
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert ("is not a logging level" in done.stderr) != ok and ("cannot read load-test config" in done.stderr) == ok
+    monkeypatch.setenv("VLLM_PLUGINS_LOGGING_LEVEL", level)
+    status, stderr = run_cli("loadtest", "--config", str(tmp_path / "missing.toml"), "--host", "http://127.0.0.1:9",
+                             "--out", str(tmp_path / "out"))
+    assert status == 2 and "Traceback" not in stderr
+    assert ("is not a logging level" in stderr) != ok and ("cannot read load-test config" in stderr) == ok
