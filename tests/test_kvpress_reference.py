@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from vllm_plugins.bench import reference_venv
-from vllm_plugins.bench.eviction import PRESETS, answer_tokens, bench_examples
+from vllm_plugins.bench.eviction import PRESETS, answer_tokens, bench_examples, with_task
 from vllm_plugins.bench.kvpress_reference import (
     NO_PRESS, PRESSES, format_reference, kept_tokens, make_job, score_runs, script_path,
 )
@@ -52,11 +52,17 @@ def test_the_job_holds_the_bench_prompts_and_our_kept_counts(tmp_path):
     prompts = [[1] + [7] * (bench.prompt_words + 2) for _ in examples]  # token ids, <bos> included
     job = json.loads(json.dumps(make_job(tmp_path, prompts, bench, answer_tokens(examples[0]))))  # as written
     assert job["model"] == str(tmp_path) and job["prompts"] == prompts and job["presses"] == list(PRESSES)
-    assert job["max_new_tokens"] == 4 and job["kvpress_version"] == "0.5.5"
+    assert job["max_new_tokens"] == 4 and job["kvpress_version"] == "0.5.5" and job["task"] == "retrieval"
     assert [b["keep_ratio"] for b in job["budgets"]] == list(bench.ratios)
     for budget in job["budgets"]:
         assert budget["kept_tokens"] == [kept_tokens(len(p), budget["keep_ratio"], bench.block_size) for p in prompts]
     assert bench_examples(bench)[0].prompt == examples[0].prompt  # the same prompts on both sides
+
+
+def test_the_job_carries_the_task(tmp_path):
+    bench = with_task(PRESETS["default"], "crowded-retrieval")
+    prompts = [[1] + [7] * (bench.prompt_words + 2)]
+    assert make_job(tmp_path, prompts, bench, 4)["task"] == "crowded-retrieval"
 
 
 def test_compression_ratio_keeps_exactly_the_count_asked():
@@ -109,12 +115,12 @@ def test_the_table_lays_presses_beside_the_served_policies():
     report = {
         "results": [{"policy": "off", "keep_ratio": None, "fact_accuracy": 0.998, "answer_accuracy": 0.99},
                     {"policy": "snapkv", "keep_ratio": 0.1, "fact_accuracy": 0.52, "answer_accuracy": 0.1}],
-        "reference": {"version": "0.5.5", "transformers_version": "5.2.0", "kept_tokens": {"0.1": [107]},
+        "reference": {"task": "retrieval", "version": "0.5.5", "transformers_version": "5.2.0", "kept_tokens": {"0.1": [107]},
                       "results": [{"press": NO_PRESS, "keep_ratio": None, "fact_accuracy": 1.0, "answer_accuracy": 1.0},
                                   {"press": "SnapKVPress", "keep_ratio": 0.1, "fact_accuracy": 0.542, "answer_accuracy": 0.2}]},
     }
     lines = format_reference(report).splitlines()
-    assert "0.1: 107" in lines[0] and "keep 0.1" in lines[1]
+    assert "0.1: 107" in lines[0] and "same retrieval prompts" in lines[0] and "keep 0.1" in lines[1]
     served = next(line for line in lines if line.startswith("served") and "snapkv" in line)
     assert served.split()[-2:] == ["0.520", "(0.100)"] and "-" in served
     pressed = next(line for line in lines if "SnapKVPress" in line)

@@ -116,9 +116,9 @@ def cmd_bench_ray_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
 def cmd_bench_eviction(args: argparse.Namespace) -> None:
     import json
 
-    from vllm_plugins.bench.eviction import PRESETS, format_report, run_eviction_bench
+    from vllm_plugins.bench.eviction import PRESETS, format_report, run_eviction_bench, with_task
 
-    bench = dataclasses.replace(PRESETS[args.preset], enforce_eager=args.enforce_eager)
+    bench = with_task(dataclasses.replace(PRESETS[args.preset], enforce_eager=args.enforce_eager), args.task)
     reference = None
     if args.reference == "kvpress":  # first: a failed install stops the command before the engine's minutes
         from vllm_plugins.bench.kvpress_reference import run_kvpress_reference
@@ -171,6 +171,7 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_plugins.bench.eviction import CROWDED_WORDS, TASKS
     from vllm_plugins.demo_model import PRESETS
     from vllm_plugins.eviction.policies import POLICIES
     from vllm_plugins.training.eval_table import DEFAULT_METHODS, DEFAULT_TASKS
@@ -241,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", required=True, type=Path, help="where to write the results")
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="tiny: a quick run on the tiny model")
     p.add_argument("--enforce-eager", action="store_true", help="run the engine eager (default: vLLM's default mode)")
+    p.add_argument("--task", default="retrieval", choices=sorted(TASKS),
+                   help=f"crowded-retrieval: every key's facts, in contexts of at most {CROWDED_WORDS} words: more facts "
+                        "than keep 0.1 keeps")
     p.add_argument("--reference", choices=["kvpress"],
                    help="also run NVIDIA kvpress 0.5.5's presses on the same prompts and kept-token counts, in its own "
                         "venv under $VLLM_PLUGINS_HOME/venvs (created on first use), and report them beside ours")

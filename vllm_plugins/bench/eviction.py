@@ -1,6 +1,11 @@
 """``vllm-plugins bench eviction``: KV eviction on the demo model's long-context retrieval
 task, every policy at several keep ratios against eviction off, in one run and one engine.
 
+Two tasks (:data:`TASKS`): ``retrieval``, contexts holding the facts of a few keys, and
+``crowded-retrieval``, contexts holding the facts of every key of the vocabulary, more
+facts than keep ratio 0.1 keeps, so that a policy must use the question to keep the asked
+key's.
+
 The engine runs in this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so that its
 scheduler and block pool can be read directly. It has a fixed KV cache of
 ``cache_blocks`` blocks of ``block_size`` tokens, a scheduler budget of four whole
@@ -28,21 +33,36 @@ import os
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.eviction.policies import POLICIES
-from vllm_plugins.tasks.retrieval import RetrievalExample, make_retrieval_example
+from vllm_plugins.tasks.retrieval import NUM_KEYS, RetrievalExample, make_retrieval_example
 
 logger = logging.getLogger(__name__)
 
 OFF = ("off", None)
+CROWDED_WORDS = 500  # crowded contexts at most: keep 0.1 then keeps 55 of 503 tokens, fewer than their 64 facts
 IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the engine core runs in this process
+
+
+@dataclass(frozen=True)
+class BenchTask:
+    """What a bench task's contexts hold: the facts of ``num_keys`` keys (None: a few,
+    :func:`~vllm_plugins.tasks.retrieval.keys_in_context`), in at most ``max_words``
+    words (None: any length)."""
+
+    num_keys: int | None = None
+    max_words: int | None = None
+
+
+TASKS = {"retrieval": BenchTask(), "crowded-retrieval": BenchTask(num_keys=NUM_KEYS, max_words=CROWDED_WORDS)}
 
 
 @dataclass(frozen=True)
 class EvictionBench:
     preset: str = "demo"
+    task: str = "retrieval"  # a key of TASKS
     prompt_words: int = 1000  # plus the question and <bos>: 1,003 tokens
     ratios: tuple[float, ...] = (0.1, 0.2, 0.5)
     accuracy_prompts: int = 100
@@ -60,6 +80,12 @@ PRESETS = {
     "tiny": EvictionBench(preset="tiny", prompt_words=300, ratios=(0.2,), accuracy_prompts=4, timing_prompts=2,
                           concurrency_requests=12, decode_tokens=16, cache_blocks=64),
 }
+
+
+def with_task(bench: EvictionBench, task: str) -> EvictionBench:
+    """``bench`` asking ``task``'s questions, its contexts cut to the task's longest."""
+    words = TASKS[task].max_words
+    return replace(bench, task=task, prompt_words=bench.prompt_words if words is None else min(words, bench.prompt_words))
 
 
 def _configs(bench: EvictionBench) -> list[tuple[str, float | None]]:
@@ -179,10 +205,11 @@ def _timed_request(stepper: _Stepper, prompt: str, config, decode_tokens: int) -
 
 
 def bench_examples(bench: EvictionBench) -> list[RetrievalExample]:
-    """The ``accuracy_prompts`` retrieval examples the bench asks (the first of them also
-    serve the timing and concurrency runs)."""
+    """The ``accuracy_prompts`` examples of ``bench.task`` the bench asks (the first of them
+    also serve the timing and concurrency runs)."""
     rng = random.Random(bench.seed)
-    return [make_retrieval_example(rng, bench.prompt_words) for _ in range(bench.accuracy_prompts)]
+    num_keys = TASKS[bench.task].num_keys
+    return [make_retrieval_example(rng, bench.prompt_words, num_keys=num_keys) for _ in range(bench.accuracy_prompts)]
 
 
 def answer_tokens(example: RetrievalExample) -> int:
@@ -234,7 +261,7 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
 
 def format_report(report: dict) -> str:
     lines = [
-        f"KV eviction on the retrieval task: {report['prompt_tokens']}-token prompts, "
+        f"KV eviction on the {report['bench']['task']} task: {report['prompt_tokens']}-token prompts, "
         f"{report['bench']['cache_blocks']} blocks of {report['bench']['block_size']} tokens, "
         f"compilation mode {report['compilation_mode']}",
         f"{'policy':<14}{'ratio':>6}{'facts':>8}{'answers':>8}{'blocks':>8}{'x off':>7}{'running':>8}{'x off':>7}"

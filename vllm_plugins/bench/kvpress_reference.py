@@ -52,11 +52,12 @@ def kept_tokens(num_prompt: int, keep_ratio: float, block_size: int) -> int:
 def make_job(model: Path, prompts: list[list[int]], bench: EvictionBench, max_new_tokens: int,
              presses: tuple[str, ...] = PRESSES, torch_threads: int = 1) -> dict:
     """The job for the standalone script (its docstring gives the format): ``prompts`` are
-    token ids, <bos> included; per keep ratio of ``bench``, one kept count per prompt."""
+    token ids, <bos> included, of ``bench.task``'s examples; per keep ratio of ``bench``,
+    one kept count per prompt."""
     budgets = [{"keep_ratio": ratio, "kept_tokens": [kept_tokens(len(p), ratio, bench.block_size) for p in prompts]}
                for ratio in bench.ratios]
-    return {"model": str(model), "kvpress_version": KVPRESS_VERSION, "max_new_tokens": max_new_tokens, "seed": bench.seed,
-            "torch_threads": torch_threads, "presses": list(presses), "prompts": prompts, "budgets": budgets}
+    return {"model": str(model), "task": bench.task, "kvpress_version": KVPRESS_VERSION, "max_new_tokens": max_new_tokens,
+            "seed": bench.seed, "torch_threads": torch_threads, "presses": list(presses), "prompts": prompts, "budgets": budgets}
 
 
 def run_job(job: dict, python: Path, workdir: Path) -> dict:
@@ -89,7 +90,7 @@ def score_runs(result: dict, job: dict, expected: list[str]) -> list[dict]:
 
 def run_kvpress_reference(bench: EvictionBench, model: Path, spec: ReferenceVenv | None = None) -> dict:
     """The ``reference`` section of the bench's report: kvpress's presses on the bench's
-    prompts (creating kvpress's venv on first use)."""
+    prompts, those of ``bench.task`` (creating kvpress's venv on first use)."""
     from transformers import AutoTokenizer
 
     spec = spec or kvpress_venv()
@@ -105,8 +106,8 @@ def run_kvpress_reference(bench: EvictionBench, model: Path, spec: ReferenceVenv
     for row in rows:
         logger.info(f"kvpress {row['press']} {row['keep_ratio']}: facts {row['fact_accuracy']}, answers {row['answer_accuracy']}")
     return {
-        "library": "kvpress", "version": result["kvpress_version"], "transformers_version": result["transformers_version"],
-        "torch_version": result["torch_version"], "venv": str(spec.path), "seconds": result["seconds"],
+        "library": "kvpress", "task": job["task"], "version": result["kvpress_version"],
+        "transformers_version": result["transformers_version"], "torch_version": result["torch_version"], "venv": str(spec.path), "seconds": result["seconds"],
         "max_new_tokens": job["max_new_tokens"],
         "kept_tokens": {str(b["keep_ratio"]): sorted(set(b["kept_tokens"])) for b in job["budgets"]},
         "results": rows,
@@ -126,7 +127,7 @@ def format_reference(report: dict) -> str:
     width = 16
     lines = [
         f"Beside kvpress {reference['version']} (transformers {reference['transformers_version']}): share of answer "
-        f"facts right (answers entirely right), same prompts, same tokens kept ({kept})",
+        f"facts right (answers entirely right), same {reference['task']} prompts, same tokens kept ({kept})",
         f"{'':<9}{'policy / press':<24}{'full cache':>{width}}" + "".join(f"{f'keep {r:g}':>{width}}" for r in ratios),
     ]
     sources = [("served", report.get("results", []), "policy"), ("kvpress", reference["results"], "press")]

@@ -79,10 +79,14 @@ def keys_in_context(length: int) -> int:
     return max(2, min(MAX_KEYS_PER_CONTEXT, length // WORDS_PER_KEY))
 
 
-def make_retrieval_example(rng: random.Random, length: int, num_questions: int = 1) -> RetrievalExample:
-    """A context of ``length`` words holding every slot's fact for :func:`keys_in_context`
-    distinct keys, and questions that each ask for one of those keys."""
-    num_keys = keys_in_context(length)
+def make_retrieval_example(rng: random.Random, length: int, num_questions: int = 1,
+                           num_keys: int | None = None) -> RetrievalExample:
+    """A context of ``length`` words holding every slot's fact for ``num_keys`` distinct
+    keys (default: :func:`keys_in_context`; ``NUM_KEYS``: every key of the vocabulary, the
+    crowded context), and questions that each ask for one of those keys."""
+    num_keys = keys_in_context(length) if num_keys is None else num_keys
+    if not 1 <= num_keys <= NUM_KEYS:
+        raise ValueError(f"a retrieval context holds 1 to {NUM_KEYS} keys, not {num_keys}")
     if length < num_keys * NUM_SLOTS:
         raise ValueError(f"a retrieval context needs at least {num_keys * NUM_SLOTS} words for its facts, got {length}")
     keys = rng.sample(range(NUM_KEYS), num_keys)

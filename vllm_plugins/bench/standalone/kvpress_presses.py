@@ -9,6 +9,7 @@ transformers than the ``vllm_plugins`` package), so it imports nothing from that
 Job (JSON)::
 
     {"model": "/path/to/transformers/model",       # a Llama-like causal LM
+     "task": "retrieval",                           # what the prompts ask, for the record
      "kvpress_version": "0.5.5",                    # the version the caller installed
      "max_new_tokens": 4, "seed": 0, "torch_threads": 1,
      "presses": ["none", "SnapKVPress", ...],       # "none": the full cache
