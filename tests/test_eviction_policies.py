@@ -119,11 +119,9 @@ def test_nacl_keeps_sinks_proxy_tokens_the_top_third_and_samples_the_rest():
     n, num_kept = 400, 80
     policy = NaclPolicy()
     prompt = prompt_for("nacl", n=n)
-    window = policy.query_window(n)
-    assert window == 8  # max(8, 1% of 400)
     scores = window_attention(prompt)
     kept = policy.select(prompt, num_kept)
-    protected = set(range(4)) | set(range(n - window, n))
+    protected = set(range(4)) | set(range(n - 8, n))  # the last max(8, 1% of 400)
     unprotected = num_kept - len(protected)
     top = round(unprotected / 3)
     for head in range(2):
@@ -132,6 +130,22 @@ def test_nacl_keeps_sinks_proxy_tokens_the_top_third_and_samples_the_rest():
         ranked = [j for j in scores[head].argsort(descending=True).tolist() if j not in protected]
         assert set(ranked[:top]) <= chosen
         assert chosen - protected - set(ranked[:top])  # the sampled part
+
+
+def test_nacl_reads_at_least_20_proxy_queries_and_protects_the_last_1_percent():
+    """The proxy queries: the last 1%, never fewer than 20 (the authors' code evicts no
+    prompt under 2,048 tokens); protected: the last 1%, at least 8, sized apart from them."""
+    policy = NaclPolicy()
+    assert [(policy.query_window(n), policy.recent_window(n)) for n in (15, 400, 1003, 5000)] == [
+        (15, 8), (20, 8), (20, 11), (50, 50)]
+    n = 400
+    prompt = prompt_for("nacl", n=n)
+    assert prompt.queries.shape[1] == 20
+    keys = prompt.keys.clone()
+    keys[:, n - 25] = prompt.queries[::2, 0] * 40  # what each row's oldest proxy query (n - 20) attends to
+    kept = policy.select(CachedPrompt(keys, prompt.queries, prompt.scale, prompt.generator, prompt.kv_heads), 4 + 8 + 3)
+    for row in kept.tolist():  # the best-scored third of 3 unprotected tokens, then 2 sampled
+        assert {0, 1, 2, 3, n - 25} | set(range(n - 8, n)) <= set(row)
 
 
 def test_nacl_samples_in_proportion_to_the_scores():
@@ -213,7 +227,7 @@ def layered_prompt(name: str, n: int, seed: int = 0) -> CachedPrompt:
 def test_every_policy_protects_the_prompts_last_tokens_then_its_sinks():
     n = ISSUE_PROMPT
     expected = {  # (last tokens, sinks): the end of the question first
-        "nacl": (11, 4),  # the proxy tokens, max(8, 1% of 1,035)
+        "nacl": (11, 4),  # max(8, 1% of 1,035); its 20 proxy queries are read, not all protected
         "snapkv": (64, 0),  # the observation window
         "sca": (8, 4), "streaming_llm": (8, 4), "random": (8, 0),
         "expected_attention": (8, 4),  # its 64 queries give statistics only, not protected

@@ -1,16 +1,20 @@
-"""NACL (Chen et al., ACL 2024, arXiv 2408.03675).
+"""NACL (Chen et al., ACL 2024, arXiv 2408.03675; the authors' code: PaddlePaddle/Research,
+NLP/ACL2024-NACL).
 
-The proxy tokens P are the prompt's last tokens (its question); a cached token's score
-is the attention P pays it (:func:`~.base.window_attention`, the paper's Eq. 4 summed
-over the proxy queries). The kept set is, per KV head:
+The proxy tokens P are the prompt's last 1%, and never fewer than 20 (the authors' code
+evicts only prompts of at least 2,048 tokens, so it never reads fewer); a cached token's
+score is the attention P pays it (:func:`~.base.window_attention`, summed over the proxy
+queries and a KV head's query heads). The kept set is, per KV head:
 
-* protected: the attention sinks and P itself;
+* protected: the attention sinks and the prompt's last 1% (at least
+  :attr:`~.base.EvictionPolicy.recent`), sized apart from P as in the authors' code;
 * proxy-selected: the best-scored remaining tokens, a third of what is left;
 * random: the rest, sampled without replacement with probability proportional to the
-  score (the paper's random eviction, Eq. 7, drawn per layer and head), through Gumbel top-k.
+  score (the paper's random eviction, drawn per layer and head), through Gumbel top-k.
 
 The paper's 20% budget splits 2% protected / 6% proxy / 12% random; the one-third /
 two-thirds split of the unprotected part reproduces that ratio at any budget.
+docs/eviction.md measures each choice against the paper and the authors' code.
 """
 
 from __future__ import annotations
@@ -24,16 +28,21 @@ from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt, ke
 
 class NaclPolicy(EvictionPolicy):
     name = "nacl"
-    proxy_fraction: float = 0.01
-    min_proxy: int = 8
+    proxy_fraction: float = 0.01  # the proxy tokens and the protected recent tokens: the prompt's last 1%
+    min_proxy: int = 20  # 1% of 2,048, the shortest prompt the authors' code evicts
     proxy_share: float = 1 / 3  # of the unprotected budget; the rest is sampled
 
     def query_window(self, num_tokens: int) -> int:
         return min(num_tokens, max(self.min_proxy, math.ceil(self.proxy_fraction * num_tokens)))
 
+    def recent_window(self, num_tokens: int) -> int:
+        """The last 1% of the prompt, at least :attr:`recent`: fewer than the proxy tokens
+        on a prompt shorter than 2,000 tokens, whose protected budget stays the paper's 1%."""
+        return min(num_tokens, max(self.recent, math.ceil(self.proxy_fraction * num_tokens)))
+
     def select(self, prompt: CachedPrompt, num_kept: int) -> torch.Tensor:
         scores = window_attention(prompt)
-        protected = self.protected_tokens(prompt.num_tokens)  # the sinks and the proxy tokens
+        protected = self.protected_tokens(prompt.num_tokens)  # the sinks and the last 1%
         unprotected = max(0, num_kept - len(protected))
         num_sampled = unprotected - round(self.proxy_share * unprotected)
         chosen = keep_best(scores, num_kept - num_sampled, protected)
