@@ -64,7 +64,7 @@ def eviction_settings(**overrides) -> dict:
 def engine(request, random_llama):
     from vllm_plugins.serving.offline import running_engine
 
-    with running_engine(random_llama, **eviction_settings(**MODES[request.param])) as llm:
+    with running_engine(random_llama, in_process=True, **eviction_settings(**MODES[request.param])) as llm:
         yield llm
 
 
@@ -154,7 +154,7 @@ def budget_and_lora(random_llama):
 
     settings = eviction_settings(enable_lora=True, max_lora_rank=8, max_loras=1,
                                  additional_config={"kv_eviction": {"policy": "streaming_llm", "budget": 160}})
-    with running_engine(random_llama, **settings) as llm:
+    with running_engine(random_llama, in_process=True, **settings) as llm:
         yield llm
 
 
@@ -168,24 +168,6 @@ def test_a_server_budget_evicts_long_prompts_and_keeps_shorter_ones_whole(budget
     evicted = stats(budget_and_lora)["evictions"] - before
     assert evicted == sum(n - 160 >= BLOCK for n in lengths)
     assert 0 < evicted < len(prompts) and min(lengths) < 160
-
-
-@pytest.mark.parametrize("mode", list(MODES))
-def test_preempted_evicted_requests_resume_exactly(random_llama, reference, prompts, mode, start_engine):
-    """A 20-block cache holds at most two of the six longest prompts whole (8 to 11 blocks
-    each): requests that grow 120 tokens past their evicted prompts get preempted after
-    their eviction, recomputed from scratch (evicted again, their generated tokens
-    recomputed over the kept cache) and still give the reference's tokens."""
-    lm, tokenizer = reference
-    small = start_engine(random_llama, **eviction_settings(num_gpu_blocks_override=20, max_model_len=512, **MODES[mode]))
-    long_prompts = sorted(prompts, key=len)[-6:]
-    xargs = {"kv_eviction": "snapkv", "kv_keep_ratio": 0.2}
-    outputs = small.generate(long_prompts, params(xargs, max_tokens=120), use_tqdm=False)
-    assert stats(small)["evictions"] > len(long_prompts)  # some were evicted twice: preempted after eviction
-    for prompt, got in zip(long_prompts, tokens(outputs)):
-        ids = tokenizer(prompt).input_ids
-        plan = plan_eviction("snapkv", len(ids), -(-len(ids) // 5), BLOCK, 0)
-        assert got == generate_with_eviction(lm, ids, plan, 120, NO_EOS).tokens
 
 
 @pytest.fixture(scope="module")
@@ -225,3 +207,21 @@ def test_eviction_with_prompt_aware_adapters_and_stock_lora_in_one_batch(budget_
         ids = tokenizer(prompt).input_ids
         plan = plan_eviction("nacl", len(ids), -(-len(ids) // 5), BLOCK, 0)
         assert got == generate_with_eviction(models[kind], ids, plan, MAX_TOKENS, NO_EOS).tokens, kind
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_preempted_evicted_requests_resume_exactly(random_llama, reference, prompts, mode, start_engine):
+    """A 20-block cache holds at most two of the six longest prompts whole (8 to 11 blocks
+    each): requests that grow 120 tokens past their evicted prompts get preempted after
+    their eviction, recomputed from scratch (evicted again, their generated tokens
+    recomputed over the kept cache) and still give the reference's tokens."""
+    lm, tokenizer = reference
+    small = start_engine(random_llama, **eviction_settings(num_gpu_blocks_override=20, max_model_len=512, **MODES[mode]))
+    long_prompts = sorted(prompts, key=len)[-6:]
+    xargs = {"kv_eviction": "snapkv", "kv_keep_ratio": 0.2}
+    outputs = small.generate(long_prompts, params(xargs, max_tokens=120), use_tqdm=False)
+    assert stats(small)["evictions"] > len(long_prompts)  # some were evicted twice: preempted after eviction
+    for prompt, got in zip(long_prompts, tokens(outputs)):
+        ids = tokenizer(prompt).input_ids
+        plan = plan_eviction("snapkv", len(ids), -(-len(ids) // 5), BLOCK, 0)
+        assert got == generate_with_eviction(lm, ids, plan, 120, NO_EOS).tokens

@@ -211,10 +211,13 @@ def test_streaming_through_ray_serve(ray_service, server):
     body = {"model": "iapt-1", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
             "ignore_eos": True}
     with httpx.stream("POST", f"{ray_service}/v1/completions", json=body, headers=HEADERS, timeout=120) as reply:
-        assert reply.status_code == 200
-        chunks = [line for line in reply.iter_lines() if line.startswith("data: {")]
-    text = "".join(json.loads(c[len("data: "):])["choices"][0]["text"] for c in chunks)
-    assert len(chunks) == MAX_TOKENS and text == _greedy(server, "iapt-1", PROMPTS[0])
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in reply.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: {") for line in lines[:-1]), lines
+    chunks = [json.loads(line[len("data: "):])["choices"][0] for line in lines[:-1]]
+    # a chunk per engine step; vLLM merges the steps that ran while a slow client read (a loaded machine)
+    assert 1 <= len(chunks) <= MAX_TOKENS and chunks[-1]["finish_reason"] == "length"
+    assert "".join(c["text"] for c in chunks) == _greedy(server, "iapt-1", PROMPTS[0])
 
 
 def test_bad_requests_get_openai_errors_through_ray_serve(ray_service):

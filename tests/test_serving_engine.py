@@ -69,7 +69,7 @@ def _plugin_settings(**overrides) -> dict:
 def engine(request, tiny_llama):
     from vllm_plugins.serving.offline import running_engine
 
-    with running_engine(tiny_llama, **_plugin_settings(**MODES[request.param])) as llm:
+    with running_engine(tiny_llama, in_process=True, **_plugin_settings(**MODES[request.param])) as llm:
         yield llm
 
 
@@ -111,7 +111,7 @@ def bounded(request, tiny_llama):
 
     settings = _plugin_settings(**SMALL_CACHE, **MODES[request.param],
                                 additional_config={"prompt_adapters": {"max_active": 2}})
-    with running_engine(tiny_llama, **settings) as llm:
+    with running_engine(tiny_llama, in_process=True, **settings) as llm:
         yield llm
 
 

@@ -141,7 +141,10 @@ async def _answer_all(url: str, requests: list[tuple[str, str]], clients: int) -
     a time from one event loop (threads would start them too slowly to overlap on a fast
     server)."""
     gate = asyncio.Semaphore(clients)
-    async with httpx.AsyncClient(timeout=REQUEST_SECONDS, limits=httpx.Limits(max_connections=clients)) as client:
+    # a connection per request: a kept-alive one that sat idle past the server's keep-alive
+    # timeout (the event loop starved on a loaded machine) is closed under the next request
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=0)
+    async with httpx.AsyncClient(timeout=REQUEST_SECONDS, limits=limits) as client:
 
         async def one(model: str, prompt: str) -> tuple[str, float, float]:
             async with gate:

@@ -29,7 +29,6 @@ prefix hit would flatter eviction off). For each configuration:
 from __future__ import annotations
 
 import logging
-import os
 import random
 import statistics
 import time
@@ -43,7 +42,6 @@ logger = logging.getLogger(__name__)
 
 OFF = ("off", None)
 CROWDED_WORDS = 500  # crowded contexts at most: keep 0.1 then keeps 55 of 503 tokens, fewer than their 64 facts
-IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"  # "0": the engine core runs in this process
 
 
 @dataclass(frozen=True)
@@ -105,19 +103,12 @@ def _engine(bench: EvictionBench):
     from vllm_plugins.serving.offline import make_engine
 
     tokens = bench.prompt_words + 16 + bench.decode_tokens
-    previous = os.environ.get(IN_PROCESS)
-    os.environ[IN_PROCESS] = "0"
-    try:
-        return make_engine(
-            build_demo_model(bench.preset), worker_cls=CPU_WORKER, scheduler_cls=SCHEDULER, block_size=bench.block_size,
-            num_gpu_blocks_override=bench.cache_blocks, max_model_len=tokens, max_num_batched_tokens=4 * tokens,
-            enable_chunked_prefill=True, enable_prefix_caching=False, enforce_eager=bench.enforce_eager,
-        )
-    finally:
-        if previous is None:
-            os.environ.pop(IN_PROCESS)
-        else:
-            os.environ[IN_PROCESS] = previous
+    return make_engine(
+        build_demo_model(bench.preset), in_process=True, worker_cls=CPU_WORKER, scheduler_cls=SCHEDULER,
+        block_size=bench.block_size, num_gpu_blocks_override=bench.cache_blocks, max_model_len=tokens,
+        max_num_batched_tokens=4 * tokens, enable_chunked_prefill=True, enable_prefix_caching=False,
+        enforce_eager=bench.enforce_eager,
+    )
 
 
 class _Stepper:

@@ -6,32 +6,40 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 from vllm_plugins.vllm_version import require_supported_vllm
 
 # 1 GiB of KV cache is plenty for the demo model and leaves room on a 24 GiB machine.
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+MULTIPROCESSING_ENV = "VLLM_ENABLE_V1_MULTIPROCESSING"  # vLLM's switch: "0" runs the engine core in this process
 
-def make_engine(model: str | Path, **engine_args):
+
+def make_engine(model: str | Path, in_process: bool = False, **engine_args):
     """A vLLM engine for ``model``: float32 (as the reference), small KV cache, compiled as
     vLLM runs by default (pass ``enforce_eager=True`` for eager mode).
 
-    vLLM starts its engine core in a spawned process: a script calling this needs an
-    ``if __name__ == "__main__":`` guard.
+    By default vLLM starts its engine core in a spawned process: a script calling this
+    needs an ``if __name__ == "__main__":`` guard. ``in_process=True`` runs the engine
+    core, scheduler and worker in this process instead (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
+    while the engine starts): no process to spawn and import vLLM into, so an eager engine
+    starts in seconds, and its scheduler and block pool can be read directly.
     """
     require_supported_vllm()
     from vllm import LLM
 
     defaults = dict(dtype="float32", max_model_len=2048, seed=0)
-    return LLM(model=str(model), **{**defaults, **engine_args})
+    switch = mock.patch.dict(os.environ, {MULTIPROCESSING_ENV: "0"}) if in_process else contextlib.nullcontext()
+    with switch:
+        return LLM(model=str(model), **{**defaults, **engine_args})
 
 
 @contextlib.contextmanager
-def running_engine(model: str | Path, **engine_args) -> Iterator:
-    """:func:`make_engine`, whose engine core process is shut down when the block ends
-    (instead of whenever the engine is garbage-collected)."""
-    engine = make_engine(model, **engine_args)
+def running_engine(model: str | Path, in_process: bool = False, **engine_args) -> Iterator:
+    """:func:`make_engine`, whose engine core is shut down when the block ends (instead of
+    whenever the engine is garbage-collected)."""
+    engine = make_engine(model, in_process, **engine_args)
     try:
         yield engine
     finally:
