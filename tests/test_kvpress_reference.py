@@ -14,7 +14,7 @@ import pytest
 from vllm_plugins.bench import reference_venv
 from vllm_plugins.bench.eviction import PRESETS, answer_tokens, bench_examples, with_task
 from vllm_plugins.bench.kvpress_reference import (
-    NO_PRESS, PRESSES, format_reference, kept_tokens, make_job, score_runs, script_path,
+    NO_PRESS, PRESSES, SERVED_POLICY, format_reference, kept_tokens, make_job, score_runs, script_path,
 )
 from vllm_plugins.cli import build_parser
 from vllm_plugins.eviction.budget import min_budget, plan_eviction
@@ -31,17 +31,21 @@ def _script():
     return module
 
 
-def test_kept_tokens_are_what_every_served_policy_keeps():
-    """The most any served policy keeps; all keep the same unless the ratio's budget falls
-    below a policy's smallest (SnapKV's 64-token window, at 5-10% of 300 tokens)."""
+def test_kept_tokens_are_what_the_served_policy_keeps():
+    """A policy's count is the scheduler's plan for it; without a policy, the fewest any
+    keeps. All keep the same unless the ratio's budget falls below a policy's smallest
+    (SnapKV's 64-token window: at keep 0.1 of the crowded task's 503 tokens it keeps 87, the
+    others 55)."""
     assert [kept_tokens(1003, r, DEFAULT.block_size) for r in DEFAULT.ratios] == [107, 203, 523]
-    for n in (300, 1003, 2048):
+    assert kept_tokens(503, 0.1, DEFAULT.block_size, "snapkv") == 87 and kept_tokens(503, 0.1, DEFAULT.block_size) == 55
+    for n in (300, 503, 1003, 2048):
         for ratio in (0.05, 0.1, 0.2, 0.5, 0.9, 1.0):
             kept = {}
             for policy in POLICIES:
                 plan = plan_eviction(policy, n, EvictionRule(policy, ratio).tokens_to_keep(n), DEFAULT.block_size, 0)
                 kept[policy] = n if plan is None else plan.num_kept
-            assert kept_tokens(n, ratio, DEFAULT.block_size) == max(kept.values())
+                assert kept_tokens(n, ratio, DEFAULT.block_size, policy) == kept[policy]
+            assert kept_tokens(n, ratio, DEFAULT.block_size) == min(kept.values())
             if all(EvictionRule(policy, ratio).tokens_to_keep(n) >= min_budget(policy, n) for policy in POLICIES):
                 assert len(set(kept.values())) == 1, (n, ratio, kept)
 
@@ -54,8 +58,12 @@ def test_the_job_holds_the_bench_prompts_and_our_kept_counts(tmp_path):
     assert job["model"] == str(tmp_path) and job["prompts"] == prompts and job["presses"] == list(PRESSES)
     assert job["max_new_tokens"] == 4 and job["kvpress_version"] == "0.5.5" and job["task"] == "retrieval"
     assert [b["keep_ratio"] for b in job["budgets"]] == list(bench.ratios)
+    assert set(SERVED_POLICY) == set(PRESSES) - {NO_PRESS, "ObservedAttentionPress"} and set(SERVED_POLICY.values()) <= set(POLICIES)
     for budget in job["budgets"]:
-        assert budget["kept_tokens"] == [kept_tokens(len(p), budget["keep_ratio"], bench.block_size) for p in prompts]
+        assert set(budget["kept_tokens"]) == set(PRESSES) - {NO_PRESS}
+        for press, counts in budget["kept_tokens"].items():
+            policy = SERVED_POLICY.get(press)
+            assert counts == [kept_tokens(len(p), budget["keep_ratio"], bench.block_size, policy) for p in prompts], press
     assert bench_examples(bench)[0].prompt == examples[0].prompt  # the same prompts on both sides
 
 
@@ -86,7 +94,7 @@ def test_the_script_imports_nothing_of_ours():
 
 def _job_and_result(answers_by_run: dict) -> tuple[dict, dict]:
     prompts = [[1] * 50, [1] * 50]
-    job = {"prompts": prompts, "budgets": [{"keep_ratio": 0.2, "kept_tokens": [10, 10]}]}
+    job = {"prompts": prompts, "budgets": [{"keep_ratio": 0.2, "kept_tokens": {"SnapKVPress": [10, 10]}}]}
     runs = [{"press": press, "keep_ratio": ratio, "kept_tokens": [50, 50] if ratio is None else [10, 10], "answers": answers}
             for (press, ratio), answers in answers_by_run.items()]
     return job, {"runs": runs}
@@ -111,11 +119,19 @@ def test_reference_answers_are_scored_by_the_bench_scorer():
         score_runs(result, job, expected)
 
 
+def test_the_header_says_which_press_kept_more():
+    report = {"reference": {"task": "crowded-retrieval", "version": "0.5.5", "transformers_version": "5.2.0", "results": [],
+                            "kept_tokens": {"0.1": {"SnapKVPress": [87], "RandomPress": [55], "StreamingLLMPress": [55]},
+                                            "0.2": {"SnapKVPress": [119], "RandomPress": [119], "StreamingLLMPress": [119]}}}}
+    assert "(0.1: 87 SnapKVPress, 55 the others; 0.2: 119)" in format_reference(report).splitlines()[0]
+
+
 def test_the_table_lays_presses_beside_the_served_policies():
     report = {
         "results": [{"policy": "off", "keep_ratio": None, "fact_accuracy": 0.998, "answer_accuracy": 0.99},
                     {"policy": "snapkv", "keep_ratio": 0.1, "fact_accuracy": 0.52, "answer_accuracy": 0.1}],
-        "reference": {"task": "retrieval", "version": "0.5.5", "transformers_version": "5.2.0", "kept_tokens": {"0.1": [107]},
+        "reference": {"task": "retrieval", "version": "0.5.5", "transformers_version": "5.2.0",
+                      "kept_tokens": {"0.1": {"SnapKVPress": [107], "RandomPress": [107]}},
                       "results": [{"press": NO_PRESS, "keep_ratio": None, "fact_accuracy": 1.0, "answer_accuracy": 1.0},
                                   {"press": "SnapKVPress", "keep_ratio": 0.1, "fact_accuracy": 0.542, "answer_accuracy": 0.2}]},
     }

@@ -3,8 +3,8 @@ bench's own prompts and kept-token counts, scored by the bench's own scorer.
 
 Our side (this module, in our venv) writes a job: the demo model's directory, every
 prompt's token ids (tokenized by the model's tokenizer, as vLLM does), and for each keep
-ratio the number of tokens our served policies keep of each prompt (the rule's budget
-rounded to whole KV blocks, :func:`kept_tokens`). The standalone script
+ratio and press the number of tokens the press's served counterpart keeps of each prompt
+(:data:`SERVED_POLICY`, :func:`kept_tokens`). The standalone script
 ``standalone/kvpress_presses.py`` runs it in kvpress's venv (:mod:`.reference_venv`) and
 answers greedily under each press; this module scores those answers and lays them beside
 the served policies' rows.
@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 NO_PRESS = "none"  # the full cache
 PRESSES = (NO_PRESS, "ExpectedAttentionPress", "SnapKVPress", "ObservedAttentionPress", "StreamingLLMPress", "RandomPress")
 SCRIPT = "standalone/kvpress_presses.py"
+# Each press keeps what its served counterpart keeps; ObservedAttentionPress (H2O's scores)
+# has none and keeps the rule's own budget.
+SERVED_POLICY = {"ExpectedAttentionPress": "expected_attention", "SnapKVPress": "snapkv",
+                 "StreamingLLMPress": "streaming_llm", "RandomPress": "random"}
 
 
 def script_path() -> Path:
@@ -37,25 +41,27 @@ def script_path() -> Path:
     return Path(str(files("vllm_plugins.bench") / SCRIPT))
 
 
-def kept_tokens(num_prompt: int, keep_ratio: float, block_size: int) -> int:
-    """Tokens of a ``num_prompt``-token prompt the served policies keep at ``keep_ratio``:
-    the rule's budget rounded up to whole evicted blocks, as the scheduler plans it
-    (``num_prompt`` when no block would be freed). The largest over the policies, which
-    differ only where a budget falls below a policy's smallest (its protected tokens)."""
+def kept_tokens(num_prompt: int, keep_ratio: float, block_size: int, policy: str | None = None) -> int:
+    """Tokens of a ``num_prompt``-token prompt that served ``policy`` keeps at
+    ``keep_ratio``, as the scheduler plans it: the rule's budget, raised to the policy's
+    smallest (its protected tokens, e.g. SnapKV's 64-token window) and rounded up to whole
+    evicted blocks; ``num_prompt`` when no block would be freed. ``policy=None``: the
+    rule's own budget, the fewest any served policy keeps."""
     counts = []
-    for policy in sorted(POLICIES):
-        plan = plan_eviction(policy, num_prompt, EvictionRule(policy, keep_ratio).tokens_to_keep(num_prompt), block_size, 0)
+    for name in [policy] if policy else sorted(POLICIES):
+        plan = plan_eviction(name, num_prompt, EvictionRule(name, keep_ratio).tokens_to_keep(num_prompt), block_size, 0)
         counts.append(num_prompt if plan is None else plan.num_kept)
-    return max(counts)
+    return min(counts)
 
 
 def make_job(model: Path, prompts: list[list[int]], bench: EvictionBench, max_new_tokens: int,
              presses: tuple[str, ...] = PRESSES, torch_threads: int = 1) -> dict:
     """The job for the standalone script (its docstring gives the format): ``prompts`` are
-    token ids, <bos> included, of ``bench.task``'s examples; per keep ratio of ``bench``,
-    one kept count per prompt."""
-    budgets = [{"keep_ratio": ratio, "kept_tokens": [kept_tokens(len(p), ratio, bench.block_size) for p in prompts]}
-               for ratio in bench.ratios]
+    token ids, <bos> included, of ``bench.task``'s examples; per keep ratio of ``bench``
+    and press, one kept count per prompt (:data:`SERVED_POLICY`)."""
+    budgets = [{"keep_ratio": ratio, "kept_tokens": {
+        press: [kept_tokens(len(p), ratio, bench.block_size, SERVED_POLICY.get(press)) for p in prompts]
+        for press in presses if press != NO_PRESS}} for ratio in bench.ratios]
     return {"model": str(model), "task": bench.task, "kvpress_version": KVPRESS_VERSION, "max_new_tokens": max_new_tokens,
             "seed": bench.seed, "torch_threads": torch_threads, "presses": list(presses), "prompts": prompts, "budgets": budgets}
 
@@ -74,13 +80,13 @@ def score_runs(result: dict, job: dict, expected: list[str]) -> list[dict]:
     counts over prompts) and the bench's fact and answer accuracy against ``expected``.
     ValueError when a run kept other counts than the job asked, or answered another
     number of prompts."""
-    asked = {budget["keep_ratio"]: budget["kept_tokens"] for budget in job["budgets"]}
-    asked[None] = [len(p) for p in job["prompts"]]
+    asked = {(press, budget["keep_ratio"]): counts for budget in job["budgets"] for press, counts in budget["kept_tokens"].items()}
+    asked[NO_PRESS, None] = [len(p) for p in job["prompts"]]
     rows = []
     for run in result["runs"]:
         if len(run["answers"]) != len(expected):
             raise ValueError(f"{run['press']} at {run['keep_ratio']} answered {len(run['answers'])} prompts, not {len(expected)}")
-        if run["kept_tokens"] != asked[run["keep_ratio"]]:
+        if run["kept_tokens"] != asked.get((run["press"], run["keep_ratio"])):
             raise ValueError(f"{run['press']} at {run['keep_ratio']} kept other token counts than the job asked")
         facts, whole = score_answers(run["answers"], expected)
         rows.append({"press": run["press"], "keep_ratio": run["keep_ratio"], "kept_tokens": sorted(set(run["kept_tokens"])),
@@ -109,7 +115,8 @@ def run_kvpress_reference(bench: EvictionBench, model: Path, spec: ReferenceVenv
         "library": "kvpress", "task": job["task"], "version": result["kvpress_version"],
         "transformers_version": result["transformers_version"], "torch_version": result["torch_version"], "venv": str(spec.path), "seconds": result["seconds"],
         "max_new_tokens": job["max_new_tokens"],
-        "kept_tokens": {str(b["keep_ratio"]): sorted(set(b["kept_tokens"])) for b in job["budgets"]},
+        "kept_tokens": {str(b["keep_ratio"]): {press: sorted(set(counts)) for press, counts in b["kept_tokens"].items()}
+                        for b in job["budgets"]},
         "results": rows,
     }
 
@@ -118,16 +125,29 @@ def _cell(row: dict) -> str:
     return f"{row['fact_accuracy']:.3f} ({row['answer_accuracy']:.3f})"
 
 
+def _kept_summary(kept: dict[str, list[int]]) -> str:
+    """``kept`` (press -> distinct counts) as "87 SnapKVPress, 55 the others", or "107"
+    when every press keeps the same."""
+    by_count: dict[str, list[str]] = {}
+    for press, counts in kept.items():
+        by_count.setdefault("/".join(map(str, counts)), []).append(press)
+    if len(by_count) == 1:
+        return next(iter(by_count))
+    *fewer, most_common = sorted(by_count.items(), key=lambda item: len(item[1]))
+    return ", ".join([f"{count} {'/'.join(presses)}" for count, presses in fewer] + [f"{most_common[0]} the others"])
+
+
 def format_reference(report: dict) -> str:
     """Facts right (answers right) per keep ratio: the served policies' rows from
     ``report["results"]`` (when the engine part ran) above kvpress's presses."""
     reference = report["reference"]
     ratios = [float(r) for r in reference["kept_tokens"]]
-    kept = ", ".join(f"{r:g}: {'/'.join(map(str, reference['kept_tokens'][str(r)]))}" for r in ratios)
+    kept = "; ".join(f"{r:g}: {_kept_summary(reference['kept_tokens'][str(r)])}" for r in ratios)
     width = 16
     lines = [
         f"Beside kvpress {reference['version']} (transformers {reference['transformers_version']}): share of answer "
-        f"facts right (answers entirely right), same {reference['task']} prompts, same tokens kept ({kept})",
+        f"facts right (answers entirely right), same {reference['task']} prompts, each press keeping what its "
+        f"served policy keeps ({kept})",
         f"{'':<9}{'policy / press':<24}{'full cache':>{width}}" + "".join(f"{f'keep {r:g}':>{width}}" for r in ratios),
     ]
     sources = [("served", report.get("results", []), "policy"), ("kvpress", reference["results"], "press")]

@@ -14,7 +14,8 @@ Job (JSON)::
      "max_new_tokens": 4, "seed": 0, "torch_threads": 1,
      "presses": ["none", "SnapKVPress", ...],       # "none": the full cache
      "prompts": [[1, 57, ...], ...],                # token ids, <bos> included
-     "budgets": [{"keep_ratio": 0.1, "kept_tokens": [107, ...]}, ...]}   # one count per prompt
+     "budgets": [{"keep_ratio": 0.1,                # per press, one count per prompt
+                  "kept_tokens": {"SnapKVPress": [107, ...], ...}}, ...]}
 
 Result (JSON): the versions used, the seconds taken, and one run per press and budget
 (one run for "none", with ``keep_ratio`` null)::
@@ -133,7 +134,7 @@ def run_job(job: dict) -> dict:
             runs.append(run_press(model, tokenizer, job, press_name, None, [len(p) for p in job["prompts"]]))
         else:
             for budget in job["budgets"]:
-                runs.append(run_press(model, tokenizer, job, press_name, budget["keep_ratio"], budget["kept_tokens"]))
+                runs.append(run_press(model, tokenizer, job, press_name, budget["keep_ratio"], budget["kept_tokens"][press_name]))
         print(f"kvpress: {press_name} done ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return {"kvpress_version": installed, "transformers_version": version("transformers"),
             "torch_version": torch.__version__, "seconds": round(time.perf_counter() - start, 1), "runs": runs}
