@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from unittest import mock
 
 import torch
 
@@ -35,18 +36,23 @@ def perturb(lm, seed: int = 0, scale: float = 0.5) -> None:
                 p.add_(torch.randn(p.shape, generator=gen) * scale)
 
 
+def _refuse_execve(*args) -> None:
+    raise AssertionError(f"the command went on to replace the test's process: {args[1]}")
+
+
 def run_cli(*args: str) -> tuple[int, str]:
     """(exit status, stderr) of ``vllm-plugins ARGS`` run in this process through the
     command's ``main``, as its entry point runs it: for runs that are refused or short,
-    without the seconds a new interpreter spends importing torch. The ``vllm_plugins``
-    logger is left as it was found (``main`` configures it)."""
+    without the seconds a new interpreter spends importing torch. ``serve`` reaching
+    ``os.execve`` (vllm serve) fails the test instead of replacing its process. The
+    ``vllm_plugins`` logger is left as it was found (``main`` configures it)."""
     from vllm_plugins import cli, logs
 
     logger = logging.getLogger(logs.ROOT)
     handlers, level = list(logger.handlers), logger.level
     stderr = io.StringIO()
     try:
-        with contextlib.redirect_stderr(stderr):
+        with contextlib.redirect_stderr(stderr), mock.patch("os.execve", _refuse_execve):
             try:
                 status = cli.main(list(args))
             except SystemExit as stop:  # argparse's refusals

@@ -115,7 +115,7 @@ def test_expected_attention_keeps_the_keys_the_future_queries_point_to_not_its_w
     assert kept == [0, 1, 2, 3, 60] + list(range(n - 8, n))
 
 
-def test_nacl_keeps_sinks_proxy_tokens_the_top_third_and_samples_the_rest():
+def test_nacl_keeps_sinks_recent_tokens_the_top_third_and_samples_the_rest():
     n, num_kept = 400, 80
     policy = NaclPolicy()
     prompt = prompt_for("nacl", n=n)

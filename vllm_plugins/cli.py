@@ -243,10 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="default", choices=["default", "tiny"], help="tiny: a quick run on the tiny model")
     p.add_argument("--enforce-eager", action="store_true", help="run the engine eager (default: vLLM's default mode)")
     p.add_argument("--task", default="retrieval", choices=sorted(TASKS),
-                   help=f"crowded-retrieval: every key's facts, in contexts of at most {CROWDED_WORDS} words: more facts "
-                        "than keep 0.1 keeps")
+                   help=f"crowded-retrieval: every key's 4 facts in contexts of at most {CROWDED_WORDS} words, more facts "
+                        "than the default preset keeps at ratio 0.1")
     p.add_argument("--reference", choices=["kvpress"],
-                   help="also run NVIDIA kvpress 0.5.5's presses on the same prompts and kept-token counts, in its own "
+                   help="also run NVIDIA kvpress 0.5.5's presses on the same prompts, each keeping what its served policy "
+                        "keeps, in its own "
                         "venv under $VLLM_PLUGINS_HOME/venvs (created on first use), and report them beside ours")
     p.set_defaults(func=cmd_bench_eviction)
     p = bench.add_parser(

@@ -252,7 +252,7 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
 
 def format_report(report: dict) -> str:
     lines = [
-        f"KV eviction on the {report['bench']['task']} task: {report['prompt_tokens']}-token prompts, "
+        f"KV eviction on the {report['bench'].get('task', 'retrieval')} task: {report['prompt_tokens']}-token prompts, "
         f"{report['bench']['cache_blocks']} blocks of {report['bench']['block_size']} tokens, "
         f"compilation mode {report['compilation_mode']}",
         f"{'policy':<14}{'ratio':>6}{'facts':>8}{'answers':>8}{'blocks':>8}{'x off':>7}{'running':>8}{'x off':>7}"

@@ -6,7 +6,6 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from unittest import mock
 
 from vllm_plugins.vllm_version import require_supported_vllm
 
@@ -23,16 +22,31 @@ def make_engine(model: str | Path, in_process: bool = False, **engine_args):
     By default vLLM starts its engine core in a spawned process: a script calling this
     needs an ``if __name__ == "__main__":`` guard. ``in_process=True`` runs the engine
     core, scheduler and worker in this process instead (``VLLM_ENABLE_V1_MULTIPROCESSING=0``
-    while the engine starts): no process to spawn and import vLLM into, so an eager engine
-    starts in seconds, and its scheduler and block pool can be read directly.
+    while it is built): no process to spawn and import vLLM into, so an eager engine starts
+    in seconds, and its scheduler and block pool can be read directly. Its side effects
+    stay in this process: vLLM's distributed state, which any engine's shutdown tears down
+    (so an in-process engine must not serve after another engine shut down); on the CPU,
+    ``torch.set_num_threads`` made a no-op by vLLM's CPU worker; the engine core's
+    ``gc.freeze()`` until its shutdown.
     """
     require_supported_vllm()
     from vllm import LLM
 
+    from vllm_plugins.serving import vllm_internals as vi
+
     defaults = dict(dtype="float32", max_model_len=2048, seed=0)
-    switch = mock.patch.dict(os.environ, {MULTIPROCESSING_ENV: "0"}) if in_process else contextlib.nullcontext()
-    with switch:
+    if not in_process:
         return LLM(model=str(model), **{**defaults, **engine_args})
+    previous = os.environ.get(MULTIPROCESSING_ENV)
+    os.environ[MULTIPROCESSING_ENV] = "0"
+    try:
+        return LLM(model=str(model), **{**defaults, **engine_args})
+    finally:
+        if previous is None:
+            del os.environ[MULTIPROCESSING_ENV]
+        else:
+            os.environ[MULTIPROCESSING_ENV] = previous
+        vi.reset_envs_cache()  # or the cached "0" would put later engines' cores here too
 
 
 @contextlib.contextmanager

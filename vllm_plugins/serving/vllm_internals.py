@@ -106,6 +106,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": ("scale",),  # Attention.impl
     "vllm.config.vllm.VllmConfig": ("additional_config", "model_config", "compilation_config", "scheduler_config"),
     "vllm.config.compilation.CompilationConfig": ("splitting_ops",),
+    "vllm.envs": ("disable_envs_cache",),
     "vllm.config.scheduler.SchedulerConfig": ("async_scheduling",),
     "vllm.forward_context.BatchDescriptor": ("num_tokens", "num_reqs", "uniform", "has_lora", "num_active_loras"),
     "vllm.entrypoints.llm.LLM": ("llm_engine",),
@@ -314,8 +315,19 @@ def cpu_reshape_and_cache(key, value, key_cache, value_cache, slots, isa) -> Non
 
 # -- offline engines ---------------------------------------------------------------------
 def shutdown_engine(llm) -> None:
-    """Stop a ``vllm.LLM``'s engine core process now (``LLM`` has no public close)."""
+    """Stop a ``vllm.LLM``'s engine core now, in its process or in this one (``LLM`` has
+    no public close). Its shutdown also tears down vLLM's distributed state in this
+    process, which an engine core running here still needs."""
     llm.llm_engine.engine_core.shutdown()
+
+
+def reset_envs_cache() -> None:
+    """An engine core started in this process caches vLLM's environment variables for
+    the life of the process (``vllm.envs.enable_envs_cache``): undo that, so that a later
+    engine reads them again."""
+    from vllm import envs
+
+    envs.disable_envs_cache()
 
 
 # -- modules the fixes of vllm_fixes.py patch --------------------------------------------

@@ -9,7 +9,8 @@ decided elsewhere (:mod:`vllm_plugins.eviction.budget`, :mod:`vllm_plugins.servi
 Every policy protects some tokens, kept whatever the scores (:meth:`EvictionPolicy.protected_tokens`):
 the prompt's last tokens, which hold its question (at least :attr:`EvictionPolicy.recent`,
 and by default the query window the policy reads; expected attention reads its window for
-statistics only and protects just the last :attr:`EvictionPolicy.recent`), and its leading
+statistics only and protects just the last :attr:`EvictionPolicy.recent`, NACL protects
+its last 1%), and its leading
 attention sinks. A budget never
 keeps fewer (:func:`vllm_plugins.eviction.budget.min_budget`); should a policy still be
 asked for fewer, the most recent tokens win.
@@ -72,8 +73,8 @@ class EvictionPolicy:
 
     def recent_window(self, num_tokens: int) -> int:
         """How many of the prompt's last tokens the policy always keeps: at least
-        :attr:`recent`, and by default the query window it reads (NACL's proxy tokens,
-        SnapKV's observation window)."""
+        :attr:`recent`, and by default the query window it reads (SnapKV's observation
+        window)."""
         return min(num_tokens, max(self.recent, self.query_window(num_tokens)))
 
     def protected_tokens(self, num_tokens: int) -> list[int]:

@@ -36,8 +36,8 @@ class NaclPolicy(EvictionPolicy):
         return min(num_tokens, max(self.min_proxy, math.ceil(self.proxy_fraction * num_tokens)))
 
     def recent_window(self, num_tokens: int) -> int:
-        """The last 1% of the prompt, at least :attr:`recent`: fewer than the proxy tokens
-        on a prompt shorter than 2,000 tokens, whose protected budget stays the paper's 1%."""
+        """The last 1% of the prompt, at least :attr:`recent` (8): below 1,901 tokens fewer
+        than the 20 proxy tokens, and below 800 tokens more than 1%."""
         return min(num_tokens, max(self.recent, math.ceil(self.proxy_fraction * num_tokens)))
 
     def select(self, prompt: CachedPrompt, num_kept: int) -> torch.Tensor:
