@@ -100,8 +100,9 @@ def test_bad_kv_eviction_settings_are_400_and_the_server_keeps_serving(server, x
     status, body = _request(f"{server}/v1/chat/completions", chat)
     assert status == 400 and message in body["error"]["message"], body
     for model in ("demo", "para-1", "lora-1"):  # evicted for real: 128-token blocks, one freed
-        status, body = _complete(server, model, prompt, vllm_xargs={"kv_eviction": "nacl", "kv_budget": 60})
-        assert status == 200 and len(body["choices"][0]["text"].split()) > 0, body
+        status, body = _complete(server, model, prompt, vllm_xargs={"kv_eviction": "nacl", "kv_budget": 60}, ignore_eos=True)
+        # every token generated (a tenant's 8 tokens may all be blank: the text is not judged here)
+        assert status == 200 and body["usage"]["completion_tokens"] == 8, body
 
 
 @pytest.fixture
