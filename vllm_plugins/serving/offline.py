@@ -32,21 +32,28 @@ def make_engine(model: str | Path, in_process: bool = False, **engine_args):
     require_supported_vllm()
     from vllm import LLM
 
+    defaults = dict(dtype="float32", max_model_len=2048, seed=0)
+    with _engine_core_here() if in_process else contextlib.nullcontext():
+        return LLM(model=str(model), **{**defaults, **engine_args})
+
+
+@contextlib.contextmanager
+def _engine_core_here() -> Iterator[None]:
+    """vLLM's switch set to "0" while an engine is built, then restored, only that
+    variable (vLLM sets others while it starts); and vLLM's environment cache reset, or
+    its cached "0" would put later engines' cores in this process too."""
     from vllm_plugins.serving import vllm_internals as vi
 
-    defaults = dict(dtype="float32", max_model_len=2048, seed=0)
-    if not in_process:
-        return LLM(model=str(model), **{**defaults, **engine_args})
     previous = os.environ.get(MULTIPROCESSING_ENV)
     os.environ[MULTIPROCESSING_ENV] = "0"
     try:
-        return LLM(model=str(model), **{**defaults, **engine_args})
+        yield
     finally:
         if previous is None:
             del os.environ[MULTIPROCESSING_ENV]
         else:
             os.environ[MULTIPROCESSING_ENV] = previous
-        vi.reset_envs_cache()  # or the cached "0" would put later engines' cores here too
+        vi.reset_envs_cache()
 
 
 @contextlib.contextmanager
