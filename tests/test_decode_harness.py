@@ -47,7 +47,7 @@ def test_harness_gives_the_reference_adapters_tokens(tiny_llama, tmp_path):
     dirs = {m: save_random_adapter(m, tiny_llama, tmp_path / m, seed) for seed, m in enumerate(methods) if m != "base"}
     config = StackConfig.from_checkpoint(tiny_llama)
     model, layers = build_stack(config, 256, 4, 16, 128, torch.float32, "cpu", checkpoint=tiny_llama)
-    runtime = bind_runtime(layers, PromptAdapterSettings(max_active=3), str(tiny_llama), 256, 32, "cpu", torch.float32)
+    runtime = bind_runtime(model, layers, PromptAdapterSettings(max_active=3), str(tiny_llama), 256, 32, "cpu", torch.float32)
     banks = make_banks(model, rank=8, num_slots=2, seed=0)
     load_peft_lora(dirs["lora"], banks, slot=1)
     mapping = LoraMapping(2, 256, "cpu")
@@ -77,7 +77,7 @@ def test_a_step_compiled_once_serves_other_batches_from_the_buffers(monkeypatch)
     preset = PRESETS["tiny"]
     model, layers = build_stack(preset.config, 64, 2, 16, 64, torch.float32, "cpu", seed=0)
     adapters = MemoryAdapters(preset.config.dims, PROMPT_AWARE, generators=2, seed=1)
-    runtime = bind_runtime(layers, PromptAdapterSettings(max_active=6), "", 64, 32, "cpu", torch.float32, adapters.read)
+    runtime = bind_runtime(model, layers, PromptAdapterSettings(max_active=6), "", 64, 32, "cpu", torch.float32, adapters.read)
     mapping = LoraMapping(3, 64, "cpu")
     install_lora(model, make_banks(model, rank=8, num_slots=3, seed=2), mapping)
     engine = HarnessEngine(model, runtime, mapping, 64)

@@ -16,19 +16,29 @@ from vllm_plugins.eviction.farthest_points import farthest_points
 from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
 from vllm_plugins.eviction.policies.base import keep_best, keep_best_torch, window_attention
 from vllm_plugins.eviction.policies.nacl import NaclPolicy
+from vllm_plugins.eviction.query_moments import QueryMoments
 from vllm_plugins.eviction.settings import EvictionRule, EvictionSettings, EvictionSettingsError
 from vllm_plugins.serving.config import eviction_settings
 
 
-def cached_prompt(n: int = 120, rows: int = 2, group: int = 2, window: int = 8, seed: int = 0, keys=None, kv_heads: int = 1) -> CachedPrompt:
+def cached_prompt(n: int = 120, rows: int = 2, group: int = 2, window: int = 8, seed: int = 0, keys=None, kv_heads: int = 1,
+                  as_moments: bool = False) -> CachedPrompt:
+    """Random keys and window queries; ``as_moments``: the queries as their moments (and
+    random value norms), as expected attention reads them."""
     gen = torch.Generator().manual_seed(seed)
     keys = torch.randn(rows, n, 16, generator=gen) if keys is None else keys
     queries = torch.randn(rows * group, window, 16, generator=gen)
-    return CachedPrompt(keys, queries, 0.25, torch.Generator().manual_seed(seed), kv_heads)
+    if not as_moments:
+        return CachedPrompt(keys, queries, 0.25, torch.Generator().manual_seed(seed), kv_heads)
+    moments = QueryMoments.empty(rows * group, 16)
+    moments.add(queries)
+    norms = torch.rand(rows, n, generator=gen) + 0.5
+    return CachedPrompt(keys, queries[:, :0], 0.25, torch.Generator().manual_seed(seed), kv_heads, moments, norms)
 
 
-def prompt_for(policy_name: str, n: int = 120, seed: int = 0) -> CachedPrompt:
-    return cached_prompt(n, window=POLICIES[policy_name]().query_window(n), seed=seed)
+def prompt_for(policy_name: str, n: int = 120, seed: int = 0, **kwargs) -> CachedPrompt:
+    policy = POLICIES[policy_name]
+    return cached_prompt(n, window=policy().query_window(n), seed=seed, as_moments=policy.queries_as_moments, **kwargs)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
@@ -85,34 +95,37 @@ def test_snapkv_keeps_its_window_and_the_neighbours_of_what_the_window_attends_t
     assert kept == list(range(58, 63)) + list(range(n - window, n))
 
 
-def test_expected_attention_is_the_gaussian_expectation_of_the_attention_each_key_receives():
-    """Per query head, future queries drawn from the Gaussian with the window's mean and
-    covariance: the Monte Carlo mean of exp(q . k * scale), normalised over the keys and
-    averaged over a KV head's query heads, is exp(score)."""
+def test_expected_attention_is_the_gaussian_expectation_of_the_attention_each_key_receives_times_its_value_norm():
+    """Per query head, future queries drawn from the Gaussian with the moments' mean and
+    covariance: the Monte Carlo mean of exp(q . k * scale), normalised over the keys,
+    averaged over a KV head's query heads and times the value's norm, is exp(score)."""
     n, rows, group = 120, 2, 2
     prompt = prompt_for("expected_attention", n=n)
-    assert prompt.queries.shape == (rows * group, 64, 16)
+    assert prompt.query_moments.count == n - 4 and prompt.queries.numel() == 0
     got = POLICIES["expected_attention"]().scores(prompt).exp()
     gen = torch.Generator().manual_seed(1)
     expected = torch.zeros(rows, n, dtype=torch.float64)
-    for head, window in enumerate(prompt.queries.double()):
-        mean, covariance = window.mean(dim=0), torch.cov(window.T)
+    moments = prompt.query_moments
+    for head, (mean, covariance) in enumerate(zip(moments.mean.double(), moments.covariance.double())):
         draws = mean + torch.randn(400_000, 16, generator=gen, dtype=torch.float64) @ torch.linalg.cholesky(covariance).T
         attention = (draws @ prompt.keys[head // group].double().T * prompt.scale).exp().mean(dim=0)
         expected[head // group] += attention / attention.sum() / group
-    assert torch.allclose(got.double(), expected, rtol=0.02, atol=0)
-    assert torch.allclose(got.sum(dim=-1), torch.ones(rows))
+    assert torch.allclose(got.double(), expected * prompt.value_norms.double(), rtol=0.02, atol=0)
+    assert torch.allclose((got / prompt.value_norms).sum(dim=-1), torch.ones(rows))
 
 
-def test_expected_attention_keeps_the_keys_the_future_queries_point_to_not_its_window():
-    """A key along the queries' mean direction is kept; the window's other tokens are not
-    protected beyond the last 8."""
+def test_expected_attention_keeps_the_keys_the_future_queries_point_to_and_protects_only_the_sinks():
+    """A key along the queries' mean direction is kept; of the prompt's last tokens, only
+    those the future queries are expected to attend to."""
     n = 200
     keys = torch.randn(1, n, 16) * 0.1
-    prompt = cached_prompt(n=n, rows=1, group=1, window=64, keys=keys)
-    keys[0, 60] = prompt.queries[0].mean(dim=0) * 40
-    kept = POLICIES["expected_attention"]().select(prompt, 4 + 8 + 1)[0].tolist()
-    assert kept == [0, 1, 2, 3, 60] + list(range(n - 8, n))
+    prompt = prompt_for("expected_attention", n=n, rows=1, group=1, keys=keys)
+    keys[0, 60] = prompt.query_moments.mean[0] * 40
+    prompt.value_norms.fill_(1.0)
+    policy = POLICIES["expected_attention"]()
+    assert policy.select(prompt, 5)[0].tolist() == [0, 1, 2, 3, 60]
+    prompt.value_norms[0, 60] = 1e-30  # a value that adds nothing to the output is not kept
+    assert 60 not in policy.select(prompt, 5)[0].tolist()
 
 
 def test_nacl_keeps_sinks_recent_tokens_the_top_third_and_samples_the_rest():
@@ -221,7 +234,7 @@ ISSUE_PROMPT = 1035  # the retrieval prompt of the report: kv_budget 1 kept 0-3 
 
 def layered_prompt(name: str, n: int, seed: int = 0) -> CachedPrompt:
     """Two layers of two KV heads each (SCA chooses per layer), with the policy's query window."""
-    return cached_prompt(n, rows=4, window=POLICIES[name]().query_window(n), seed=seed, kv_heads=2)
+    return prompt_for(name, n, seed=seed, rows=4, kv_heads=2)
 
 
 def test_every_policy_protects_the_prompts_last_tokens_then_its_sinks():
@@ -230,7 +243,7 @@ def test_every_policy_protects_the_prompts_last_tokens_then_its_sinks():
         "nacl": (11, 4),  # max(8, 1% of 1,035); its 20 proxy queries are read, not all protected
         "snapkv": (64, 0),  # the observation window
         "sca": (8, 4), "streaming_llm": (8, 4), "random": (8, 0),
-        "expected_attention": (8, 4),  # its 64 queries give statistics only, not protected
+        "expected_attention": (0, 4),  # as in the paper: the sinks only
     }
     assert set(expected) == set(POLICIES)
     for name, (recent, sinks) in expected.items():
@@ -242,17 +255,19 @@ def test_every_policy_protects_the_prompts_last_tokens_then_its_sinks():
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_every_policy_keeps_the_last_prompt_tokens_at_the_smallest_accepted_budget(name):
+def test_every_policy_keeps_what_it_protects_at_the_smallest_accepted_budget(name):
     """The report's case for every policy: at the smallest budget ``rule_for`` accepts, the
     plan's kept tokens, in every layer and KV head, hold the prompt's last tokens (its
-    question), and the selection at exactly that budget keeps every protected token."""
+    question; at least the last 8 for every policy but expected attention, which protects
+    the sinks only, as its paper does), and the selection at exactly that budget keeps
+    every protected token."""
     n = ISSUE_PROMPT
     smallest = min_budget(name, n)
     rule = EvictionSettings().rule_for({"kv_eviction": name, "kv_budget": smallest}, n)
     plan = plan_eviction(rule.policy, n, rule.tokens_to_keep(n), 32, 0)
     policy = POLICIES[name]()
     last = set(range(n - policy.recent_window(n), n))
-    assert last >= set(range(n - policy.recent, n))
+    assert last >= set(range(n - (0 if name == "expected_attention" else policy.recent), n))
     for num_kept in (plan.num_kept, smallest):
         kept = policy.select(layered_prompt(name, n), num_kept)
         assert kept.shape == (4, num_kept)
@@ -263,13 +278,13 @@ def test_every_policy_keeps_the_last_prompt_tokens_at_the_smallest_accepted_budg
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_below_its_protected_tokens_a_policy_keeps_the_most_recent_first(name):
     """Defence in depth: asked for fewer tokens than it protects (no plan does that), a
-    policy keeps the end of the prompt before its sinks."""
+    policy keeps the end of the prompt it protects before its sinks."""
     n = 300
     policy = POLICIES[name]()
     window = policy.recent_window(n)
     for num_kept in (1, 4, window, min_budget(name, n) - 1):
         for row in policy.select(layered_prompt(name, n), num_kept).tolist():
-            assert row[-min(num_kept, window):] == list(range(n - min(num_kept, window), n)), (name, num_kept)
+            assert row[num_kept - min(num_kept, window):] == list(range(n - min(num_kept, window), n)), (name, num_kept)
             assert len(row) == num_kept
 
 
@@ -291,12 +306,15 @@ def test_a_request_budget_below_the_protected_tokens_is_refused_with_the_smalles
         assert server.rule_for({**xargs, "kv_budget": smallest}, num_prompt=n) == EvictionRule(name, budget=smallest)
     with pytest.raises(EvictionSettingsError, match=r"the smallest budget is 15 \(nacl always keeps the prompt's last 11 tokens"):
         EvictionSettings().rule_for({"kv_eviction": "nacl", "kv_budget": 1}, num_prompt=n)  # the report's request
+    with pytest.raises(EvictionSettingsError, match=r"budget is 4 \(expected_attention always keeps its first 4, the attention sinks\)"):
+        EvictionSettings().rule_for({"kv_eviction": "expected_attention", "kv_budget": 3}, num_prompt=n)
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
 def test_the_server_default_and_keep_ratios_never_plan_fewer_than_the_protected_tokens(name):
     """The server's own budget or ratio, and a request's ratio, are no error below the
-    minimum: the plan keeps the protected tokens, and so the question."""
+    minimum: the plan keeps the protected tokens, and so the question (the last 8 at
+    least, expected attention apart: test_every_policy_protects_the_prompts_last_tokens...)."""
     n = ISSUE_PROMPT
     smallest = min_budget(name, n)
     for server, xargs in [
@@ -309,8 +327,9 @@ def test_the_server_default_and_keep_ratios_never_plan_fewer_than_the_protected_
         plan = plan_eviction(rule.policy, n, rule.tokens_to_keep(n), 32, 0)
         assert plan.num_kept >= smallest and plan.num_evicted % 32 == 0
         assert plan == plan_eviction(name, n, smallest, 32, 0)  # the floor, rounded to whole blocks
-        for row in POLICIES[name]().select(layered_prompt(name, n), plan.num_kept).tolist():
-            assert set(range(n - 8, n)) <= set(row)
+        policy = POLICIES[name]()
+        for row in policy.select(layered_prompt(name, n), plan.num_kept).tolist():
+            assert set(policy.protected_tokens(n)) <= set(row)
     assert plan_eviction("snapkv", 40, 1, 32, 0) is None  # the floor leaves no whole block to free
 
 

@@ -28,6 +28,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _wider_width(text: str) -> int:
+    """A width ``bench eviction-prefill`` can build: a positive multiple of 128, at most 8,192."""
+    value = int(text)
+    if not 0 < value <= 8192 or value % 128:
+        raise argparse.ArgumentTypeError(f"must be a multiple of 128 from 128 to 8192, got {value}")
+    return value
+
+
+def _timing_prompts(text: str) -> int:
+    """How many of the bench's 100 retrieval prompts to time: 1 to 100."""
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be from 1 to 100 (the bench's prompts), got {value}")
+    return value
+
+
 def _add_base_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model directory (default: the demo model)")
     p.add_argument("--preset", default="demo", help="demo model preset when --base is not given")
@@ -111,6 +127,18 @@ def cmd_bench_ray_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     (args.out / "ray-serve-bench.json").write_text(json.dumps(report, indent=2) + "\n")
     print(format_report(report))
     print(f"written: {args.out / 'ray-serve-bench.json'}")
+
+
+def cmd_bench_eviction_prefill(args: argparse.Namespace) -> None:
+    import json
+
+    from vllm_plugins.bench.eviction_prefill import PrefillBench, format_prefill_report, run_prefill_bench
+
+    report = run_prefill_bench(PrefillBench(hidden=args.hidden, prompts=args.prompts, enforce_eager=args.enforce_eager))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    print(format_prefill_report(report))
+    print(f"written: {args.json}")
 
 
 def cmd_bench_eviction(args: argparse.Namespace) -> None:
@@ -250,6 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "keeps, in its own "
                         "venv under $VLLM_PLUGINS_HOME/venvs (created on first use), and report them beside ours")
     p.set_defaults(func=cmd_bench_eviction)
+    p = bench.add_parser("eviction-prefill",
+                         help="prefill with and without KV eviction on a random Llama wider than the demo model")
+    p.add_argument("--json", required=True, type=Path, help="where to write the results")
+    p.add_argument("--hidden", type=_wider_width, default=512,
+                   help="the model's width: hidden / 64 query heads of 64 dimensions, 4 layers (default 512)")
+    p.add_argument("--prompts", type=_timing_prompts, default=8,
+                   help="retrieval prompts timed under every configuration (default 8)")
+    p.add_argument("--enforce-eager", action="store_true", help="run the engine eager (default: vLLM's default mode)")
+    p.set_defaults(func=cmd_bench_eviction_prefill)
     p = bench.add_parser(
         "ray-serve",
         help="the same load test against a plain server and through Ray Serve (one replica); unknown arguments go to vllm serve",

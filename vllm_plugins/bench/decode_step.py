@@ -299,14 +299,14 @@ def run_decode_step_bench(preset_name: str, device: str, compile_step: bool = Fa
             on_progress(report)
 
     for count in preset.adapter_counts:
-        runtime = bind_runtime(layers, _settings(preset, count), "", max_tokens, max_rows, device, dtype, adapters.read)
+        runtime = bind_runtime(model, layers, _settings(preset, count), "", max_tokens, max_rows, device, dtype, adapters.read)
         engine = HarnessEngine(model, runtime, None, num_blocks)
         for method in (BASE, *PROMPT_AWARE):
             if method != BASE:
                 runtime.slots.activate([(f"{method}-{a}", adapter_path(method, a)) for a in range(count)])
             measured(_measure_method(engine, _requests(method, count, preset), method, count, preset, timer))
         del engine
-        runtime = bind_runtime(layers, _settings(preset, 1), "", max_tokens, max_rows, device, dtype, adapters.read)
+        runtime = bind_runtime(model, layers, _settings(preset, 1), "", max_tokens, max_rows, device, dtype, adapters.read)
         _free_memory(cuda)  # the tables of the runtime just replaced (MiLoRA's slots: 42 GB at 8B and 1,000 adapters)
         banks = make_banks(model, preset.lora_rank, count, seed=2)
         for label, specialize in ((LORA, False), (LORA_ACTIVE, True))[: 2 if cuda else 1]:

@@ -33,6 +33,7 @@ import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.eviction.policies import POLICIES
@@ -98,13 +99,14 @@ def _params(config: tuple[str, float | None], max_tokens: int, seed: int = 0):
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, seed=seed, extra_args=xargs)
 
 
-def _engine(bench: EvictionBench):
+def _engine(bench: EvictionBench, model: Path | None = None):
+    """The bench's in-process engine, on ``model`` (default: the bench's demo model)."""
     from vllm_plugins.serving.launcher import CPU_WORKER, SCHEDULER
     from vllm_plugins.serving.offline import make_engine
 
     tokens = bench.prompt_words + 16 + bench.decode_tokens
     return make_engine(
-        build_demo_model(bench.preset), in_process=True, worker_cls=CPU_WORKER, scheduler_cls=SCHEDULER,
+        model or build_demo_model(bench.preset), in_process=True, worker_cls=CPU_WORKER, scheduler_cls=SCHEDULER,
         block_size=bench.block_size, num_gpu_blocks_override=bench.cache_blocks, max_model_len=tokens,
         max_num_batched_tokens=4 * tokens, enable_chunked_prefill=True, enable_prefix_caching=False,
         enforce_eager=bench.enforce_eager,
@@ -195,6 +197,21 @@ def _timed_request(stepper: _Stepper, prompt: str, config, decode_tokens: int) -
     return prefill, statistics.mean(decode)
 
 
+def time_requests(stepper: _Stepper, prompts: list[str], configs: list, decode_tokens: int) -> dict:
+    """Per configuration, (prefill ms, TPOT ms): the medians over ``prompts``, each run
+    alone under every configuration in turn (interleaved, so that the machine's drift hits
+    all alike), after one warm-up request."""
+    timings: dict = {config: ([], []) for config in configs}
+    _timed_request(stepper, prompts[0], OFF, decode_tokens)
+    for prompt in prompts:
+        for config in configs:
+            prefill, tpot = _timed_request(stepper, prompt, config, decode_tokens)
+            timings[config][0].append(prefill)
+            timings[config][1].append(tpot)
+    return {config: (round(1000 * statistics.median(prefill), 2), round(1000 * statistics.median(tpot), 2))
+            for config, (prefill, tpot) in timings.items()}
+
+
 def bench_examples(bench: EvictionBench) -> list[RetrievalExample]:
     """The ``accuracy_prompts`` examples of ``bench.task`` the bench asks (the first of them
     also serve the timing and concurrency runs)."""
@@ -228,16 +245,8 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
         rows[config]["most_running"] = stepper.drain()
         logger.info(f"{config[0]} {config[1]}: {rows[config]}")
 
-    timings: dict = {config: ([], []) for config in configs}
-    _timed_request(stepper, prompts[0], OFF, bench.decode_tokens)  # warm-up
-    for prompt in prompts[: bench.timing_prompts]:
-        for config in configs:
-            prefill, tpot = _timed_request(stepper, prompt, config, bench.decode_tokens)
-            timings[config][0].append(prefill)
-            timings[config][1].append(tpot)
-    for config in configs:
-        prefill, tpot = timings[config]
-        rows[config].update(prefill_ms=round(1000 * statistics.median(prefill), 2), tpot_ms=round(1000 * statistics.median(tpot), 2))
+    for config, (prefill_ms, tpot_ms) in time_requests(stepper, prompts[: bench.timing_prompts], configs, bench.decode_tokens).items():
+        rows[config].update(prefill_ms=prefill_ms, tpot_ms=tpot_ms)
 
     off = rows[OFF]
     for row in rows.values():

@@ -39,15 +39,15 @@ def build_stack(config: StackConfig, max_tokens: int, max_blocks: int, block_siz
     return model, install_plugin_layers(model, ARCHITECTURE, config.dims, cache_views)
 
 
-def bind_runtime(layers: list[LayerModules], settings: PromptAdapterSettings, model_dir: str, max_tokens: int,
-                 max_rows: int, device: torch.device | str, dtype: torch.dtype,
+def bind_runtime(model: LlamaStack, layers: list[LayerModules], settings: PromptAdapterSettings, model_dir: str,
+                 max_tokens: int, max_rows: int, device: torch.device | str, dtype: torch.dtype,
                  read_adapter: ReadAdapter | None = None) -> PromptAwareRuntime:
-    """A prompt-aware runtime over ``layers`` (and KV eviction beside it), bound to the
-    plugins' ops as the worker binds its own; adapters are read from ``model_dir``'s
-    snapshots unless ``read_adapter`` is given."""
+    """A prompt-aware runtime over ``model``'s plugin ``layers`` (and KV eviction beside
+    it), bound to the plugins' ops as the worker binds its own; adapters are read from
+    ``model_dir``'s snapshots unless ``read_adapter`` is given."""
     d = layers[0].dims
     runtime = PromptAwareRuntime(layers, settings, model_dir, max_tokens, max_rows, device, dtype, read_adapter)
-    eviction = KvEviction(layers, d.head_dim**-0.5, layers[0].attn.inputs.block_size, d.num_heads, d.head_dim,
-                          max_tokens, max_rows, dtype, device)
+    eviction = KvEviction(layers, d.head_dim**-0.5, model.model.layers[0].self_attn.rotary.angles(),
+                          layers[0].attn.inputs.block_size, d.num_heads, d.head_dim, max_tokens, max_rows, dtype, device)
     ops.bind(runtime, eviction)
     return runtime

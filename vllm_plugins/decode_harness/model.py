@@ -92,6 +92,11 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim)
         self.register_buffer("inv_freq", inv_freq.to(inputs.positions.device), persistent=False)
 
+    def angles(self) -> torch.Tensor:
+        """(positions a request can reach, head_dim / 2): each rotation plane's angle at
+        each position, radians."""
+        return self.inputs.key_positions[:, None].float() * self.inv_freq
+
     def forward(self, x: torch.Tensor, heads: int) -> torch.Tensor:
         """x (tokens, heads * head_dim) -> rotated, same shape."""
         n = x.shape[0]

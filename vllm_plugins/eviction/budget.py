@@ -8,7 +8,8 @@ one block more than the budget alone would take. Every layer and KV head keeps t
 number (one block table serves them all).
 
 A plan never keeps fewer tokens than its policy protects (:func:`min_budget`: the
-prompt's last tokens, which hold its question, and the attention sinks), whatever the
+prompt's last tokens, which hold its question, and the attention sinks; expected
+attention's sinks only), whatever the
 rule asked: this is the floor for the server's own default rule and a request's keep
 ratio. A request's token budget below it is refused before it gets here
 (:meth:`vllm_plugins.eviction.settings.EvictionSettings.rule_for`).

@@ -1,7 +1,8 @@
 """KV eviction on the transformers model: the reference the serving path is checked against.
 
 One prompt at a time: prefill the whole prompt (its first generated token sees the whole
-cache, as in vLLM), capture each layer's rotated queries of the prompt's last tokens,
+cache, as in vLLM), capture each layer's rotated queries of the prompt's last tokens
+(for expected attention, their moments in the future frame, and the values' norms),
 let the policy choose each (layer, KV head)'s kept tokens, keep only those keys and
 values, in order, and decode on. Positions continue from the prompt's length (RoPE); the
 cache holds the kept tokens only.
@@ -18,6 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, choose_kept
+from vllm_plugins.eviction.query_moments import QueryMoments, future_frame
 from vllm_plugins.training.generation import greedy_decode, prefill
 
 CAPTURE = "vllm_plugins_query_capture"
@@ -56,14 +58,35 @@ def _base_model(lm) -> PreTrainedModel:
     raise ValueError("no transformers causal LM found inside the model")
 
 
-def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: EvictionPlan, scale: float) -> list[torch.Tensor]:
+def rope_angles(model: PreTrainedModel) -> torch.Tensor:
+    """(max_position_embeddings, head_dim / 2): the model's RoPE angle of each rotation
+    plane at each position, radians (the table vLLM's rotary embedding holds)."""
+    positions = torch.arange(model.config.max_position_embeddings)[None]
+    probe = torch.empty(1, dtype=torch.float32)
+    cos, sin = model.model.rotary_emb(probe, positions)
+    half = cos.shape[-1] // 2
+    return torch.atan2(sin[0, :, :half], cos[0, :, :half])
+
+
+def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: EvictionPlan, scale: float,
+                angles: torch.Tensor) -> list[torch.Tensor]:
     """Keep each layer's chosen tokens in ``cache`` (batch 1), in order; their indices,
-    (kv_heads, num_kept) per layer."""
+    (kv_heads, num_kept) per layer. ``queries``: per layer, (heads, w, d), the prompt's
+    last ``w`` rotated queries; ``angles``: :func:`rope_angles`."""
     layers = cache.layers
     keys = torch.cat([layer.keys[0] for layer in layers])
     window = torch.cat([queries[i] for i in sorted(queries)]) if queries else keys.new_empty(0, 0, keys.shape[-1])
     kv_heads = layers[0].keys.shape[1]
-    kept = choose_kept(plan, keys, window, scale, kv_heads).view(len(layers), kv_heads, plan.num_kept)
+    policy = POLICIES[plan.policy]
+    moments = norms = None
+    if policy.queries_as_moments:
+        positions = torch.arange(plan.num_prompt - window.shape[1], plan.num_prompt)
+        moments = QueryMoments.empty(window.shape[0], window.shape[2])
+        moments.add(future_frame(window, positions, angles, plan.num_prompt))
+        window = window[:, :0]
+    if policy.reads_value_norms:
+        norms = torch.cat([layer.values[0] for layer in layers]).float().norm(dim=-1)
+    kept = choose_kept(plan, keys, window, scale, kv_heads, moments, norms).view(len(layers), kv_heads, plan.num_kept)
     for layer, chosen in zip(layers, kept):
         rows = chosen[:, :, None].expand(-1, -1, layer.keys.shape[-1])
         layer.keys = layer.keys[0].gather(1, rows)[None]
@@ -81,6 +104,6 @@ def generate_with_eviction(lm, prompt: list[int], plan: EvictionPlan | None, max
         state = prefill(lm, [prompt], pad_id=0)
     kept: list[torch.Tensor] = []
     if plan is not None:
-        kept = evict_cache(state.cache, queries, plan, model.model.layers[0].self_attn.scaling)
+        kept = evict_cache(state.cache, queries, plan, model.model.layers[0].self_attn.scaling, rope_angles(model))
         state.attention = torch.ones(1, state.cache.get_seq_length(), dtype=torch.long)
     return EvictedGeneration(greedy_decode(lm, state, max_new_tokens, eos_id)[0], kept)

@@ -16,8 +16,8 @@ is freed, :mod:`.budget`); the server's default acts only on prompts of at least
 ``min_prompt`` tokens. Keep ratio and budget are exclusive; with neither, the keep ratio
 is 0.2 (NACL's reported setting).
 
-Every policy always keeps some tokens, the prompt's last ones (its question) and, for most,
-the attention sinks (:func:`.budget.min_budget`). A request's ``kv_budget`` below that
+Every policy always keeps some tokens, the prompt's last ones (its question; not expected
+attention) and, for most, the attention sinks (:func:`.budget.min_budget`). A request's ``kv_budget`` below that
 minimum is refused, with the minimum named; a keep ratio, and the server's own budget,
 keep at least the minimum instead (the floor is in :func:`.budget.plan_eviction`).
 """
@@ -123,10 +123,11 @@ class EvictionSettings(ConfigModel):
             smallest = min_budget(rule.policy, num_prompt)
             if asked < smallest:
                 recent = POLICIES[rule.policy]().recent_window(num_prompt)
-                sinks = f", and its first {smallest - recent}, the attention sinks" if smallest > recent else ""
+                kept = [f"the prompt's last {recent} tokens, which hold the question"] if recent else []
+                if smallest > recent:
+                    kept.append(f"its first {smallest - recent}, the attention sinks")
                 raise EvictionSettingsError(
                     f"a KV budget of {asked} tokens is too small for {rule.policy} on a {num_prompt}-token prompt: "
-                    f"the smallest budget is {smallest} ({rule.policy} always keeps the prompt's last {recent} tokens, "
-                    f"which hold the question{sinks})"
+                    f"the smallest budget is {smallest} ({rule.policy} always keeps {', and '.join(kept)})"
                 )
         return rule

@@ -13,7 +13,8 @@ scheduler, :mod:`.block_release`):
         layer's queries of those tokens into ``captured``, in the list's order
         (:meth:`capture`)
     runner, after the forward pass (:meth:`end_step`): the captured queries go into the
-        request's query window; if the step completed the prompt (its first generated
+        request's query window (for expected attention, into their running moments in
+        the future frame, :mod:`vllm_plugins.eviction.query_moments`); if the step completed the prompt (its first generated
         token has seen the whole cache), the policy chooses num_kept tokens for every
         (layer, KV head) from the cached keys in one call, and
         :func:`~vllm_plugins_kernels.compact_kept_layers_` moves them, in order, to the prompt's
@@ -38,6 +39,7 @@ import torch
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, choose_kept
+from vllm_plugins.eviction.query_moments import QueryMoments, future_frame
 from vllm_plugins.serving.batch import StepBatch
 from vllm_plugins.serving.methods import LayerModules
 from vllm_plugins_kernels import compact_kept_layers_
@@ -53,11 +55,15 @@ def requested_plan(sampling_params) -> EvictionPlan | None:
 
 @dataclass
 class _Prefill:
-    """An evicting request until its prompt completes: ``queries`` (layers, heads,
-    window, head_dim) fills as the window's tokens are computed."""
+    """An evicting request until its prompt completes: the queries of its prompt's last
+    ``window`` tokens, as they are computed, fill ``queries`` (layers, heads, window,
+    head_dim), or, for a policy that reads them so, are folded into ``moments`` (layers *
+    heads query heads)."""
 
     plan: EvictionPlan
-    queries: torch.Tensor
+    window: int
+    queries: torch.Tensor | None = None
+    moments: QueryMoments | None = None
 
 
 class KvEviction:
@@ -65,14 +71,18 @@ class KvEviction:
 
     KEPT_RECORDS = 256  # the kept tokens of this many recent evictions stay inspectable
 
-    def __init__(self, layers: list[LayerModules], scale: float, block_size: int, num_heads: int, head_dim: int,
-                 max_tokens: int, max_reqs: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    def __init__(self, layers: list[LayerModules], scale: float, rope_angles: torch.Tensor, block_size: int,
+                 num_heads: int, head_dim: int, max_tokens: int, max_reqs: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
         """``layers``: the decoder layers, whose attention caches are compacted; ``scale``:
-        the attention's softmax scale, which the policies score with. Buffers the forward
-        pass reads or writes live on ``device`` (the model's); the narrowing of attention
-        metadata is decided on the host."""
+        the attention's softmax scale, which the policies score with; ``rope_angles``:
+        (positions, head_dim / 2), the model's RoPE angles (radians), which bring captured
+        queries into the future frame. Buffers the forward pass reads or writes live on
+        ``device`` (the model's); the narrowing of attention metadata is decided on the
+        host."""
         self.layers = layers
         self.scale = scale
+        self.rope_angles = rope_angles.to(device)
         self.block_size = block_size
         self.num_heads, self.head_dim = num_heads, head_dim
         self.device = torch.device(device)
@@ -99,13 +109,11 @@ class KvEviction:
                 self.skipped_blocks.pop(req_id, None)
                 self.prefills.pop(req_id, None)
                 if (plan := plan_of(req_id)) is not None:
-                    window = POLICIES[plan.policy]().query_window(plan.num_prompt)
-                    shape = (len(self.layers), self.num_heads, window, self.head_dim)
-                    self.prefills[req_id] = _Prefill(plan, torch.empty(shape, dtype=self.captured.dtype, device=self.device))
+                    self.prefills[req_id] = self._start_prefill(plan)
             self.skipped_rows[row] = self.skipped_blocks.get(req_id, 0)
             if req_id not in self.prefills:
                 continue
-            first, count, offset = batch.prompt_tail(row, self.prefills[req_id].queries.shape[2])
+            first, count, offset = batch.prompt_tail(row, self.prefills[req_id].window)
             self._step.append((req_id, len(tokens), count, offset, bool(completes[row])))
             tokens.extend(range(first, first + count))
         if tokens:
@@ -119,7 +127,13 @@ class KvEviction:
         for req_id, first, count, offset, completes in self._step:
             prefill = self.prefills[req_id]
             queries = self.captured[:, first : first + count].view(len(self.layers), count, self.num_heads, self.head_dim)
-            prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)
+            if prefill.moments is not None:
+                start = prefill.plan.num_prompt - prefill.window + offset
+                positions = torch.arange(start, start + count, device=self.device)
+                prefill.moments.add(future_frame(queries.transpose(1, 2).flatten(0, 1), positions, self.rope_angles,
+                                                 prefill.plan.num_prompt))
+            else:
+                prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)
             if completes:
                 self._evict(req_id, self.prefills.pop(req_id), block_ids_of(req_id))
         self.clear()
@@ -159,20 +173,40 @@ class KvEviction:
             torch.index_select(query, 0, self.capture_tokens[:count], out=self.captured[layer, :count])
 
     # -- internals ----------------------------------------------------------------------
+    def _start_prefill(self, plan: EvictionPlan) -> _Prefill:
+        policy = POLICIES[plan.policy]
+        window = policy().query_window(plan.num_prompt)
+        if policy.queries_as_moments:
+            return _Prefill(plan, window, moments=QueryMoments.empty(len(self.layers) * self.num_heads, self.head_dim,
+                                                                     self.device))
+        shape = (len(self.layers), self.num_heads, window, self.head_dim)
+        return _Prefill(plan, window, queries=torch.empty(shape, dtype=self.captured.dtype, device=self.device))
+
     def _evict(self, req_id: str, prefill: _Prefill, block_ids: list[int]) -> None:
         plan = prefill.plan
         num_blocks = -(-plan.num_prompt // self.block_size)
         table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64, device=self.device)
         caches = [layer.key_value() for layer in self.layers]
-        layers, kv_heads = len(caches), caches[0][0].shape[1]
-        # every layer's cached prompt keys, gathered once into one layer-major tensor
-        keys = torch.empty(layers, kv_heads, num_blocks, self.block_size, self.head_dim, dtype=caches[0][0].dtype,
-                           device=self.device)
-        for layer, (key_cache, _) in enumerate(caches):
-            keys[layer].copy_(key_cache.index_select(0, table).transpose(0, 1))
-        keys = keys.view(layers * kv_heads, num_blocks * self.block_size, self.head_dim)[:, : plan.num_prompt]
-        kept = choose_kept(plan, keys, prefill.queries.flatten(0, 1), self.scale, kv_heads).view(layers, kv_heads, plan.num_kept)
+        kv_heads = caches[0][0].shape[1]
+        keys = self._gather_prompt([key for key, _ in caches], table, plan.num_prompt)
+        norms = None
+        if POLICIES[plan.policy].reads_value_norms:
+            norms = self._gather_prompt([value for _, value in caches], table, plan.num_prompt).float().norm(dim=-1)
+        queries = keys.new_empty(0, 0, self.head_dim) if prefill.queries is None else prefill.queries.flatten(0, 1)
+        kept = choose_kept(plan, keys, queries, self.scale, kv_heads, prefill.moments, norms)
+        kept = kept.view(len(caches), kv_heads, plan.num_kept)
         compact_kept_layers_(caches, table[None], kept[:, None], torch.tensor([plan.num_prompt], device=self.device))
         self.skipped_blocks[req_id] = plan.evicted_blocks(self.block_size)
         self.evictions += 1
         self.kept_records.append((req_id, list(kept)))
+
+    def _gather_prompt(self, caches: list[torch.Tensor], table: torch.Tensor, num_prompt: int) -> torch.Tensor:
+        """(layers * kv_heads, num_prompt, head_dim): the prompt's cached keys (or values)
+        of every layer, from the blocks in ``table``, gathered once into one layer-major
+        tensor."""
+        kv_heads = caches[0].shape[1]
+        gathered = torch.empty(len(caches), kv_heads, len(table), self.block_size, self.head_dim, dtype=caches[0].dtype,
+                               device=self.device)
+        for layer, cache in enumerate(caches):
+            gathered[layer].copy_(cache.index_select(0, table).transpose(0, 1))
+        return gathered.view(len(caches) * kv_heads, len(table) * self.block_size, self.head_dim)[:, :num_prompt]

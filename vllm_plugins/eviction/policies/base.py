@@ -8,10 +8,9 @@ decided elsewhere (:mod:`vllm_plugins.eviction.budget`, :mod:`vllm_plugins.servi
 
 Every policy protects some tokens, kept whatever the scores (:meth:`EvictionPolicy.protected_tokens`):
 the prompt's last tokens, which hold its question (at least :attr:`EvictionPolicy.recent`,
-and by default the query window the policy reads; expected attention reads its window for
-statistics only and protects just the last :attr:`EvictionPolicy.recent`, NACL protects
-its last 1%), and its leading
-attention sinks. A budget never
+and by default the query window the policy reads; NACL protects its last 1%, and expected
+attention, which reads the prompt's queries for their statistics only, none), and its
+leading attention sinks. A budget never
 keeps fewer (:func:`vllm_plugins.eviction.budget.min_budget`); should a policy still be
 asked for fewer, the most recent tokens win.
 
@@ -30,6 +29,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from vllm_plugins.eviction.query_moments import QueryMoments
+
 
 @dataclass(frozen=True)
 class CachedPrompt:
@@ -39,9 +40,15 @@ class CachedPrompt:
     ``keys``: (rows, n, head_dim), rotated, exactly as attention cached them.
     ``queries``: (rows * group, w, head_dim), the rotated queries of the prompt's last
     ``w`` tokens, ``w = policy.query_window(n)`` (zero for policies that read none), a
-    row's ``group`` query heads next to each other (grouped-query attention).
+    row's ``group`` query heads next to each other (grouped-query attention); empty for a
+    policy that reads them as ``query_moments`` instead.
     ``generator``: the request's seeded randomness.
     ``kv_heads``: rows per layer (a policy that chooses per layer groups them).
+    ``query_moments``: for a policy with :attr:`EvictionPolicy.queries_as_moments`, the
+    moments of the same ``w`` queries in the future frame
+    (:mod:`vllm_plugins.eviction.query_moments`), rows * group heads in the same order.
+    ``value_norms``: (rows, n), the L2 norms of the cached values, for a policy with
+    :attr:`EvictionPolicy.reads_value_norms`.
     """
 
     keys: torch.Tensor
@@ -49,6 +56,8 @@ class CachedPrompt:
     scale: float
     generator: torch.Generator
     kv_heads: int
+    query_moments: QueryMoments | None = None
+    value_norms: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -65,7 +74,9 @@ class EvictionPolicy:
 
     name: ClassVar[str]
     sinks: ClassVar[int] = 4  # leading "attention sink" tokens (StreamingLLM), always kept
-    recent: ClassVar[int] = 8  # the prompt's last tokens (its question), always kept by every policy
+    recent: ClassVar[int] = 8  # the prompt's last tokens (its question), kept by every policy but expected attention
+    queries_as_moments: ClassVar[bool] = False  # the window's queries reach the policy as their QueryMoments only
+    reads_value_norms: ClassVar[bool] = False  # the policy reads CachedPrompt.value_norms
 
     def query_window(self, num_tokens: int) -> int:
         """How many of the prompt's last queries the policy reads."""

@@ -1,50 +1,34 @@
 """Expected Attention (Devoto, Jeblick and Jégou, arXiv 2510.00636): score each cached
 key by the attention that future queries are expected to pay it, the future queries of
-a head being modelled as Gaussian, q ~ N(mu, Sigma).
+a head being modelled as Gaussian, q ~ N(mu, Sigma), and weight it by its value's norm.
 
-For a query head h, with mu_h and Sigma_h the mean and covariance of its last ``w``
-queries, the expected un-normalised attention a key k receives is the Gaussian's moment
-generating function at ``scale * k`` (the paper's closed form, its method section):
+For a query head h, the expected un-normalised attention a key k receives is the
+Gaussian's moment generating function at ``scale * k`` (the paper's closed form, its
+method section):
 
     E[exp(scale * q . k)] = exp(scale * mu_h . k + scale^2 / 2 * k^T Sigma_h k)
 
-and its share of the prompt's keys is the softmax over the keys j of those exponents:
-score_h(j) = z_h(j) - logsumexp_i z_h(i), with
-z_h(j) = scale * mu_h . k_j + scale^2 / 2 * k_j^T Sigma_h k_j. A KV head's score is the log
-of the mean over its group's query heads of exp(score_h). 4 sinks are kept (the paper
-keeps a few; kvpress's press 4), and the prompt's last
-:attr:`~.base.EvictionPolicy.recent` tokens, like every policy.
+and its share of the prompt's keys is the softmax over the keys j of those exponents
+z_h(j). A KV head's score of token j is the mean over its group's query heads of that
+share, times the norm of j's cached value (the paper's weighting by each token's
+contribution to the output): log-domain here, score(j) = log mean_h softmax_j(z_h) +
+log ||v_j||.
 
-Shapes: ``prompt.keys`` (rows, n, d), rotated as cached; ``prompt.queries``
-(rows * group, w, d), the rotated queries of the prompt's last ``w = min(64, n)`` tokens,
-a row's ``group`` query heads together; scores (rows, n).
+mu_h and Sigma_h are the mean and covariance of every prompt query of head h after the
+``sinks`` (kvpress's statistics, the question included), taken before RoPE and rotated
+by RoPE's rotation averaged over the next 512 positions
+(:mod:`vllm_plugins.eviction.query_moments`, which the worker and the reference fill as
+the prompt is computed). The exponents of all of a row's query heads come from one
+product of the keys with the heads' stacked covariances (rows, d, group * d), d x d per
+head rather than one logit per query and key.
 
-Computed without forming Sigma: mu_h . k is the mean over the window of the logits
-q_p . k, and k^T Sigma_h k their variance (with the same 1 / (w - 1)), so the exponent is
-scale times the mean plus scale^2 / 2 times the variance of each key's ``w`` window logits,
-which is exactly the full-covariance Gaussian, at the memory of SnapKV's
-(rows, group * w, n) window logits.
+Kept whatever the scores: the 4 sinks, as in the paper and kvpress's press. Unlike every
+other policy it protects none of the prompt's last tokens: their expected attention
+decides, as in the paper (protecting the last 8 lost 13 points of facts on the crowded
+task at keep 0.1, docs/eviction.md).
 
-Deviations from the paper:
-
-* **No value norms.** The paper weights the expected attention by the norm of each
-  token's value vector (its contribution to the residual stream); a
-  :class:`~.base.CachedPrompt` holds no values, so the score is the expected attention
-  alone.
-* **Rotated queries; the future RoPE rotation is not averaged.** The paper takes the
-  query statistics before RoPE and averages the rotation over the next positions (512 in
-  kvpress), which damps the fast-rotating, position-bound dimensions of mu and Sigma.
-  Here the statistics are those of the window's queries as rotated at their own positions
-  (n - w .. n - 1), so a future query is modelled as one more query of the window: its
-  position relative to the keys is that of the end of the prompt, not of the tokens to be
-  generated. The spread of the window's rotations over w positions enters Sigma.
-* **Statistics from the prompt's own last queries**, ``min(64, n)`` of them (the window
-  is our choice; 32 and 128 were measured, docs/eviction.md). The paper models hidden
-  states as Gaussian and maps them through the query projection; a linear map of a
-  Gaussian is the Gaussian of the projected mean and covariance, so only RoPE (above)
-  differs. The window is only read, not protected: the paper keeps no window, so the
-  policy protects just the last :attr:`~.base.EvictionPolicy.recent` tokens and the
-  sinks (protecting all 64 lost most facts at small budgets, docs/eviction.md).
+Shapes: ``prompt.keys`` (rows, n, d) rotated as cached; ``prompt.query_moments`` over rows
+* group heads, a row's group together; ``prompt.value_norms`` (rows, n); scores (rows, n).
 """
 
 from __future__ import annotations
@@ -58,24 +42,33 @@ from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt
 
 class ExpectedAttentionPolicy(EvictionPolicy):
     name = "expected_attention"
-    window: int = 64  # the prompt's last queries whose mean and covariance model the future ones
+    queries_as_moments = True
+    reads_value_norms = True
 
     def query_window(self, num_tokens: int) -> int:
-        return min(self.window, num_tokens)
+        """Every query after the sinks gives the statistics."""
+        return max(0, num_tokens - self.sinks)
 
     def recent_window(self, num_tokens: int) -> int:
-        """The window's queries give statistics only: the last :attr:`recent` tokens are
-        protected, as for every policy, not the whole window."""
-        return min(num_tokens, self.recent)
+        """None of the prompt's last tokens is protected (the paper keeps the sinks only)."""
+        return 0
 
     def scores(self, prompt: CachedPrompt) -> torch.Tensor:
-        """(rows, n): log of the expected attention share of each key, the mean over a KV
-        head's query heads of softmax_j(scale * mu_h . k_j + scale^2 / 2 * k_j^T Sigma_h k_j)."""
-        keys, queries = prompt.keys.float(), prompt.queries.float()
-        heads, window, _ = queries.shape
-        rows, n, _ = keys.shape
-        group = heads // rows
-        logits = queries.reshape(rows, group * window, -1) @ keys.transpose(1, 2)  # (rows, group * w, n)
-        variance, mean = torch.var_mean(logits.reshape(rows, group, window, n), dim=2, correction=min(1, window - 1))
-        exponent = prompt.scale * mean + prompt.scale**2 / 2 * variance  # (rows, group, n)
-        return exponent.log_softmax(dim=-1).logsumexp(dim=1) - math.log(group)
+        """(rows, n): log of the mean over a KV head's query heads of
+        softmax_j(scale * mu_h . k_j + scale^2 / 2 * k_j^T Sigma_h k_j), plus log ||v_j||.
+
+        Raises ValueError without the prompt's query moments or value norms."""
+        moments, norms = prompt.query_moments, prompt.value_norms
+        if moments is None or norms is None:
+            raise ValueError("expected attention reads the prompt's query moments and value norms")
+        keys = prompt.keys.float()
+        rows, n, d = keys.shape
+        group = moments.mean.shape[0] // rows
+        scale = prompt.scale
+        mean = moments.mean.view(rows, group, d)
+        covariance = moments.covariance.view(rows, group, d, d) * (scale**2 / 2)
+        stacked = covariance.permute(0, 2, 1, 3).reshape(rows, d, group * d)  # column block h: Sigma_h (symmetric)
+        quadratic = ((keys @ stacked).view(rows, n, group, d) * keys[:, :, None]).sum(dim=-1)  # (rows, n, group)
+        exponent = quadratic.baddbmm_(keys, mean.transpose(1, 2), alpha=scale)  # + scale * k . mu_h
+        share = exponent.log_softmax(dim=1).logsumexp(dim=2) - math.log(group)
+        return share + norms.float().log()
