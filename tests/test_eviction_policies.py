@@ -306,7 +306,7 @@ def test_a_request_budget_below_the_protected_tokens_is_refused_with_the_smalles
         assert server.rule_for({**xargs, "kv_budget": smallest}, num_prompt=n) == EvictionRule(name, budget=smallest)
     with pytest.raises(EvictionSettingsError, match=r"the smallest budget is 15 \(nacl always keeps the prompt's last 11 tokens"):
         EvictionSettings().rule_for({"kv_eviction": "nacl", "kv_budget": 1}, num_prompt=n)  # the report's request
-    with pytest.raises(EvictionSettingsError, match=r"budget is 4 \(expected_attention always keeps its first 4, the attention sinks\)"):
+    with pytest.raises(EvictionSettingsError, match=r"budget is 4 \(expected_attention always keeps the prompt's first 4 tokens, the attention sinks\)"):
         EvictionSettings().rule_for({"kv_eviction": "expected_attention", "kv_budget": 3}, num_prompt=n)
 
 

@@ -74,7 +74,7 @@ def run_prefill_bench(bench: PrefillBench) -> dict:
         parameters = wider_model(bench.hidden, model)
         llm = _engine(eviction, model)
         stepper = _Stepper(llm)
-        for config in configs:  # first uses compile code for this model's shapes (SCA's loop: seconds)
+        for config in configs:  # a configuration's first request compiles code for these shapes (SCA's loop: seconds)
             _timed_request(stepper, prompts[0], config, bench.decode_tokens)
         times = time_requests(stepper, prompts, configs, bench.decode_tokens)
         mode = llm.llm_engine.vllm_config.compilation_config.mode.name

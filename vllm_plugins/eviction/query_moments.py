@@ -11,15 +11,19 @@ that mean is a scaled rotation with
 
     c_i(p) = mean_f cos(phi_i(f) - phi_i(p)),   s_i(p) = mean_f sin(phi_i(f) - phi_i(p)),
 
-``phi_i(p)`` RoPE's angle of plane i at position p, and a query q becomes
-q * c + rotate_half(q) * s (RoPE's own formula with the averaged cosine and sine, the
-"neox" layout, where plane i pairs dimensions i and i + d/2). The mean and covariance of
-those vectors are exactly R_bar mu and R_bar Sigma R_bar^T.
+``phi_i(p)`` RoPE's angle of plane i at position p, and a query's plane (x, y) becomes
+(x c - y s, y c + x s), RoPE's own formula with the averaged cosine and sine. The mean
+and covariance of those vectors are exactly R_bar mu and R_bar Sigma R_bar^T.
 
 The future positions are the ``FUTURE_POSITIONS`` after the prompt (NVIDIA kvpress's
-default), cut at the end of the model's RoPE table. Statistics are merged chunk by chunk
-(Chan et al.'s pairwise update), so a prompt prefilled in chunks gets the same moments
-as one prefilled at once, up to rounding.
+default), cut at the end of the model's RoPE table (its last position alone if the prompt
+reaches it). Statistics are merged chunk by chunk (Chan et al.'s pairwise update), so a
+prompt prefilled in chunks gets the same moments as one prefilled at once, up to
+rounding.
+
+Both of vLLM's RoPE layouts are read (:class:`RopeTable`): "neox", plane i pairing
+dimensions i and i + r/2, and interleaved (GPT-J), pairing 2i and 2i + 1; with partial
+rotary embeddings the r rotated dimensions come first and the others pass unchanged.
 """
 
 from __future__ import annotations
@@ -31,32 +35,49 @@ import torch
 FUTURE_POSITIONS = 512
 
 
-def future_frame(queries: torch.Tensor, positions: torch.Tensor, angles: torch.Tensor, num_prompt: int) -> torch.Tensor:
+@dataclass(frozen=True)
+class RopeTable:
+    """RoPE as a model applies it: ``angles`` (table positions, planes), each rotation
+    plane's angle at each position (radians); ``interleaved``: plane i pairs dimensions 2i
+    and 2i + 1 (GPT-J), else i and i + planes (neox). Dimensions from 2 x planes on are not
+    rotated."""
+
+    angles: torch.Tensor
+    interleaved: bool = False
+
+    def to(self, device: torch.device | str) -> RopeTable:
+        return RopeTable(self.angles.to(device), self.interleaved)
+
+
+def future_frame(queries: torch.Tensor, positions: torch.Tensor, rope: RopeTable, num_prompt: int) -> torch.Tensor:
     """``queries`` (..., t, d), rotated by RoPE at ``positions`` (t,), each rotated instead
     by the mean of RoPE's rotations to the ``FUTURE_POSITIONS`` positions from
-    ``num_prompt`` on; float32, same shape.
-
-    ``angles``: (table positions, d / 2), RoPE's angle of each rotation plane at each
-    position (radians). Raises ValueError if the table ends before ``num_prompt`` or its
-    width is not d / 2.
+    ``num_prompt`` on; float32, same shape. Raises ValueError if ``rope`` rotates more than
+    d dimensions.
     """
-    d = queries.shape[-1]
-    if angles.shape[1] * 2 != d:
-        raise ValueError(f"a RoPE table of {angles.shape[1]} planes for queries of {d} dimensions")
-    if angles.shape[0] <= num_prompt:
-        raise ValueError(f"the RoPE table ends at position {angles.shape[0]}, before the prompt's end {num_prompt}")
-    future = angles[num_prompt : num_prompt + FUTURE_POSITIONS].float()
-    mean_cos, mean_sin = future.cos().mean(dim=0), future.sin().mean(dim=0)  # (d/2,)
-    here = angles[positions].float()
+    planes, d = rope.angles.shape[1], queries.shape[-1]
+    if 2 * planes > d:
+        raise ValueError(f"a RoPE table of {planes} planes for queries of {d} dimensions")
+    table_end = rope.angles.shape[0]
+    future = rope.angles[min(num_prompt, table_end - 1) : num_prompt + FUTURE_POSITIONS].float()
+    mean_cos, mean_sin = future.cos().mean(dim=0), future.sin().mean(dim=0)  # (planes,)
+    here = rope.angles[positions].float()
     cos_here, sin_here = here.cos(), here.sin()
     c = cos_here * mean_cos + sin_here * mean_sin  # mean cos(future - here)
     s = cos_here * mean_sin - sin_here * mean_cos  # mean sin(future - here)
-    first, second = queries.float().chunk(2, dim=-1)  # plane i: dimensions i and i + d/2
-    out = torch.empty(queries.shape, dtype=torch.float32, device=queries.device)
-    out_first, out_second = out.chunk(2, dim=-1)
+    q = queries.float()
+    out = q.clone() if 2 * planes < d else torch.empty_like(q)  # dimensions not rotated pass unchanged
+    first, second, out_first, out_second = _pairs(q, out, planes, rope.interleaved)
     torch.mul(first, c, out=out_first).addcmul_(second, s, value=-1)
     torch.mul(second, c, out=out_second).addcmul_(first, s)
     return out
+
+
+def _pairs(q: torch.Tensor, out: torch.Tensor, planes: int, interleaved: bool):
+    """The two members of every rotation plane, in ``q`` and in ``out`` (views)."""
+    if interleaved:
+        return q[..., 0 : 2 * planes : 2], q[..., 1 : 2 * planes : 2], out[..., 0 : 2 * planes : 2], out[..., 1 : 2 * planes : 2]
+    return q[..., :planes], q[..., planes : 2 * planes], out[..., :planes], out[..., planes : 2 * planes]
 
 
 @dataclass
@@ -86,6 +107,14 @@ class QueryMoments:
         self.scatter += centred.transpose(1, 2) @ centred + delta[:, :, None] * delta[:, None, :] * (self.count * t / total)
         self.mean += delta * (t / total)
         self.count = total
+
+    @classmethod
+    def concat(cls, parts: list[QueryMoments]) -> QueryMoments:
+        """The heads of ``parts`` (moments of as many vectors each) in one, in order.
+        Raises ValueError if their counts differ."""
+        if len({part.count for part in parts}) > 1:
+            raise ValueError(f"moments of {sorted({part.count for part in parts})} vectors cannot be joined")
+        return cls(parts[0].count, torch.cat([p.mean for p in parts]), torch.cat([p.scatter for p in parts]))
 
     @property
     def covariance(self) -> torch.Tensor:

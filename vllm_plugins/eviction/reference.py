@@ -19,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, choose_kept
-from vllm_plugins.eviction.query_moments import QueryMoments, future_frame
+from vllm_plugins.eviction.query_moments import QueryMoments, RopeTable, future_frame
 from vllm_plugins.training.generation import greedy_decode, prefill
 
 CAPTURE = "vllm_plugins_query_capture"
@@ -58,21 +58,23 @@ def _base_model(lm) -> PreTrainedModel:
     raise ValueError("no transformers causal LM found inside the model")
 
 
-def rope_angles(model: PreTrainedModel) -> torch.Tensor:
-    """(max_position_embeddings, head_dim / 2): the model's RoPE angle of each rotation
-    plane at each position, radians (the table vLLM's rotary embedding holds)."""
+def rope_table(model: PreTrainedModel) -> RopeTable:
+    """The model's RoPE (transformers' Llama layout, "neox"): the angle of each rotation
+    plane at each of its ``max_position_embeddings`` positions, radians (the table vLLM's
+    rotary embedding holds)."""
     positions = torch.arange(model.config.max_position_embeddings)[None]
     probe = torch.empty(1, dtype=torch.float32)
     cos, sin = model.model.rotary_emb(probe, positions)
     half = cos.shape[-1] // 2
-    return torch.atan2(sin[0, :, :half], cos[0, :, :half])
+    return RopeTable(torch.atan2(sin[0, :, :half], cos[0, :, :half]))
 
 
 def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: EvictionPlan, scale: float,
-                angles: torch.Tensor) -> list[torch.Tensor]:
+                rope: RopeTable | None = None) -> list[torch.Tensor]:
     """Keep each layer's chosen tokens in ``cache`` (batch 1), in order; their indices,
     (kv_heads, num_kept) per layer. ``queries``: per layer, (heads, w, d), the prompt's
-    last ``w`` rotated queries; ``angles``: :func:`rope_angles`."""
+    last ``w`` rotated queries; ``rope``: :func:`rope_table`, for a policy that reads the
+    queries' moments."""
     layers = cache.layers
     keys = torch.cat([layer.keys[0] for layer in layers])
     window = torch.cat([queries[i] for i in sorted(queries)]) if queries else keys.new_empty(0, 0, keys.shape[-1])
@@ -82,7 +84,7 @@ def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: Evi
     if policy.queries_as_moments:
         positions = torch.arange(plan.num_prompt - window.shape[1], plan.num_prompt)
         moments = QueryMoments.empty(window.shape[0], window.shape[2])
-        moments.add(future_frame(window, positions, angles, plan.num_prompt))
+        moments.add(future_frame(window, positions, rope, plan.num_prompt))
         window = window[:, :0]
     if policy.reads_value_norms:
         norms = torch.cat([layer.values[0] for layer in layers]).float().norm(dim=-1)
@@ -104,6 +106,7 @@ def generate_with_eviction(lm, prompt: list[int], plan: EvictionPlan | None, max
         state = prefill(lm, [prompt], pad_id=0)
     kept: list[torch.Tensor] = []
     if plan is not None:
-        kept = evict_cache(state.cache, queries, plan, model.model.layers[0].self_attn.scaling, rope_angles(model))
+        rope = rope_table(model) if POLICIES[plan.policy].queries_as_moments else None
+        kept = evict_cache(state.cache, queries, plan, model.model.layers[0].self_attn.scaling, rope)
         state.attention = torch.ones(1, state.cache.get_seq_length(), dtype=torch.long)
     return EvictedGeneration(greedy_decode(lm, state, max_new_tokens, eos_id)[0], kept)

@@ -125,7 +125,7 @@ class EvictionSettings(ConfigModel):
                 recent = POLICIES[rule.policy]().recent_window(num_prompt)
                 kept = [f"the prompt's last {recent} tokens, which hold the question"] if recent else []
                 if smallest > recent:
-                    kept.append(f"its first {smallest - recent}, the attention sinks")
+                    kept.append(f"the prompt's first {smallest - recent} tokens, the attention sinks")
                 raise EvictionSettingsError(
                     f"a KV budget of {asked} tokens is too small for {rule.policy} on a {num_prompt}-token prompt: "
                     f"the smallest budget is {smallest} ({rule.policy} always keeps {', and '.join(kept)})"

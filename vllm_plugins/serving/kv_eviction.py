@@ -1,4 +1,4 @@
-"""KV eviction inside vLLM's worker: capture the prompt's last queries, choose per layer
+"""KV eviction inside vLLM's worker: capture the prompt's queries the policy reads, choose per layer
 and KV head the prompt tokens that stay, compact them in the paged cache, and narrow
 attention to the kept blocks.
 
@@ -6,7 +6,8 @@ Data flow for a request whose ``extra_args`` carry an eviction plan (set by the
 scheduler, :mod:`.block_release`):
 
     runner, before each prefill step (:meth:`KvEviction.begin_step`): the flat tokens at
-        the prompt's last w positions (the policy's proxy / observation window) are listed
+        the prompt's last w positions (the policy's proxy / observation window; for
+        expected attention, every position after the sinks) are listed
         in ``capture_tokens`` (on the model's device), their number in ``num_capture`` (on
         the host)
     forward pass: the host-driven ``kv_eviction_capture`` op (:mod:`.ops`) copies each
@@ -39,7 +40,7 @@ import torch
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, choose_kept
-from vllm_plugins.eviction.query_moments import QueryMoments, future_frame
+from vllm_plugins.eviction.query_moments import QueryMoments, RopeTable, future_frame
 from vllm_plugins.serving.batch import StepBatch
 from vllm_plugins.serving.methods import LayerModules
 from vllm_plugins_kernels import compact_kept_layers_
@@ -57,13 +58,14 @@ def requested_plan(sampling_params) -> EvictionPlan | None:
 class _Prefill:
     """An evicting request until its prompt completes: the queries of its prompt's last
     ``window`` tokens, as they are computed, fill ``queries`` (layers, heads, window,
-    head_dim), or, for a policy that reads them so, are folded into ``moments`` (layers *
-    heads query heads)."""
+    head_dim), or, for a policy that reads them so, are folded into ``moments`` (one per
+    layer, of its query heads: a chunk is folded layer by layer, so that its float32
+    copies are one layer's)."""
 
     plan: EvictionPlan
     window: int
     queries: torch.Tensor | None = None
-    moments: QueryMoments | None = None
+    moments: list[QueryMoments] | None = None
 
 
 class KvEviction:
@@ -71,18 +73,18 @@ class KvEviction:
 
     KEPT_RECORDS = 256  # the kept tokens of this many recent evictions stay inspectable
 
-    def __init__(self, layers: list[LayerModules], scale: float, rope_angles: torch.Tensor, block_size: int,
+    def __init__(self, layers: list[LayerModules], scale: float, rope: RopeTable, block_size: int,
                  num_heads: int, head_dim: int, max_tokens: int, max_reqs: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu"):
         """``layers``: the decoder layers, whose attention caches are compacted; ``scale``:
-        the attention's softmax scale, which the policies score with; ``rope_angles``:
-        (positions, head_dim / 2), the model's RoPE angles (radians), which bring captured
-        queries into the future frame. Buffers the forward pass reads or writes live on
+        the attention's softmax scale, which the policies score with; ``rope``: the
+        model's RoPE, which brings captured queries into the future frame (expected
+        attention). Buffers the forward pass reads or writes live on
         ``device`` (the model's); the narrowing of attention metadata is decided on the
         host."""
         self.layers = layers
         self.scale = scale
-        self.rope_angles = rope_angles.to(device)
+        self.rope = rope.to(device)
         self.block_size = block_size
         self.num_heads, self.head_dim = num_heads, head_dim
         self.device = torch.device(device)
@@ -130,8 +132,8 @@ class KvEviction:
             if prefill.moments is not None:
                 start = prefill.plan.num_prompt - prefill.window + offset
                 positions = torch.arange(start, start + count, device=self.device)
-                prefill.moments.add(future_frame(queries.transpose(1, 2).flatten(0, 1), positions, self.rope_angles,
-                                                 prefill.plan.num_prompt))
+                for layer, moments in enumerate(prefill.moments):
+                    moments.add(future_frame(queries[layer].transpose(0, 1), positions, self.rope, prefill.plan.num_prompt))
             else:
                 prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)
             if completes:
@@ -177,8 +179,8 @@ class KvEviction:
         policy = POLICIES[plan.policy]
         window = policy().query_window(plan.num_prompt)
         if policy.queries_as_moments:
-            return _Prefill(plan, window, moments=QueryMoments.empty(len(self.layers) * self.num_heads, self.head_dim,
-                                                                     self.device))
+            moments = [QueryMoments.empty(self.num_heads, self.head_dim, self.device) for _ in self.layers]
+            return _Prefill(plan, window, moments=moments)
         shape = (len(self.layers), self.num_heads, window, self.head_dim)
         return _Prefill(plan, window, queries=torch.empty(shape, dtype=self.captured.dtype, device=self.device))
 
@@ -191,9 +193,11 @@ class KvEviction:
         keys = self._gather_prompt([key for key, _ in caches], table, plan.num_prompt)
         norms = None
         if POLICIES[plan.policy].reads_value_norms:
-            norms = self._gather_prompt([value for _, value in caches], table, plan.num_prompt).float().norm(dim=-1)
+            norms = torch.linalg.vector_norm(self._gather_prompt([value for _, value in caches], table, plan.num_prompt),
+                                             dim=-1, dtype=torch.float32)
         queries = keys.new_empty(0, 0, self.head_dim) if prefill.queries is None else prefill.queries.flatten(0, 1)
-        kept = choose_kept(plan, keys, queries, self.scale, kv_heads, prefill.moments, norms)
+        moments = None if prefill.moments is None else QueryMoments.concat(prefill.moments)
+        kept = choose_kept(plan, keys, queries, self.scale, kv_heads, moments, norms)
         kept = kept.view(len(caches), kv_heads, plan.num_kept)
         compact_kept_layers_(caches, table[None], kept[:, None], torch.tensor([plan.num_prompt], device=self.device))
         self.skipped_blocks[req_id] = plan.evicted_blocks(self.block_size)

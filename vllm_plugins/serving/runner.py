@@ -42,7 +42,7 @@ class PluginRunnerMixin:
         layers = install_plugin_layers(self.model, self.model_config.architecture, d, paged_key_value)
         self.prompt_aware = PromptAwareRuntime(layers, settings, self.model_config.model, self.max_num_tokens,
                                                self.max_num_reqs, self.device, self.model_config.dtype)
-        self.kv_eviction = KvEviction(layers, vi.attention_scale(layers[0].attn), vi.rope_angles(self.model),
+        self.kv_eviction = KvEviction(layers, vi.attention_scale(layers[0].attn), vi.rope_table(self.model),
                                       self.cache_config.block_size, d.num_heads, d.head_dim, self.max_num_tokens,
                                       self.max_num_reqs, self.model_config.dtype, self.device)
         ops.bind(self.prompt_aware, self.kv_eviction)

@@ -104,8 +104,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "vllm.model_executor.layers.linear.LinearBase": ("quant_method",),
     "vllm.model_executor.models.llama.LlamaAttention": ("rotary_emb",),
     "vllm.model_executor.models.qwen2.Qwen2Attention": ("rotary_emb",),
-    "vllm.model_executor.layers.rotary_embedding.base.RotaryEmbeddingBase": ("is_neox_style", "rotary_dim", "head_size",
-                                                                            "_compute_cos_sin_cache"),
+    "vllm.model_executor.layers.rotary_embedding.base.RotaryEmbeddingBase": ("is_neox_style", "_compute_cos_sin_cache"),
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionMetadataBuilder": ("isa",),  # it sets Attention.isa
     "vllm.v1.attention.backends.cpu_attn.CPUAttentionBackendImpl": ("scale",),  # Attention.impl
     "vllm.config.vllm.VllmConfig": ("additional_config", "model_config", "compilation_config", "scheduler_config"),
@@ -311,19 +310,16 @@ def attention_scale(attn) -> float:
     return attn.impl.scale
 
 
-def rope_angles(model) -> torch.Tensor:
-    """(max_position_embeddings, head_dim / 2): the RoPE angle of each rotation plane at
-    each position (radians, float32), from the first decoder layer's rotary embedding, as
-    its cos/sin table holds them. Raises ValueError for a layout KV eviction's query
-    statistics do not read: RoPE pairing dimensions i and i + d/2 ("neox") over the
-    whole head."""
+def rope_table(model):
+    """The model's RoPE as its first decoder layer's rotary embedding applies it (a
+    :class:`~vllm_plugins.eviction.query_moments.RopeTable`): the angle of each rotation
+    plane at each position of its cos/sin table (radians, float32), and its layout."""
+    from vllm_plugins.eviction.query_moments import RopeTable
+
     rotary = model.model.layers[0].self_attn.rotary_emb
-    if not rotary.is_neox_style or rotary.rotary_dim != rotary.head_size:
-        raise ValueError("KV eviction reads RoPE of the neox layout over the whole head; this model rotates "
-                         f"{rotary.rotary_dim} of {rotary.head_size} dimensions, neox style {rotary.is_neox_style}")
     table = rotary._compute_cos_sin_cache()  # float32 (positions, rotary_dim): cos | sin
     half = table.shape[-1] // 2
-    return torch.atan2(table[:, half:], table[:, :half])
+    return RopeTable(torch.atan2(table[:, half:], table[:, :half]), interleaved=not rotary.is_neox_style)
 
 
 def cpu_reshape_and_cache(key, value, key_cache, value_cache, slots, isa) -> None:

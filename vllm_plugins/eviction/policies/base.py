@@ -12,7 +12,7 @@ and by default the query window the policy reads; NACL protects its last 1%, and
 attention, which reads the prompt's queries for their statistics only, none), and its
 leading attention sinks. A budget never
 keeps fewer (:func:`vllm_plugins.eviction.budget.min_budget`); should a policy still be
-asked for fewer, the most recent tokens win.
+asked for fewer, the first protected tokens win (the most recent ones, then the sinks).
 
 Most policies only score tokens and keep the best ones besides the protected tokens
 (:meth:`EvictionPolicy.scores`); NACL (random sampling) and SCA (greedy selection) choose

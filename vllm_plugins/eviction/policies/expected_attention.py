@@ -20,7 +20,7 @@ by RoPE's rotation averaged over the next 512 positions
 (:mod:`vllm_plugins.eviction.query_moments`, which the worker and the reference fill as
 the prompt is computed). The exponents of all of a row's query heads come from one
 product of the keys with the heads' stacked covariances (rows, d, group * d), d x d per
-head rather than one logit per query and key.
+head rather than one logit per query and key, a layer at a time.
 
 Kept whatever the scores: the 4 sinks, as in the paper and kvpress's press. Unlike every
 other policy it protects none of the prompt's last tokens: their expected attention
@@ -68,7 +68,11 @@ class ExpectedAttentionPolicy(EvictionPolicy):
         mean = moments.mean.view(rows, group, d)
         covariance = moments.covariance.view(rows, group, d, d) * (scale**2 / 2)
         stacked = covariance.permute(0, 2, 1, 3).reshape(rows, d, group * d)  # column block h: Sigma_h (symmetric)
-        quadratic = ((keys @ stacked).view(rows, n, group, d) * keys[:, :, None]).sum(dim=-1)  # (rows, n, group)
-        exponent = quadratic.baddbmm_(keys, mean.transpose(1, 2), alpha=scale)  # + scale * k . mu_h
-        share = exponent.log_softmax(dim=1).logsumexp(dim=2) - math.log(group)
+        exponent = keys.new_empty(rows, group, n)
+        for first in range(0, rows, prompt.kv_heads):  # a layer at a time: its (kv_heads, n, group * d) product
+            layer = slice(first, first + prompt.kv_heads)
+            quadratic = ((keys[layer] @ stacked[layer]).view(-1, n, group, d) * keys[layer, :, None]).sum(dim=-1)
+            quadratic.baddbmm_(keys[layer], mean[layer].transpose(1, 2), alpha=scale)  # + scale * k . mu_h
+            exponent[layer] = quadratic.transpose(1, 2)
+        share = exponent.log_softmax(dim=-1).logsumexp(dim=1) - math.log(group)
         return share + norms.float().log()

@@ -1,6 +1,7 @@
 """Uniformly random tokens, drawn independently per layer and KV head: the floor any
-scoring policy must beat. Like every policy it keeps the prompt's last tokens (its
-question, :meth:`~.base.EvictionPolicy.recent_window`); it protects no sinks."""
+scoring policy must beat. Like every policy but expected attention it keeps the prompt's
+last tokens (its question, :meth:`~.base.EvictionPolicy.recent_window`); it protects no
+sinks."""
 
 from __future__ import annotations
 
