@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_plugins.eviction.query_moments import FUTURE_POSITIONS, QueryMoments, RopeTable, future_frame
+from vllm_plugins.eviction.query_moments import FUTURE_POSITIONS, FutureFrame, QueryMoments, RopeTable
 
 D = 8
 
@@ -27,23 +27,30 @@ def rope_angles(positions: int, planes: int = D // 2) -> torch.Tensor:
     return torch.arange(positions).float()[:, None] * inv_freq
 
 
+def by_matrices(before_rope: torch.Tensor, futures: range, rope: RopeTable) -> torch.Tensor:
+    """kvpress's construction: the mean of RoPE's rotation matrices over ``futures``
+    applied to each query before RoPE; float64."""
+    mean = torch.stack([rope_matrix(rope.angles[f], interleaved=rope.interleaved) for f in futures]).mean(0)
+    return before_rope @ mean.T
+
+
+def rotate(before_rope: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+    """(heads, t, D): each query as RoPE caches it at its position."""
+    return torch.stack([before_rope[:, t] @ rope_matrix(rope.angles[p], interleaved=rope.interleaved).T
+                        for t, p in enumerate(positions)], dim=1).float()
+
+
 @pytest.mark.parametrize("interleaved, planes", [(False, D // 2), (True, D // 2), (False, D // 4), (True, D // 4)])
 def test_the_future_frame_is_the_mean_future_rotation_of_the_query_before_rope(interleaved, planes):
-    """kvpress's construction, with matrices: un-rotate each cached query to its vector
-    before RoPE, then apply the mean of RoPE's rotation matrices over the next 512
-    positions; for both of vLLM's layouts, and partial rotary embeddings."""
+    """Un-rotating each cached query to its vector before RoPE, then applying the mean of
+    RoPE's rotation matrices over the next 512 positions, for both of vLLM's layouts and
+    partial rotary embeddings."""
     rope = RopeTable(rope_angles(2000, planes), interleaved)
-    num_prompt = 300
-    positions = torch.tensor([4, 17, 150, 299])
+    num_prompt, positions = 300, torch.tensor([4, 17, 150, 299])
     before_rope = torch.randn(3, len(positions), D, dtype=torch.float64)
-    rotation = [rope_matrix(rope.angles[p], interleaved=interleaved) for p in positions]
-    rotated = torch.stack([before_rope[:, t] @ rotation[t].T for t in range(len(positions))], dim=1)
-    future = torch.stack([rope_matrix(rope.angles[f], interleaved=interleaved)
-                          for f in range(num_prompt, num_prompt + FUTURE_POSITIONS)]).mean(0)
-    expected = before_rope @ future.T
-    got = future_frame(rotated.float(), positions, rope, num_prompt)
-    assert got.dtype == torch.float32 and got.shape == rotated.shape
-    assert torch.allclose(got.double(), expected, atol=1e-5)
+    got = FutureFrame(rope, positions, num_prompt)(rotate(before_rope, positions, rope))
+    assert got.dtype == torch.float32 and got.shape == before_rope.shape
+    assert torch.allclose(got.double(), by_matrices(before_rope, range(num_prompt, num_prompt + FUTURE_POSITIONS), rope), atol=1e-5)
     if 2 * planes < D:
         assert torch.allclose(got[..., 2 * planes :].double(), before_rope[..., 2 * planes :], atol=1e-6)
 
@@ -51,17 +58,16 @@ def test_the_future_frame_is_the_mean_future_rotation_of_the_query_before_rope(i
 def test_the_future_positions_stop_at_the_end_of_the_rope_table():
     """A prompt near or at the table's end averages over what the table holds (its last
     position alone at the end): never an error inside the worker."""
-    angles = rope_angles(310)
-    queries = torch.randn(1, 2, D)
+    rope = RopeTable(rope_angles(310))
     positions = torch.tensor([5, 6])
-    cut = future_frame(queries, positions, RopeTable(angles), 300)  # positions 300..309 only
-    expected_cut = RopeTable(angles[:310])
-    assert torch.allclose(cut, future_frame(queries, positions, expected_cut, 300))
-    at_end = future_frame(queries, positions, RopeTable(angles), 310)
-    assert torch.allclose(at_end, future_frame(queries, positions, RopeTable(angles), 309))
-    assert torch.allclose(at_end, future_frame(queries, positions, RopeTable(angles[:310]), 309))
+    before_rope = torch.randn(1, 2, D, dtype=torch.float64)
+    rotated = rotate(before_rope, positions, rope)
+    near_end = FutureFrame(rope, positions, 300)(rotated)
+    assert torch.allclose(near_end.double(), by_matrices(before_rope, range(300, 310), rope), atol=1e-5)
+    at_end = FutureFrame(rope, positions, 310)(rotated)
+    assert torch.allclose(at_end.double(), by_matrices(before_rope, range(309, 310), rope), atol=1e-5)
     with pytest.raises(ValueError, match="planes"):
-        future_frame(torch.randn(1, 2, D - 2), positions, RopeTable(angles), 300)
+        FutureFrame(rope, positions, 300)(torch.randn(1, 2, D - 2))
 
 
 def test_moments_merged_chunk_by_chunk_are_those_of_all_the_vectors_at_once():
@@ -69,22 +75,25 @@ def test_moments_merged_chunk_by_chunk_are_those_of_all_the_vectors_at_once():
     moments = QueryMoments.empty(3, D)
     for lo, hi in ((0, 1), (1, 17), (17, 17), (17, 50)):
         moments.add(vectors[:, lo:hi])
-    assert moments.count == 50
+    assert moments.count.tolist() == [50] * 3
     assert torch.allclose(moments.mean, vectors.mean(dim=1), atol=1e-5)
     for head in range(3):
         assert torch.allclose(moments.covariance[head], torch.cov(vectors[head].T, correction=0), atol=1e-4)
     assert torch.equal(QueryMoments.empty(2, D).covariance, torch.zeros(2, D, D))
 
 
-def test_moments_of_several_layers_join_head_by_head():
-    parts = [QueryMoments.empty(2, D), QueryMoments.empty(3, D)]
-    vectors = [torch.randn(2, 7, D), torch.randn(3, 7, D)]
-    for part, v in zip(parts, vectors):
-        part.add(v)
-    joined = QueryMoments.concat(parts)
-    alone = QueryMoments.empty(5, D)
-    alone.add(torch.cat(vectors))
-    assert joined.count == 7 and torch.allclose(joined.mean, alone.mean) and torch.allclose(joined.covariance, alone.covariance, atol=1e-6)
-    parts[0].add(torch.randn(2, 1, D))
-    with pytest.raises(ValueError, match="cannot be joined"):
-        QueryMoments.concat(parts)
+def test_heads_merged_in_groups_are_those_merged_at_once():
+    """The worker folds a chunk a few layers at a time: each group of heads keeps its
+    own count, and the result equals one merge of every head."""
+    vectors = torch.randn(5, 9, D)
+    grouped, at_once = QueryMoments.empty(5, D), QueryMoments.empty(5, D)
+    at_once.add(vectors[:, :4])
+    at_once.add(vectors[:, 4:])
+    for chunk in (slice(0, 4), slice(4, 9)):
+        grouped.add(vectors[:2, chunk], slice(0, 2))
+        grouped.add(vectors[2:, chunk], slice(2, 5))
+    assert grouped.count.tolist() == [9] * 5
+    assert torch.allclose(grouped.mean, at_once.mean) and torch.allclose(grouped.covariance, at_once.covariance, atol=1e-6)
+    grouped.add(vectors[:1, :3], slice(0, 1))
+    assert grouped.count.tolist() == [12, 9, 9, 9, 9]
+    assert torch.allclose(grouped.covariance[0], torch.cov(torch.cat([vectors[0], vectors[0, :3]]).T, correction=0), atol=1e-5)

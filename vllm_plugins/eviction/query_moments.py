@@ -49,28 +49,38 @@ class RopeTable:
         return RopeTable(self.angles.to(device), self.interleaved)
 
 
-def future_frame(queries: torch.Tensor, positions: torch.Tensor, rope: RopeTable, num_prompt: int) -> torch.Tensor:
-    """``queries`` (..., t, d), rotated by RoPE at ``positions`` (t,), each rotated instead
-    by the mean of RoPE's rotations to the ``FUTURE_POSITIONS`` positions from
-    ``num_prompt`` on; float32, same shape. Raises ValueError if ``rope`` rotates more than
-    d dimensions.
+class FutureFrame:
+    """The mean of RoPE's rotations to the ``FUTURE_POSITIONS`` positions from
+    ``num_prompt`` on, as seen from each of ``positions`` (t,): built once for a prefill
+    chunk, applied to each layer's queries.
+
+    Its cosines and sines, (t, planes) each, cost a gather and a few products; applying it
+    costs four products per query element. Raises ValueError when applied to queries of
+    fewer than 2 x planes dimensions.
     """
-    planes, d = rope.angles.shape[1], queries.shape[-1]
-    if 2 * planes > d:
-        raise ValueError(f"a RoPE table of {planes} planes for queries of {d} dimensions")
-    table_end = rope.angles.shape[0]
-    future = rope.angles[min(num_prompt, table_end - 1) : num_prompt + FUTURE_POSITIONS].float()
-    mean_cos, mean_sin = future.cos().mean(dim=0), future.sin().mean(dim=0)  # (planes,)
-    here = rope.angles[positions].float()
-    cos_here, sin_here = here.cos(), here.sin()
-    c = cos_here * mean_cos + sin_here * mean_sin  # mean cos(future - here)
-    s = cos_here * mean_sin - sin_here * mean_cos  # mean sin(future - here)
-    q = queries.float()
-    out = q.clone() if 2 * planes < d else torch.empty_like(q)  # dimensions not rotated pass unchanged
-    first, second, out_first, out_second = _pairs(q, out, planes, rope.interleaved)
-    torch.mul(first, c, out=out_first).addcmul_(second, s, value=-1)
-    torch.mul(second, c, out=out_second).addcmul_(first, s)
-    return out
+
+    def __init__(self, rope: RopeTable, positions: torch.Tensor, num_prompt: int):
+        table_end = rope.angles.shape[0]
+        future = rope.angles[min(num_prompt, table_end - 1) : num_prompt + FUTURE_POSITIONS].float()
+        mean_cos, mean_sin = future.cos().mean(dim=0), future.sin().mean(dim=0)  # (planes,)
+        here = rope.angles[positions].float()
+        cos_here, sin_here = here.cos(), here.sin()
+        self.cos = cos_here * mean_cos + sin_here * mean_sin  # mean cos(future - here)
+        self.sin = cos_here * mean_sin - sin_here * mean_cos  # mean sin(future - here)
+        self.interleaved = rope.interleaved
+
+    def __call__(self, queries: torch.Tensor) -> torch.Tensor:
+        """``queries`` (..., t, d), rotated by RoPE at the frame's positions, rotated
+        instead by the frame's mean rotation; float32, same shape."""
+        planes, d = self.cos.shape[1], queries.shape[-1]
+        if 2 * planes > d:
+            raise ValueError(f"a RoPE table of {planes} planes for queries of {d} dimensions")
+        q = queries.float()
+        out = q.clone() if 2 * planes < d else torch.empty_like(q)  # dimensions not rotated pass unchanged
+        first, second, out_first, out_second = _pairs(q, out, planes, self.interleaved)
+        torch.mul(first, self.cos, out=out_first).addcmul_(second, self.sin, value=-1)
+        torch.mul(second, self.cos, out=out_second).addcmul_(first, self.sin)
+        return out
 
 
 def _pairs(q: torch.Tensor, out: torch.Tensor, planes: int, interleaved: bool):
@@ -82,42 +92,39 @@ def _pairs(q: torch.Tensor, out: torch.Tensor, planes: int, interleaved: bool):
 
 @dataclass
 class QueryMoments:
-    """Running moments of ``heads`` query heads' vectors: ``count`` vectors each, their
-    ``mean`` (heads, d) and ``scatter`` (heads, d, d), the sum of the centred outer
-    products; float32."""
+    """Running moments of ``heads`` query heads' vectors: per head, ``count`` (heads,)
+    vectors, their ``mean`` (heads, d) and ``scatter`` (heads, d, d), the sum of the
+    centred outer products; float32. Heads are merged into in any groups (a layer or
+    several at a time), each at its own count."""
 
-    count: int
+    count: torch.Tensor
     mean: torch.Tensor
     scatter: torch.Tensor
 
     @classmethod
     def empty(cls, heads: int, head_dim: int, device: torch.device | str = "cpu") -> QueryMoments:
-        return cls(0, torch.zeros(heads, head_dim, device=device), torch.zeros(heads, head_dim, head_dim, device=device))
+        return cls(torch.zeros(heads, device=device), torch.zeros(heads, head_dim, device=device),
+                   torch.zeros(heads, head_dim, head_dim, device=device))
 
-    def add(self, vectors: torch.Tensor) -> None:
-        """Merge ``vectors`` (heads, t, d) into the moments."""
+    def add(self, vectors: torch.Tensor, heads: slice = slice(None)) -> None:
+        """Merge ``vectors`` (h, t, d), t more of each, into the moments of ``heads`` (h
+        of them)."""
         t = vectors.shape[1]
         if t == 0:
             return
         vectors = vectors.float()
         chunk_mean = vectors.mean(dim=1)
         centred = vectors - chunk_mean[:, None]
-        total = self.count + t
-        delta = chunk_mean - self.mean
-        self.scatter += centred.transpose(1, 2) @ centred + delta[:, :, None] * delta[:, None, :] * (self.count * t / total)
-        self.mean += delta * (t / total)
-        self.count = total
-
-    @classmethod
-    def concat(cls, parts: list[QueryMoments]) -> QueryMoments:
-        """The heads of ``parts`` (moments of as many vectors each) in one, in order.
-        Raises ValueError if their counts differ."""
-        if len({part.count for part in parts}) > 1:
-            raise ValueError(f"moments of {sorted({part.count for part in parts})} vectors cannot be joined")
-        return cls(parts[0].count, torch.cat([p.mean for p in parts]), torch.cat([p.scatter for p in parts]))
+        before = self.count[heads]
+        total = before + t
+        delta = chunk_mean - self.mean[heads]
+        weight = (before * t / total)[:, None, None]
+        self.scatter[heads] += centred.transpose(1, 2) @ centred + delta[:, :, None] * delta[:, None, :] * weight
+        self.mean[heads] += delta * (t / total)[:, None]
+        self.count[heads] = total
 
     @property
     def covariance(self) -> torch.Tensor:
         """(heads, d, d): the population covariance (divided by ``count``, as kvpress
         does); zero before any vector."""
-        return self.scatter / max(1, self.count)
+        return self.scatter / self.count.clamp(min=1)[:, None, None]

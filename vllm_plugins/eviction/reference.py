@@ -19,7 +19,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, choose_kept
-from vllm_plugins.eviction.query_moments import QueryMoments, RopeTable, future_frame
+from vllm_plugins.eviction.query_moments import FutureFrame, QueryMoments, RopeTable
 from vllm_plugins.training.generation import greedy_decode, prefill
 
 CAPTURE = "vllm_plugins_query_capture"
@@ -84,7 +84,7 @@ def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: Evi
     if policy.queries_as_moments:
         positions = torch.arange(plan.num_prompt - window.shape[1], plan.num_prompt)
         moments = QueryMoments.empty(window.shape[0], window.shape[2])
-        moments.add(future_frame(window, positions, rope, plan.num_prompt))
+        moments.add(FutureFrame(rope, positions, plan.num_prompt)(window))
         window = window[:, :0]
     if policy.reads_value_norms:
         norms = torch.cat([layer.values[0] for layer in layers]).float().norm(dim=-1)

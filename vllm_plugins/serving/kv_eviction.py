@@ -40,10 +40,14 @@ import torch
 
 from vllm_plugins.eviction.budget import EvictionPlan
 from vllm_plugins.eviction.policies import POLICIES, choose_kept
-from vllm_plugins.eviction.query_moments import QueryMoments, RopeTable, future_frame
+from vllm_plugins.eviction.query_moments import FutureFrame, QueryMoments, RopeTable
 from vllm_plugins.serving.batch import StepBatch
 from vllm_plugins.serving.methods import LayerModules
 from vllm_plugins_kernels import compact_kept_layers_
+
+FOLD_ELEMENTS = 1 << 24
+"""Query elements folded into expected attention's moments at once (as many layers of a
+prefill chunk as fit, at least one): a few float32 copies of 64 MB at most."""
 
 PLAN_ARG = "kv_eviction_plan"
 """``extra_args`` key, set by the scheduler: :meth:`EvictionPlan.as_args`."""
@@ -58,14 +62,13 @@ def requested_plan(sampling_params) -> EvictionPlan | None:
 class _Prefill:
     """An evicting request until its prompt completes: the queries of its prompt's last
     ``window`` tokens, as they are computed, fill ``queries`` (layers, heads, window,
-    head_dim), or, for a policy that reads them so, are folded into ``moments`` (one per
-    layer, of its query heads: a chunk is folded layer by layer, so that its float32
-    copies are one layer's)."""
+    head_dim), or, for a policy that reads them so, are folded into ``moments`` (layers *
+    heads query heads)."""
 
     plan: EvictionPlan
     window: int
     queries: torch.Tensor | None = None
-    moments: list[QueryMoments] | None = None
+    moments: QueryMoments | None = None
 
 
 class KvEviction:
@@ -131,9 +134,12 @@ class KvEviction:
             queries = self.captured[:, first : first + count].view(len(self.layers), count, self.num_heads, self.head_dim)
             if prefill.moments is not None:
                 start = prefill.plan.num_prompt - prefill.window + offset
-                positions = torch.arange(start, start + count, device=self.device)
-                for layer, moments in enumerate(prefill.moments):
-                    moments.add(future_frame(queries[layer].transpose(0, 1), positions, self.rope, prefill.plan.num_prompt))
+                frame = FutureFrame(self.rope, torch.arange(start, start + count, device=self.device), prefill.plan.num_prompt)
+                per_fold = max(1, FOLD_ELEMENTS // queries[0].numel())  # layers: bounds the fold's float32 copies
+                for first in range(0, len(self.layers), per_fold):
+                    layers = slice(first, first + per_fold)
+                    heads = slice(first * self.num_heads, (first + per_fold) * self.num_heads)
+                    prefill.moments.add(frame(queries[layers].transpose(1, 2).flatten(0, 1)), heads)
             else:
                 prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)
             if completes:
@@ -179,8 +185,8 @@ class KvEviction:
         policy = POLICIES[plan.policy]
         window = policy().query_window(plan.num_prompt)
         if policy.queries_as_moments:
-            moments = [QueryMoments.empty(self.num_heads, self.head_dim, self.device) for _ in self.layers]
-            return _Prefill(plan, window, moments=moments)
+            return _Prefill(plan, window, moments=QueryMoments.empty(len(self.layers) * self.num_heads, self.head_dim,
+                                                                     self.device))
         shape = (len(self.layers), self.num_heads, window, self.head_dim)
         return _Prefill(plan, window, queries=torch.empty(shape, dtype=self.captured.dtype, device=self.device))
 
@@ -196,8 +202,7 @@ class KvEviction:
             norms = torch.linalg.vector_norm(self._gather_prompt([value for _, value in caches], table, plan.num_prompt),
                                              dim=-1, dtype=torch.float32)
         queries = keys.new_empty(0, 0, self.head_dim) if prefill.queries is None else prefill.queries.flatten(0, 1)
-        moments = None if prefill.moments is None else QueryMoments.concat(prefill.moments)
-        kept = choose_kept(plan, keys, queries, self.scale, kv_heads, moments, norms)
+        kept = choose_kept(plan, keys, queries, self.scale, kv_heads, prefill.moments, norms)
         kept = kept.view(len(caches), kv_heads, plan.num_kept)
         compact_kept_layers_(caches, table[None], kept[:, None], torch.tensor([plan.num_prompt], device=self.device))
         self.skipped_blocks[req_id] = plan.evicted_blocks(self.block_size)
