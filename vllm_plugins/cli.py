@@ -63,7 +63,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from vllm_plugins.training.eval_table import format_table, run_eval, write_report
+    from vllm_plugins.bench import write_report
+    from vllm_plugins.training.eval_table import format_table, run_eval
 
     report = run_eval(_base_path(args), methods=args.methods, tasks=args.tasks)
     write_report(report, args.json)
@@ -78,7 +79,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_adapters(args: argparse.Namespace) -> None:
-    from vllm_plugins.bench.adapters import PRESETS, format_table, run_adapter_bench, write_report
+    from vllm_plugins.bench import write_report
+    from vllm_plugins.bench.adapters import PRESETS, format_table, run_adapter_bench
 
     bench = dataclasses.replace(PRESETS[args.preset], enforce_eager=args.enforce_eager)
     if args.requests is not None:
@@ -90,7 +92,8 @@ def cmd_bench_adapters(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_kernels(args: argparse.Namespace) -> None:
-    from vllm_plugins.bench.kernels import format_report, run_kernel_bench, write_report
+    from vllm_plugins.bench import write_report
+    from vllm_plugins.bench.kernels import format_report, run_kernel_bench
 
     report = run_kernel_bench(check=not args.no_check)
     write_report(report, args.json)
@@ -103,7 +106,8 @@ def cmd_bench_kernels(args: argparse.Namespace) -> None:
 def cmd_bench_decode_step(args: argparse.Namespace) -> None:
     import torch
 
-    from vllm_plugins.bench.decode_step import format_report, run_decode_step_bench, write_report
+    from vllm_plugins.bench import write_report
+    from vllm_plugins.bench.decode_step import format_report, run_decode_step_bench
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     preset = args.preset or ("8b" if device == "cuda" else "tiny")
@@ -117,33 +121,29 @@ def cmd_bench_decode_step(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_ray_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
-    import json
-
+    from vllm_plugins.bench import write_report
     from vllm_plugins.bench.ray_serve import format_report, run_ray_serve_bench
     from vllm_plugins.loadtest.runner import DEMO_CONFIG
 
     args.out.mkdir(parents=True, exist_ok=True)
     report = run_ray_serve_bench(args.config or DEMO_CONFIG, _base_path(args), args.adapter_dir, vllm_args, args.out)
-    (args.out / "ray-serve-bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.out / "ray-serve-bench.json")
     print(format_report(report))
     print(f"written: {args.out / 'ray-serve-bench.json'}")
 
 
 def cmd_bench_eviction_prefill(args: argparse.Namespace) -> None:
-    import json
-
+    from vllm_plugins.bench import write_report
     from vllm_plugins.bench.eviction_prefill import PrefillBench, format_prefill_report, run_prefill_bench
 
     report = run_prefill_bench(PrefillBench(hidden=args.hidden, prompts=args.prompts, enforce_eager=args.enforce_eager))
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.json)
     print(format_prefill_report(report))
     print(f"written: {args.json}")
 
 
 def cmd_bench_eviction(args: argparse.Namespace) -> None:
-    import json
-
+    from vllm_plugins.bench import write_report
     from vllm_plugins.bench.eviction import PRESETS, format_report, run_eviction_bench, with_task
 
     bench = with_task(dataclasses.replace(PRESETS[args.preset], enforce_eager=args.enforce_eager), args.task)
@@ -156,8 +156,7 @@ def cmd_bench_eviction(args: argparse.Namespace) -> None:
     report = run_eviction_bench(bench)
     if reference is not None:
         report["reference"] = reference
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.json)
     print(format_report(report))
     if reference is not None:
         from vllm_plugins.bench.kvpress_reference import format_reference

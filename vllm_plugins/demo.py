@@ -27,6 +27,7 @@ from pathlib import Path
 from vllm_plugins import paths
 from vllm_plugins.adapters.common.lm import PlainLM
 from vllm_plugins.adapters.storage import load_adapter
+from vllm_plugins.bench import write_report
 from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.loadtest.report import HEADLINE, headline_rows
 from vllm_plugins.loadtest.runner import DEMO_CONFIG, run_loadtest
@@ -177,7 +178,7 @@ def run_demo(preset: str = "demo") -> Path:
         "loadtest": traffic["loadtest"],
         "seconds": round(time.monotonic() - started, 1),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_report(report, out / "report.json")
     (out / "report.md").write_text(format_report(report))
     print(format_report(report))
     print(f"report: {out / 'report.md'}")

@@ -15,7 +15,6 @@ mode. Float32, prefix caching on (random prompts never hit it).
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import shutil
@@ -207,8 +206,3 @@ def format_table(report: dict) -> str:
             f" {r['tpot_p99_ms']:14.3f} {r['output_tokens_per_s']:11.3f}  {f['compilation_mode']}"
         )
     return "\n".join(rows)
-
-
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2))

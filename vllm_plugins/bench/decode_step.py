@@ -32,13 +32,11 @@ that method only.
 from __future__ import annotations
 
 import gc
-import json
 import logging
 import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -384,8 +382,3 @@ def format_report(report: dict) -> str:
     lines += [f"| {t['target']} | {t['adapters']} | {t['batch']} | {t['value']:.3f} | {'yes' if t['met'] else 'no'} |"
               for t in report["targets"]]
     return "\n".join(lines)
-
-
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")

@@ -19,10 +19,8 @@ given, every kernel is first compared with its torch reference at these shapes.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -439,8 +437,3 @@ def format_report(report: dict) -> str:
     for r in report["decode_ratios"]:
         lines.append(f"| {r['batch']} | {r['adapters']} | {r['lora_ms']:.4f} | {r['para_over_lora']:.3f} | {r['iapt_over_lora']:.3f} | {r['milora_over_lora']:.3f} |")
     return "\n".join(lines)
-
-
-def write_report(report: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")

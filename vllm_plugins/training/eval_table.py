@@ -6,7 +6,6 @@ adapter's held-out exact match, its tunable parameter count and its training sec
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -72,8 +71,3 @@ def format_table(report: dict) -> str:
             + f" {seconds:>8.1f}  {report['summary'][m]}/{len(tasks)}"
         )
     return "\n".join(lines)
-
-
-def write_report(report: dict, out: str | Path) -> None:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(report, indent=2))
