@@ -197,12 +197,14 @@ def _timed_request(stepper: _Stepper, prompt: str, config, decode_tokens: int) -
     return prefill, statistics.mean(decode)
 
 
-def time_requests(stepper: _Stepper, prompts: list[str], configs: list, decode_tokens: int) -> dict:
+def time_requests(stepper: _Stepper, prompts: list[str], configs: list, decode_tokens: int,
+                  warm_up: tuple = (OFF,)) -> dict:
     """Per configuration, (prefill ms, TPOT ms): the medians over ``prompts``, each run
     alone under every configuration in turn (interleaved, so that the machine's drift hits
-    all alike), after one warm-up request."""
+    all alike), after one warm-up request under each of ``warm_up``."""
     timings: dict = {config: ([], []) for config in configs}
-    _timed_request(stepper, prompts[0], OFF, decode_tokens)
+    for config in warm_up:
+        _timed_request(stepper, prompts[0], config, decode_tokens)
     for prompt in prompts:
         for config in configs:
             prefill, tpot = _timed_request(stepper, prompt, config, decode_tokens)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from vllm_plugins.bench.eviction import OFF, PRESETS, _engine, _Stepper, _timed_request, bench_examples, time_requests
+from vllm_plugins.bench.eviction import OFF, PRESETS, _engine, _Stepper, bench_examples, time_requests
 from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.eviction.policies import POLICIES
 
@@ -73,10 +73,8 @@ def run_prefill_bench(bench: PrefillBench) -> dict:
         model = Path(tmp) / f"llama-{bench.hidden}"
         parameters = wider_model(bench.hidden, model)
         llm = _engine(eviction, model)
-        stepper = _Stepper(llm)
-        for config in configs:  # a configuration's first request compiles code for these shapes (SCA's loop: seconds)
-            _timed_request(stepper, prompts[0], config, bench.decode_tokens)
-        times = time_requests(stepper, prompts, configs, bench.decode_tokens)
+        # a configuration's first request compiles code for these shapes (SCA's loop: seconds)
+        times = time_requests(_Stepper(llm), prompts, configs, bench.decode_tokens, warm_up=tuple(configs))
         mode = llm.llm_engine.vllm_config.compilation_config.mode.name
     off_ms = times[OFF][0]
     rows = [{"policy": policy, "keep_ratio": ratio, "prefill_ms": prefill, "prefill_vs_off": round(prefill / off_ms, 3),

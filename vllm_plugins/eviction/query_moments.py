@@ -45,6 +45,12 @@ class RopeTable:
     angles: torch.Tensor
     interleaved: bool = False
 
+    @classmethod
+    def from_cos_sin(cls, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> RopeTable:
+        """The table of a model's RoPE cosines and sines, (positions, planes) each (any
+        common scale, such as YaRN's, drops out)."""
+        return cls(torch.atan2(sin.float(), cos.float()), interleaved)
+
     def to(self, device: torch.device | str) -> RopeTable:
         return RopeTable(self.angles.to(device), self.interleaved)
 

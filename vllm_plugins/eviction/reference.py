@@ -64,9 +64,9 @@ def rope_table(model: PreTrainedModel) -> RopeTable:
     rotary embedding holds)."""
     positions = torch.arange(model.config.max_position_embeddings)[None]
     probe = torch.empty(1, dtype=torch.float32)
-    cos, sin = model.model.rotary_emb(probe, positions)
+    cos, sin = model.model.rotary_emb(probe, positions)  # (1, positions, d): each plane's value twice
     half = cos.shape[-1] // 2
-    return RopeTable(torch.atan2(sin[0, :, :half], cos[0, :, :half]))
+    return RopeTable.from_cos_sin(cos[0, :, :half], sin[0, :, :half])
 
 
 def evict_cache(cache: DynamicCache, queries: dict[int, torch.Tensor], plan: EvictionPlan, scale: float,

@@ -136,9 +136,9 @@ class KvEviction:
                 start = prefill.plan.num_prompt - prefill.window + offset
                 frame = FutureFrame(self.rope, torch.arange(start, start + count, device=self.device), prefill.plan.num_prompt)
                 per_fold = max(1, FOLD_ELEMENTS // queries[0].numel())  # layers: bounds the fold's float32 copies
-                for first in range(0, len(self.layers), per_fold):
-                    layers = slice(first, first + per_fold)
-                    heads = slice(first * self.num_heads, (first + per_fold) * self.num_heads)
+                for low in range(0, len(self.layers), per_fold):
+                    layers = slice(low, low + per_fold)
+                    heads = slice(low * self.num_heads, (low + per_fold) * self.num_heads)
                     prefill.moments.add(frame(queries[layers].transpose(1, 2).flatten(0, 1)), heads)
             else:
                 prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)

@@ -317,9 +317,8 @@ def rope_table(model):
     from vllm_plugins.eviction.query_moments import RopeTable
 
     rotary = model.model.layers[0].self_attn.rotary_emb
-    table = rotary._compute_cos_sin_cache()  # float32 (positions, rotary_dim): cos | sin
-    half = table.shape[-1] // 2
-    return RopeTable(torch.atan2(table[:, half:], table[:, :half]), interleaved=not rotary.is_neox_style)
+    cos, sin = rotary._compute_cos_sin_cache().chunk(2, dim=-1)  # float32 (positions, rotary_dim): cos | sin
+    return RopeTable.from_cos_sin(cos, sin, interleaved=not rotary.is_neox_style)
 
 
 def cpu_reshape_and_cache(key, value, key_cache, value_cache, slots, isa) -> None:
