@@ -301,18 +301,23 @@ def test_an_adapter_reloaded_from_a_changed_directory_is_the_new_one(server, cli
     assert_everyone_served(server, client, prompts, expected)
 
 
-# -- 4. run-time loading is authenticated and contained -----------------------------------
+# -- 4. run-time loading (and every other write) is authenticated and contained -----------------------------------
 @pytest.mark.parametrize("method, route, body", [
     ("POST", "/v1/load_prompt_adapter", {"adapter_name": "x", "adapter_path": "/tmp"}),
     ("POST", "/v1/unload_prompt_adapter", {"adapter_name": "para-1"}),
     ("POST", "/v1/completions", {"model": "para-1", "prompt": "a b =", "max_tokens": 2}),
     ("GET", "/v1/models", None),
+    ("POST", "/invocations", {"model": "para-1", "prompt": "a b =", "max_tokens": 2}),
+    ("POST", "/tokenize", {"model": BASE, "prompt": "a b ="}),
+    ("POST", "/scale_elastic_ep", {"new_data_parallel_size": 2}),  # vLLM's admin routes outside /v1
+    ("POST", "/reset_prefix_cache", None),
 ])
-def test_every_v1_route_needs_the_api_key(server, route, method, body):
+def test_every_v1_route_and_every_other_write_needs_the_api_key(server, route, method, body):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
         response = httpx.request(method, server.url + route, json=body, headers=headers, timeout=60)
         _error(response, 401, "API key")
     assert httpx.get(server.url + "/health").status_code == 200
+    assert httpx.post(server.url + "/ping").status_code == 200  # SageMaker's health check stays open
 
 
 def test_weights_outside_the_adapter_directory_are_refused_alike(client, adapter_dir, served_adapter_dir):

@@ -24,7 +24,10 @@ adapters:
   ``POST /v1/unload_prompt_adapter`` ``{"adapter_name"}``, when run-time loading is on.
 
 ``--api-key`` (or ``VLLM_API_KEY``) guards every ``/v1`` route here as vLLM guards its
-own, and ``/invocations`` too (it serves the tenants), before any work is done. Adapter
+own, and every other request that is not a read (``GET``, ``HEAD``, ``OPTIONS``) but for
+SageMaker's ``POST /ping`` health check, before any work is done: ``/invocations``,
+``/tokenize``, and vLLM's admin routes outside ``/v1`` (``/scale_elastic_ep``,
+``/reset_prefix_cache``, ``/sleep``, ...), which vLLM itself leaves open. Adapter
 validation runs in a worker thread, never on the event loop.
 
 Settings come from vLLM's ``--additional-config`` (:mod:`.config`); the served model from
@@ -51,6 +54,8 @@ from vllm_plugins.serving.tickets import ADAPTER_KEYS, adapter_args
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions", "/invocations")
 ADMIN_PATHS = ("/v1/load_prompt_adapter", "/v1/unload_prompt_adapter")
+READ_METHODS = ("GET", "HEAD", "OPTIONS")
+OPEN_POSTS = ("/ping",)  # SageMaker's health check, which load balancers call without a key
 RESERVED_XARGS = (*ADAPTER_KEYS, SOFT_KV_SLOT_ARG, PLAN_ARG)
 EVICTION_XARGS = (POLICY_ARG, KEEP_RATIO_ARG, BUDGET_ARG)
 CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
@@ -107,7 +112,7 @@ class PromptAdapterMiddleware:
         registry = await self._setup(scope)
         path, method = scope["path"], scope["method"]
         try:
-            guarded = path.startswith("/v1") or path in GENERATION_PATHS
+            guarded = path.startswith("/v1") or (method not in READ_METHODS and path not in OPEN_POSTS)
             if guarded and method != "OPTIONS" and not self._authorized(scope):
                 raise HttpError(401, "a valid API key is required (Authorization: Bearer <key>)")
             if method == "GET" and path == "/v1/models":
