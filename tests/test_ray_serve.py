@@ -60,6 +60,15 @@ def test_the_record_of_runtime_loads_and_the_replicas_own_key(monkeypatch):
     assert api_key_of([]) == "k4" and api_key_of(["--api-key", "k1"]) == "k1"
 
 
+def test_a_replica_drops_idle_connections_before_its_server_closes_them():
+    """Else a relayed request can go out on a connection the server is closing."""
+    from vllm import envs
+
+    from vllm_plugins.deploy.ray_serve import KEEPALIVE_S
+
+    assert 0 < KEEPALIVE_S < envs.VLLM_HTTP_TIMEOUT_KEEP_ALIVE
+
+
 def _ray(*args: str) -> None:
     done = subprocess.run([RAY, *args], capture_output=True, text=True)
     if done.returncode != 0:

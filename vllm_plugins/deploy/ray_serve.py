@@ -14,7 +14,9 @@ multiplexing with that name as the model id. A replica that has already served t
 adapter (so vLLM holds it) is preferred; otherwise the least-loaded replica takes it and
 loads it. The base model's name routes the same way. The client's ``Authorization`` and
 ``Content-Type`` headers reach the replica's server, and no other header: the servers
-check the API key (``--api-key`` among ``serve_args``), the router never does.
+check the API key (``--api-key`` among ``serve_args``), the router never does. A request
+whose replica fails before its server answers (the replica died, its server is gone) gets
+a 502 in the OpenAI error format, naming the error; the router logs it.
 
 Run-time loading (``POST /v1/load_prompt_adapter`` and ``/v1/unload_prompt_adapter``,
 with ``--runtime-loading`` among ``serve_args``) applies to every replica and to replicas
@@ -96,6 +98,11 @@ LEDGER = "prompt-adapter-ledger"  # the deployment-scoped actor holding the reco
 SYNC_PERIOD_S = 2.0  # how often a replica checks the record's version
 ADMIN_TIMEOUT_S = 120.0  # for a load or unload on every replica
 LEDGER_WAIT_S = 60.0  # how long a replica waits for the record's actor to be reachable
+# vLLM's server closes a connection idle for VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s by default),
+# and httpx keeps an idle one 5 s too: a request sent on a connection as the server closes
+# it fails ("Server disconnected without sending a response"). The replica drops its idle
+# connections well before the server does.
+KEEPALIVE_S = 1.0
 
 logger = logging.getLogger("ray.serve")
 
@@ -133,8 +140,14 @@ class RayServeConfig(ConfigModel):
         return config.model_copy(update={"model": model, "adapter_dir": adapter_dir})
 
 
+def _error_body(status: int, message: str) -> dict:
+    """An error the router makes itself, in the OpenAI error format (as vLLM types them)."""
+    kind = "BadRequestError" if status < 500 else "InternalServerError"
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
 def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "BadRequestError", "code": status}}, status_code=status)
+    return JSONResponse(_error_body(status, message), status_code=status)
 
 
 def api_key_of(serve_args: list[str]) -> str | None:
@@ -159,7 +172,7 @@ class Reply(NamedTuple):
     @classmethod
     def error(cls, status: int, message: str) -> Reply:
         """An answer the router makes itself, in the OpenAI error format."""
-        return cls(status, json.dumps({"error": {"message": message, "code": status}}).encode(), "application/json", "")
+        return cls(status, json.dumps(_error_body(status, message)).encode(), "application/json", "")
 
     def response(self) -> Response:
         return Response(content=self.body, status_code=self.status, media_type=self.content_type)
@@ -202,7 +215,7 @@ class PluginServer:
         # Started on this thread, as before: the server's PR_SET_PDEATHSIG follows the
         # thread that started it, and this one lives as long as the replica.
         self.server = ServerProcess.start(Path(config.model), Path(config.adapter_dir), log, *config.serve_args)
-        self.client = httpx.AsyncClient(base_url=self.server.url, timeout=None)
+        self.client = httpx.AsyncClient(base_url=self.server.url, timeout=None, limits=httpx.Limits(keepalive_expiry=KEEPALIVE_S))
         key = api_key_of(config.serve_args)
         self.own_headers = {"content-type": "application/json", **({"authorization": f"Bearer {key}"} if key else {})}
         self.tag = serve.get_replica_context().replica_tag
@@ -355,7 +368,11 @@ class OpenAIRouter:
                 return _error(400, "the request names no model")
             options["multiplexed_model_id"] = model
         reply = self.replicas.options(**options).relay.remote(request.method, path, body, headers)
-        status, media_type = await reply.__anext__()
+        try:
+            status, media_type = await reply.__anext__()
+        except Exception as err:  # the replica died, or could not reach its server
+            logger.warning("relaying %s %s failed", request.method, path, exc_info=True)
+            return _error(502, f"the replica failed: {type(err).__name__}")
         return StreamingResponse(reply, status_code=status, media_type=media_type)
 
     async def _everywhere(self, path: str, body: bytes, headers: dict[str, str]) -> Response:
