@@ -27,16 +27,16 @@ def rope_angles(positions: int, planes: int = D // 2) -> torch.Tensor:
     return torch.arange(positions).float()[:, None] * inv_freq
 
 
-def by_matrices(before_rope: torch.Tensor, futures: range, rope: RopeTable) -> torch.Tensor:
+def by_matrices(before_rope: torch.Tensor, futures: range, angles: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """kvpress's construction: the mean of RoPE's rotation matrices over ``futures``
     applied to each query before RoPE; float64."""
-    mean = torch.stack([rope_matrix(rope.angles[f], interleaved=rope.interleaved) for f in futures]).mean(0)
+    mean = torch.stack([rope_matrix(angles[f], interleaved=interleaved) for f in futures]).mean(0)
     return before_rope @ mean.T
 
 
-def rotate(before_rope: torch.Tensor, positions: torch.Tensor, rope: RopeTable) -> torch.Tensor:
+def rotate(before_rope: torch.Tensor, positions: torch.Tensor, angles: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """(heads, t, D): each query as RoPE caches it at its position."""
-    return torch.stack([before_rope[:, t] @ rope_matrix(rope.angles[p], interleaved=rope.interleaved).T
+    return torch.stack([before_rope[:, t] @ rope_matrix(angles[p], interleaved=interleaved).T
                         for t, p in enumerate(positions)], dim=1).float()
 
 
@@ -45,12 +45,13 @@ def test_the_future_frame_is_the_mean_future_rotation_of_the_query_before_rope(i
     """Un-rotating each cached query to its vector before RoPE, then applying the mean of
     RoPE's rotation matrices over the next 512 positions, for both of vLLM's layouts and
     partial rotary embeddings."""
-    rope = RopeTable(rope_angles(2000, planes), interleaved)
+    angles = rope_angles(2000, planes)
+    rope = RopeTable.from_angles(angles, interleaved)
     num_prompt, positions = 300, torch.tensor([4, 17, 150, 299])
     before_rope = torch.randn(3, len(positions), D, dtype=torch.float64)
-    got = FutureFrame(rope, positions, num_prompt)(rotate(before_rope, positions, rope))
+    got = FutureFrame(rope, positions, num_prompt)(rotate(before_rope, positions, angles, interleaved))
     assert got.dtype == torch.float32 and got.shape == before_rope.shape
-    assert torch.allclose(got.double(), by_matrices(before_rope, range(num_prompt, num_prompt + FUTURE_POSITIONS), rope), atol=1e-5)
+    assert torch.allclose(got.double(), by_matrices(before_rope, range(num_prompt, num_prompt + FUTURE_POSITIONS), angles, interleaved), atol=1e-5)
     if 2 * planes < D:
         assert torch.allclose(got[..., 2 * planes :].double(), before_rope[..., 2 * planes :], atol=1e-6)
 
@@ -58,16 +59,25 @@ def test_the_future_frame_is_the_mean_future_rotation_of_the_query_before_rope(i
 def test_the_future_positions_stop_at_the_end_of_the_rope_table():
     """A prompt near or at the table's end averages over what the table holds (its last
     position alone at the end): never an error inside the worker."""
-    rope = RopeTable(rope_angles(310))
+    angles = rope_angles(310)
+    rope = RopeTable.from_angles(angles)
     positions = torch.tensor([5, 6])
     before_rope = torch.randn(1, 2, D, dtype=torch.float64)
-    rotated = rotate(before_rope, positions, rope)
+    rotated = rotate(before_rope, positions, angles)
     near_end = FutureFrame(rope, positions, 300)(rotated)
-    assert torch.allclose(near_end.double(), by_matrices(before_rope, range(300, 310), rope), atol=1e-5)
+    assert torch.allclose(near_end.double(), by_matrices(before_rope, range(300, 310), angles), atol=1e-5)
     at_end = FutureFrame(rope, positions, 310)(rotated)
-    assert torch.allclose(at_end.double(), by_matrices(before_rope, range(309, 310), rope), atol=1e-5)
+    assert torch.allclose(at_end.double(), by_matrices(before_rope, range(309, 310), angles), atol=1e-5)
     with pytest.raises(ValueError, match="planes"):
         FutureFrame(rope, positions, 300)(torch.randn(1, 2, D - 2))
+
+
+def test_a_table_of_scaled_cosines_and_sines_is_the_table_of_their_angles():
+    """vLLM's and transformers' tables may carry a common scale (YaRN's): it drops out."""
+    angles = rope_angles(64)
+    scaled = RopeTable.from_cos_sin(1.3 * angles.cos(), 1.3 * angles.sin(), interleaved=True)
+    plain = RopeTable.from_angles(angles, interleaved=True)
+    assert scaled.interleaved and torch.allclose(scaled.cos, plain.cos, atol=1e-6) and torch.allclose(scaled.sin, plain.sin, atol=1e-6)
 
 
 def test_moments_merged_chunk_by_chunk_are_those_of_all_the_vectors_at_once():

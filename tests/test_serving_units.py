@@ -65,7 +65,7 @@ def test_metadata_update_then_clear_leaves_no_token_of_the_step():
 
 
 def test_narrowed_attention_inputs_start_at_the_first_kept_block_and_leave_the_table_alone():
-    eviction = KvEviction([], 0.5, RopeTable(torch.zeros(64, 2)), block_size=32, num_heads=2, head_dim=4, max_tokens=8, max_reqs=4, dtype=torch.float32)
+    eviction = KvEviction([], 0.5, RopeTable.from_angles(torch.zeros(64, 2)), block_size=32, num_heads=2, head_dim=4, max_tokens=8, max_reqs=4, dtype=torch.float32)
     table = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 0]], dtype=torch.int32)
     seq_lens = torch.tensor([128, 70], dtype=torch.int32)
     assert eviction.narrow(2, table, seq_lens) is None  # nothing evicted: vLLM's metadata as it is

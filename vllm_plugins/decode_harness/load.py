@@ -48,7 +48,7 @@ def bind_runtime(model: LlamaStack, layers: list[LayerModules], settings: Prompt
     ``model_dir``'s snapshots unless ``read_adapter`` is given."""
     d = layers[0].dims
     runtime = PromptAwareRuntime(layers, settings, model_dir, max_tokens, max_rows, device, dtype, read_adapter)
-    eviction = KvEviction(layers, d.head_dim**-0.5, RopeTable(model.model.layers[0].self_attn.rotary.angles()),
+    eviction = KvEviction(layers, d.head_dim**-0.5, RopeTable.from_angles(model.model.layers[0].self_attn.rotary.angles()),
                           layers[0].attn.inputs.block_size, d.num_heads, d.head_dim, max_tokens, max_rows, dtype, device)
     ops.bind(runtime, eviction)
     return runtime

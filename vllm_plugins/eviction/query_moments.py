@@ -37,22 +37,29 @@ FUTURE_POSITIONS = 512
 
 @dataclass(frozen=True)
 class RopeTable:
-    """RoPE as a model applies it: ``angles`` (table positions, planes), each rotation
-    plane's angle at each position (radians); ``interleaved``: plane i pairs dimensions 2i
-    and 2i + 1 (GPT-J), else i and i + planes (neox). Dimensions from 2 x planes on are not
-    rotated."""
+    """RoPE as a model applies it: ``cos`` and ``sin`` (table positions, planes), float32,
+    the cosine and sine of each rotation plane's angle at each position; ``interleaved``:
+    plane i pairs dimensions 2i and 2i + 1 (GPT-J), else i and i + planes (neox).
+    Dimensions from 2 x planes on are not rotated."""
 
-    angles: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
     interleaved: bool = False
+
+    @classmethod
+    def from_angles(cls, angles: torch.Tensor, interleaved: bool = False) -> RopeTable:
+        """The table of RoPE's angles (positions, planes), in radians."""
+        return cls(angles.float().cos(), angles.float().sin(), interleaved)
 
     @classmethod
     def from_cos_sin(cls, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool = False) -> RopeTable:
         """The table of a model's RoPE cosines and sines, (positions, planes) each (any
         common scale, such as YaRN's, drops out)."""
-        return cls(torch.atan2(sin.float(), cos.float()), interleaved)
+        norm = torch.hypot(cos.float(), sin.float()).clamp_min(torch.finfo(torch.float32).tiny)
+        return cls(cos.float() / norm, sin.float() / norm, interleaved)
 
     def to(self, device: torch.device | str) -> RopeTable:
-        return RopeTable(self.angles.to(device), self.interleaved)
+        return RopeTable(self.cos.to(device), self.sin.to(device), self.interleaved)
 
 
 class FutureFrame:
@@ -60,17 +67,15 @@ class FutureFrame:
     ``num_prompt`` on, as seen from each of ``positions`` (t,): built once for a prefill
     chunk, applied to each layer's queries.
 
-    Its cosines and sines, (t, planes) each, cost a gather and a few products; applying it
+    Its cosines and sines, (t, planes) each, cost two means, two gathers and a few products; applying it
     costs four products per query element. Raises ValueError when applied to queries of
     fewer than 2 x planes dimensions.
     """
 
     def __init__(self, rope: RopeTable, positions: torch.Tensor, num_prompt: int):
-        table_end = rope.angles.shape[0]
-        future = rope.angles[min(num_prompt, table_end - 1) : num_prompt + FUTURE_POSITIONS].float()
-        mean_cos, mean_sin = future.cos().mean(dim=0), future.sin().mean(dim=0)  # (planes,)
-        here = rope.angles[positions].float()
-        cos_here, sin_here = here.cos(), here.sin()
+        future = slice(min(num_prompt, rope.cos.shape[0] - 1), num_prompt + FUTURE_POSITIONS)
+        mean_cos, mean_sin = rope.cos[future].mean(dim=0), rope.sin[future].mean(dim=0)  # (planes,)
+        cos_here, sin_here = rope.cos[positions], rope.sin[positions]
         self.cos = cos_here * mean_cos + sin_here * mean_sin  # mean cos(future - here)
         self.sin = cos_here * mean_sin - sin_here * mean_cos  # mean sin(future - here)
         self.interleaved = rope.interleaved

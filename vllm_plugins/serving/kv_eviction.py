@@ -36,6 +36,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from vllm_plugins.eviction.budget import EvictionPlan
@@ -108,7 +109,8 @@ class KvEviction:
         eviction plan, read when it (re)starts."""
         self.clear()
         restarts, completes = batch.restarts, batch.completes_prompt
-        tokens: list[int] = []
+        spans: list[np.ndarray] = []  # per evicting row, its flat tokens to capture
+        num_capture = 0
         for row, req_id in enumerate(batch.req_ids):
             if restarts[row]:  # new, or preempted and recomputed: evicted again at its prompt's end
                 self.skipped_blocks.pop(req_id, None)
@@ -119,11 +121,12 @@ class KvEviction:
             if req_id not in self.prefills:
                 continue
             first, count, offset = batch.prompt_tail(row, self.prefills[req_id].window)
-            self._step.append((req_id, len(tokens), count, offset, bool(completes[row])))
-            tokens.extend(range(first, first + count))
-        if tokens:
-            self.capture_tokens[: len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
-        self.num_capture = len(tokens)
+            self._step.append((req_id, num_capture, count, offset, bool(completes[row])))
+            spans.append(np.arange(first, first + count, dtype=np.int64))
+            num_capture += count
+        if num_capture:
+            self.capture_tokens[:num_capture] = torch.from_numpy(np.concatenate(spans))
+        self.num_capture = num_capture
         self.narrowing = bool(self.skipped_rows[: len(batch.req_ids)].any())
 
     def end_step(self, block_ids_of: Callable[[str], list[int]]) -> None:

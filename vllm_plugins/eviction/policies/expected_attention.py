@@ -20,7 +20,8 @@ by RoPE's rotation averaged over the next 512 positions
 (:mod:`vllm_plugins.eviction.query_moments`, which the worker and the reference fill as
 the prompt is computed). The exponents of all of a row's query heads come from one
 product of the keys with the heads' stacked covariances (rows, d, group * d), d x d per
-head rather than one logit per query and key, a layer at a time.
+head rather than one logit per query and key, as many rows at a time as
+:data:`PRODUCT_ELEMENTS` allows.
 
 Kept whatever the scores: the 4 sinks, as in the paper and kvpress's press. Unlike every
 other policy it protects none of the prompt's last tokens: their expected attention
@@ -38,6 +39,11 @@ import math
 import torch
 
 from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt
+
+PRODUCT_ELEMENTS = 1 << 24
+"""Elements of the keys' products with the stacked covariances computed at once (as
+many rows as fit, at least one): 64 MB of float32 at most, the whole prompt of a small
+model in one product, a layer or less of a large one."""
 
 
 class ExpectedAttentionPolicy(EvictionPolicy):
@@ -69,10 +75,11 @@ class ExpectedAttentionPolicy(EvictionPolicy):
         covariance = moments.covariance.view(rows, group, d, d) * (scale**2 / 2)
         stacked = covariance.permute(0, 2, 1, 3).reshape(rows, d, group * d)  # column block h: Sigma_h (symmetric)
         exponent = keys.new_empty(rows, group, n)
-        for first in range(0, rows, prompt.kv_heads):  # a layer at a time: its (kv_heads, n, group * d) product
-            layer = slice(first, first + prompt.kv_heads)
-            quadratic = ((keys[layer] @ stacked[layer]).view(-1, n, group, d) * keys[layer, :, None]).sum(dim=-1)
-            quadratic.baddbmm_(keys[layer], mean[layer].transpose(1, 2), alpha=scale)  # + scale * k . mu_h
-            exponent[layer] = quadratic.transpose(1, 2)
+        per_product = max(1, PRODUCT_ELEMENTS // (n * group * d))  # rows whose (n, group * d) products fit at once
+        for first in range(0, rows, per_product):
+            part = slice(first, first + per_product)
+            quadratic = ((keys[part] @ stacked[part]).view(-1, n, group, d) * keys[part, :, None]).sum(dim=-1)
+            quadratic.baddbmm_(keys[part], mean[part].transpose(1, 2), alpha=scale)  # + scale * k . mu_h
+            exponent[part] = quadratic.transpose(1, 2)
         share = exponent.log_softmax(dim=-1).logsumexp(dim=1) - math.log(group)
         return share + norms.float().log()
