@@ -17,7 +17,8 @@ adapters:
   ``kv_budget``) are checked before vLLM sees the request, on the generation routes only
   (elsewhere they are a 400): an unknown policy, a ratio outside (0, 1] or a budget larger
   than the prompt as the engine will see it (vLLM's own ``/tokenize``, then
-  ``truncate_prompt_tokens``) is a 400.
+  ``truncate_prompt_tokens``) is a 400, and so is any other ``kv_`` key (a misspelt
+  setting would otherwise be ignored, and the request served without eviction).
 * ``GET /v1/models`` lists the prompt-aware adapters too, each with its ``method``, and
   under ``prompt_adapters_refused`` the adapters found at start that are not served.
 * ``POST /v1/load_prompt_adapter`` ``{"adapter_name", "adapter_path"}`` and
@@ -58,6 +59,7 @@ READ_METHODS = ("GET", "HEAD", "OPTIONS")
 OPEN_POSTS = ("/ping",)  # SageMaker's health check, which load balancers call without a key
 RESERVED_XARGS = (*ADAPTER_KEYS, SOFT_KV_SLOT_ARG, PLAN_ARG)
 EVICTION_XARGS = (POLICY_ARG, KEEP_RATIO_ARG, BUDGET_ARG)
+EVICTION_PREFIX = "kv_"  # another key of vllm_xargs under it is a misspelt setting, not one to ignore
 CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
                         "chat_template", "chat_template_kwargs", "tools", "mm_processor_kwargs")
 """What shapes a chat prompt's tokens: passed on to ``/tokenize`` to count them."""
@@ -149,6 +151,8 @@ class PromptAdapterMiddleware:
         xargs = xargs or {}
         if reserved := sorted(k for k in RESERVED_XARGS if k in xargs):
             raise HttpError(400, f"vllm_xargs keys {reserved} are reserved for the server")
+        if unknown := sorted(k for k in xargs if k.startswith(EVICTION_PREFIX) and k not in EVICTION_XARGS):
+            raise HttpError(400, f"unknown KV eviction settings {unknown} in vllm_xargs; known: {', '.join(EVICTION_XARGS)}")
         if path == "/v1/load_lora_adapter" and body.get("lora_name") in registry.adapters:
             raise HttpError(400, f"{body['lora_name']!r} is the name of a prompt adapter")
         evicts = any(k in xargs for k in EVICTION_XARGS)
