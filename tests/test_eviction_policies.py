@@ -356,10 +356,19 @@ def test_rules_keep_a_ratio_or_a_budget():
     ({"kv_eviction": "nacl", "kv_budget": 64, "kv_keep_ratio": 0.5}, "not both"),
     ({"kv_keep_ratio": 0.5}, "need a policy"),
     ({"kv_eviction": "nacl", "kv_budget": 500}, "larger than the prompt"),
+    ({"kv_eviction": "none", "kv_keep_ratio": 5}, "must be in (0, 1]"),  # off, but no junk beside it
+    ({"kv_eviction": "none", "kv_budget": -1}, "positive number of tokens"),
 ])
 def test_bad_request_settings_are_errors(xargs, message):
     with pytest.raises(EvictionSettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):
         EvictionSettings().rule_for(xargs, num_prompt=400)
+
+
+def test_a_refusal_never_echoes_a_whole_value():
+    with pytest.raises(EvictionSettingsError) as refused:
+        EvictionSettings().rule_for({"kv_eviction": "s" * 300_000})
+    assert len(str(refused.value)) < 200 and "..." in str(refused.value)
+    assert EvictionSettings().rule_for({"kv_eviction": "none", "kv_keep_ratio": 0.5}, num_prompt=400) is None
 
 
 def test_server_default_applies_from_min_prompt_and_requests_override_it():

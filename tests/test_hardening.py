@@ -239,6 +239,14 @@ def test_reserved_vllm_xargs_are_refused_on_every_route(server, client, route, b
     assert client.get("/health").status_code == 200
 
 
+def test_kv_eviction_settings_are_refused_off_the_generation_routes(server, client):
+    xargs = {"kv_eviction": "snapkv", "kv_keep_ratio": 0.2}
+    _error(client.post("/tokenize", json={"model": BASE, "prompt": "a b =", "vllm_xargs": xargs}), 400, "taken on")
+    # with a trailing slash vLLM redirects to the route itself, which checks them
+    reply = client.post("/v1/completions/", json={"model": BASE, "prompt": "a b =", "max_tokens": 2, "vllm_xargs": xargs})
+    assert reply.status_code in (307, 308) and reply.headers["location"].endswith("/v1/completions"), reply.text
+
+
 # -- 3. tenant identity ------------------------------------------------------------------
 @pytest.mark.parametrize("name, message", [
     (BASE, "served model"), ("lora-1", "LoRA adapter"), ("para-1", "already loaded"),

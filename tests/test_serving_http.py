@@ -90,7 +90,8 @@ def test_malformed_json_and_bad_parameters_are_400(server):
     ({"kv_eviction": "nacl", "kv_budget": 1}, "the smallest budget is 12"),  # 4 sinks and the last 8 tokens
     ({"kv_eviction": "snapkv", "kv_budget": 63}, "the smallest budget is 64"),  # its observation window
     ({"kv_keep_ratio": 0.5}, "need a policy"),
-    ({"kv_evicton": "nacl", "kv_keep_ratio": 0.5}, "unknown KV eviction settings ['kv_evicton']"),  # misspelt
+    ({"kv_evicton": "nacl", "kv_keep_ratio": 0.5}, "unknown KV eviction settings in vllm_xargs: 'kv_evicton'"),
+    ({"kv_eviction": "snapkv", "KV-KEEP-RATIO": 0.01}, "unknown KV eviction settings in vllm_xargs: 'KV-KEEP-RATIO'"),
 ])
 def test_bad_kv_eviction_settings_are_400_and_the_server_keeps_serving(server, xargs, message):
     prompt = make_retrieval_example(random.Random(1), length=300).prompt  # 304 tokens

@@ -181,3 +181,12 @@ def test_responses_are_renamed_in_json_bodies_and_in_split_event_streams():
     events = b"".join(m.get("body", b"") for m in sent).split(b"\n\n")
     assert [json.loads(e[6:])["model"] for e in events if e.startswith(b"data: {")] == ["para-1", "para-1"]
     assert events[-2] == b"data: [DONE]" and sent[-1]["more_body"] is False
+
+
+def test_the_vllm_xargs_keys_read_as_kv_eviction_settings():
+    """The front end refuses these unless they are exactly a setting: a misspelt one would
+    be ignored, and the request served with its whole cache."""
+    from vllm_plugins.serving.frontend import _like_eviction_setting
+
+    assert all(map(_like_eviction_setting, ("kv_evicton", "KV_EVICTION", "kv-keep-ratio", "kvBudget", " kv_eviction", "eviction")))
+    assert not any(map(_like_eviction_setting, ("my_plugin_option", "token_budget", "keep_ratio_hint")))

@@ -45,6 +45,23 @@ class EvictionSettingsError(ValueError):
     """A policy, ratio or budget that cannot be honoured (an HTTP 400 for a request)."""
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a refusal never echoes a whole request."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_amount(keep_ratio: object, budget: object) -> None:
+    """Raises :class:`EvictionSettingsError` unless at most one of a keep ratio in (0, 1]
+    and a budget of at least one token is given."""
+    if keep_ratio is not None and budget is not None:
+        raise EvictionSettingsError("give a keep ratio or a token budget, not both")
+    if keep_ratio is not None and not (isinstance(keep_ratio, (int, float)) and not isinstance(keep_ratio, bool) and 0 < keep_ratio <= 1):
+        raise EvictionSettingsError(f"the KV keep ratio must be in (0, 1], got {shown(keep_ratio)}")
+    if budget is not None and not (isinstance(budget, int) and not isinstance(budget, bool) and budget >= 1):
+        raise EvictionSettingsError(f"the KV budget must be a positive number of tokens, got {shown(budget)}")
+
+
 @dataclass(frozen=True)
 class EvictionRule:
     """A policy and how much of a prompt it keeps: a ratio of its tokens or a token budget."""
@@ -55,14 +72,8 @@ class EvictionRule:
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
-            raise EvictionSettingsError(f"unknown KV eviction policy {self.policy!r}; known: {', '.join(sorted(POLICIES))}, {OFF}")
-        if self.keep_ratio is not None and self.budget is not None:
-            raise EvictionSettingsError("give a keep ratio or a token budget, not both")
-        ratio = self.keep_ratio
-        if ratio is not None and not (isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0 < ratio <= 1):
-            raise EvictionSettingsError(f"the KV keep ratio must be in (0, 1], got {self.keep_ratio!r}")
-        if self.budget is not None and not (isinstance(self.budget, int) and not isinstance(self.budget, bool) and self.budget >= 1):
-            raise EvictionSettingsError(f"the KV budget must be a positive number of tokens, got {self.budget!r}")
+            raise EvictionSettingsError(f"unknown KV eviction policy {shown(self.policy)}; known: {', '.join(sorted(POLICIES))}, {OFF}")
+        check_amount(self.keep_ratio, self.budget)
 
     def tokens_to_keep(self, num_prompt: int) -> int:
         if self.budget is not None:
@@ -100,7 +111,8 @@ class EvictionSettings(ConfigModel):
         xargs = xargs or {}
         policy = xargs.get(POLICY_ARG)
         ratio, budget = xargs.get(KEEP_RATIO_ARG), xargs.get(BUDGET_ARG)
-        if policy == OFF:
+        if policy == OFF:  # no eviction; a ratio or budget beside it must still be one
+            check_amount(ratio, budget)
             return None
         if policy is None:
             rule = self.default_rule()
@@ -114,7 +126,7 @@ class EvictionSettings(ConfigModel):
             if ratio is None and budget is None:
                 ratio, budget = rule.keep_ratio, rule.budget
         elif not isinstance(policy, str):
-            raise EvictionSettingsError(f"{POLICY_ARG} must be a policy name, got {policy!r}")
+            raise EvictionSettingsError(f"{POLICY_ARG} must be a policy name, got {shown(policy)}")
         rule = EvictionRule(policy, ratio, budget)
         asked = xargs.get(BUDGET_ARG)
         if asked is not None and num_prompt is not None:

@@ -17,8 +17,9 @@ adapters:
   ``kv_budget``) are checked before vLLM sees the request, on the generation routes only
   (elsewhere they are a 400): an unknown policy, a ratio outside (0, 1] or a budget larger
   than the prompt as the engine will see it (vLLM's own ``/tokenize``, then
-  ``truncate_prompt_tokens``) is a 400, and so is any other ``kv_`` key (a misspelt
-  setting would otherwise be ignored, and the request served without eviction).
+  ``truncate_prompt_tokens``) is a 400, and so is any other key that reads as one (``kv``
+  in front or ``evict`` inside, in any case: a misspelt setting would otherwise be
+  ignored, and the request served with its whole cache).
 * ``GET /v1/models`` lists the prompt-aware adapters too, each with its ``method``, and
   under ``prompt_adapters_refused`` the adapters found at start that are not served.
 * ``POST /v1/load_prompt_adapter`` ``{"adapter_name", "adapter_path"}`` and
@@ -44,7 +45,7 @@ import os
 import secrets
 
 from vllm_plugins.adapters.storage import AdapterError
-from vllm_plugins.eviction.settings import BUDGET_ARG, KEEP_RATIO_ARG, POLICY_ARG, EvictionSettingsError
+from vllm_plugins.eviction.settings import BUDGET_ARG, KEEP_RATIO_ARG, POLICY_ARG, EvictionSettingsError, shown
 from vllm_plugins.serving import vllm_internals as vi
 from vllm_plugins.serving.asgi import LARGE, HttpError, call_app, header, naming_model, read_body, respond, with_body
 from vllm_plugins.serving.config import PromptAdapterSettings, eviction_settings
@@ -59,7 +60,6 @@ READ_METHODS = ("GET", "HEAD", "OPTIONS")
 OPEN_POSTS = ("/ping",)  # SageMaker's health check, which load balancers call without a key
 RESERVED_XARGS = (*ADAPTER_KEYS, SOFT_KV_SLOT_ARG, PLAN_ARG)
 EVICTION_XARGS = (POLICY_ARG, KEEP_RATIO_ARG, BUDGET_ARG)
-EVICTION_PREFIX = "kv_"  # another key of vllm_xargs under it is a misspelt setting, not one to ignore
 CHAT_TOKENIZE_FIELDS = ("messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
                         "chat_template", "chat_template_kwargs", "tools", "mm_processor_kwargs")
 """What shapes a chat prompt's tokens: passed on to ``/tokenize`` to count them."""
@@ -75,6 +75,14 @@ def body_limit(max_model_len: int) -> int:
     prompt's text or its token ids never take more) plus 64 KiB for the rest."""
     return 64 * max_model_len + (1 << 16)
 
+
+def _like_eviction_setting(key: str) -> bool:
+    """Whether a ``vllm_xargs`` key reads as a KV eviction setting, in any case and spacing
+    (``KV_EVICTION``, ``kv-keep-ratio``, ``kvBudget``, ``eviction``): one that is not
+    exactly a known setting is a misspelt one, which would otherwise be ignored and the
+    request served with its whole cache."""
+    name = key.strip().lower()
+    return name.startswith("kv") or "evict" in name
 
 class PromptAdapterMiddleware:
     def __init__(self, app):
@@ -151,13 +159,15 @@ class PromptAdapterMiddleware:
         xargs = xargs or {}
         if reserved := sorted(k for k in RESERVED_XARGS if k in xargs):
             raise HttpError(400, f"vllm_xargs keys {reserved} are reserved for the server")
-        if unknown := sorted(k for k in xargs if k.startswith(EVICTION_PREFIX) and k not in EVICTION_XARGS):
-            raise HttpError(400, f"unknown KV eviction settings {unknown} in vllm_xargs; known: {', '.join(EVICTION_XARGS)}")
+        if unknown := sorted(k for k in xargs if _like_eviction_setting(k) and k not in EVICTION_XARGS):
+            shown_keys = ", ".join(shown(k, 40) for k in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise HttpError(400, f"unknown KV eviction settings in vllm_xargs: {shown_keys}; known: {', '.join(EVICTION_XARGS)}")
         if path == "/v1/load_lora_adapter" and body.get("lora_name") in registry.adapters:
             raise HttpError(400, f"{body['lora_name']!r} is the name of a prompt adapter")
         evicts = any(k in xargs for k in EVICTION_XARGS)
         if path not in GENERATION_PATHS:
-            if evicts:
+            # with a trailing slash vLLM redirects to the route, where the settings are checked
+            if evicts and path.rstrip("/") not in GENERATION_PATHS:
                 raise HttpError(400, f"KV eviction settings are taken on {', '.join(GENERATION_PATHS)} only")
             return body, send
         if evicts:
