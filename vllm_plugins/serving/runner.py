@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from vllm_plugins.adapters.common.model_parts import dims
+from vllm_plugins.eviction.query_moments import FUTURE_POSITIONS
 from vllm_plugins.serving import ops, vllm_internals as vi
 from vllm_plugins.serving.batch import StepBatch, requested_adapter
 from vllm_plugins.serving.config import PromptAdapterSettings
@@ -42,7 +43,9 @@ class PluginRunnerMixin:
         layers = install_plugin_layers(self.model, self.model_config.architecture, d, paged_key_value)
         self.prompt_aware = PromptAwareRuntime(layers, settings, self.model_config.model, self.max_num_tokens,
                                                self.max_num_reqs, self.device, self.model_config.dtype)
-        self.kv_eviction = KvEviction(layers, vi.attention_scale(layers[0].attn), vi.rope_table(self.model),
+        # RoPE as far as a prompt's future positions reach: not the rotary's whole table
+        rope = vi.rope_table(self.model, self.model_config.max_model_len + FUTURE_POSITIONS)
+        self.kv_eviction = KvEviction(layers, vi.attention_scale(layers[0].attn), rope,
                                       self.cache_config.block_size, d.num_heads, d.head_dim, self.max_num_tokens,
                                       self.max_num_reqs, self.model_config.dtype, self.device)
         ops.bind(self.prompt_aware, self.kv_eviction)

@@ -310,14 +310,15 @@ def attention_scale(attn) -> float:
     return attn.impl.scale
 
 
-def rope_table(model):
+def rope_table(model, positions: int):
     """The model's RoPE as its first decoder layer's rotary embedding applies it (a
-    :class:`~vllm_plugins.eviction.query_moments.RopeTable`): the angle of each rotation
-    plane at each position of its cos/sin table (radians, float32), and its layout."""
+    :class:`~vllm_plugins.eviction.query_moments.RopeTable`): the cosine and sine of each
+    rotation plane at the first ``positions`` positions of its table (float32), and its
+    layout."""
     from vllm_plugins.eviction.query_moments import RopeTable
 
     rotary = model.model.layers[0].self_attn.rotary_emb
-    cos, sin = rotary._compute_cos_sin_cache().chunk(2, dim=-1)  # float32 (positions, rotary_dim): cos | sin
+    cos, sin = rotary._compute_cos_sin_cache()[:positions].chunk(2, dim=-1)  # float32 (positions, rotary_dim): cos | sin
     return RopeTable.from_cos_sin(cos, sin, interleaved=not rotary.is_neox_style)
 
 
