@@ -358,6 +358,7 @@ def test_rules_keep_a_ratio_or_a_budget():
     ({"kv_eviction": "nacl", "kv_budget": 500}, "larger than the prompt"),
     ({"kv_eviction": "none", "kv_keep_ratio": 5}, "must be in (0, 1]"),  # off, but no junk beside it
     ({"kv_eviction": "none", "kv_budget": -1}, "positive number of tokens"),
+    ({"kv_eviction": "nacl", "kv_budget": None}, "kv_budget cannot be null"),
 ])
 def test_bad_request_settings_are_errors(xargs, message):
     with pytest.raises(EvictionSettingsError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -92,6 +92,7 @@ def test_malformed_json_and_bad_parameters_are_400(server):
     ({"kv_keep_ratio": 0.5}, "need a policy"),
     ({"kv_evicton": "nacl", "kv_keep_ratio": 0.5}, "unknown KV eviction settings in vllm_xargs: 'kv_evicton'"),
     ({"kv_eviction": "snapkv", "KV-KEEP-RATIO": 0.01}, "unknown KV eviction settings in vllm_xargs: 'KV-KEEP-RATIO'"),
+    ({"kv_eviction": "nacl", "kv_budget": None}, "kv_budget cannot be null"),  # not vLLM's pydantic message
 ])
 def test_bad_kv_eviction_settings_are_400_and_the_server_keeps_serving(server, xargs, message):
     prompt = make_retrieval_example(random.Random(1), length=300).prompt  # 304 tokens

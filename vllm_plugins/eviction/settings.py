@@ -109,6 +109,8 @@ class EvictionSettings(ConfigModel):
 
         Raises :class:`EvictionSettingsError` for a bad request setting."""
         xargs = xargs or {}
+        if nulls := [key for key in (POLICY_ARG, KEEP_RATIO_ARG, BUDGET_ARG) if key in xargs and xargs[key] is None]:
+            raise EvictionSettingsError(f"{', '.join(nulls)} cannot be null: leave the key out for the server's default")
         policy = xargs.get(POLICY_ARG)
         ratio, budget = xargs.get(KEEP_RATIO_ARG), xargs.get(BUDGET_ARG)
         if policy == OFF:  # no eviction; a ratio or budget beside it must still be one
