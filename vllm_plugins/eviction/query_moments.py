@@ -67,9 +67,9 @@ class FutureFrame:
     ``num_prompt`` on, as seen from each of ``positions`` (t,): built once for a prefill
     chunk, applied to each layer's queries.
 
-    Its cosines and sines, (t, planes) each, cost two means, two gathers and a few products; applying it
-    costs four products per query element. Raises ValueError when applied to queries of
-    fewer than 2 x planes dimensions.
+    Its cosines and sines, (t, planes) each, cost two means, two gathers and a few
+    products; applying it costs four products per query element. Raises ValueError when
+    applied to queries of fewer than 2 x planes dimensions.
     """
 
     def __init__(self, rope: RopeTable, positions: torch.Tensor, num_prompt: int):

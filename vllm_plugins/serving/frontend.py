@@ -84,6 +84,7 @@ def _like_eviction_setting(key: str) -> bool:
     name = key.strip().lower()
     return name.startswith("kv") or "evict" in name
 
+
 class PromptAdapterMiddleware:
     def __init__(self, app):
         self.app = app
