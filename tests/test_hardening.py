@@ -309,7 +309,7 @@ def test_an_adapter_reloaded_from_a_changed_directory_is_the_new_one(server, cli
     assert_everyone_served(server, client, prompts, expected)
 
 
-# -- 4. run-time loading (and every other write) is authenticated and contained -----------------------------------
+# -- 4. run-time loading (and every other write) is authenticated and contained ---------
 @pytest.mark.parametrize("method, route, body", [
     ("POST", "/v1/load_prompt_adapter", {"adapter_name": "x", "adapter_path": "/tmp"}),
     ("POST", "/v1/unload_prompt_adapter", {"adapter_name": "para-1"}),
