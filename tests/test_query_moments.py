@@ -49,8 +49,13 @@ def test_the_future_frame_is_the_mean_future_rotation_of_the_query_before_rope(i
     rope = RopeTable.from_angles(angles, interleaved)
     num_prompt, positions = 300, torch.tensor([4, 17, 150, 299])
     before_rope = torch.randn(3, len(positions), D, dtype=torch.float64)
-    got = FutureFrame(rope, positions, num_prompt)(rotate(before_rope, positions, angles, interleaved))
+    rotated = rotate(before_rope, positions, angles, interleaved)
+    got = FutureFrame(rope, positions, num_prompt)(rotated)
     assert got.dtype == torch.float32 and got.shape == before_rope.shape
+    # the worker hands it a transposed view of its capture buffer: read as it lies, same values, contiguous out
+    token_major = rotated.transpose(0, 1).contiguous().transpose(0, 1)
+    from_view = FutureFrame(rope, positions, num_prompt)(token_major)
+    assert not token_major.is_contiguous() and from_view.is_contiguous() and torch.equal(from_view, got)
     assert torch.allclose(got.double(), by_matrices(before_rope, range(num_prompt, num_prompt + FUTURE_POSITIONS), angles, interleaved), atol=1e-5)
     if 2 * planes < D:
         assert torch.allclose(got[..., 2 * planes :].double(), before_rope[..., 2 * planes :], atol=1e-6)

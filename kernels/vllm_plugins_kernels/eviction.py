@@ -274,7 +274,7 @@ def compact_kept_(key_cache, value_cache, block_table, keep, seq_lens) -> None:
 def compact_kept_layers_(caches: Sequence[tuple[torch.Tensor, torch.Tensor]], block_table, keep, seq_lens) -> None:
     """:func:`compact_kept_` for every layer of a model at once: ``caches``, per layer,
     its (key_cache, value_cache); keep: (layers, requests, kv_heads, kept). On CPU tensors
-    one compiled call moves every layer's tokens, the layers in parallel."""
+    one compiled call moves every layer's tokens, in a parallel loop over the layers."""
     if caches and caches[0][0].device.type == "cpu":
         from vllm_plugins_kernels.eviction_cpu import compact_kept_layers_cpu
 

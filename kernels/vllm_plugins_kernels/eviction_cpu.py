@@ -33,16 +33,18 @@ def compact_kept_cpu(key_cache, value_cache, block_table, keep, seq_lens) -> Non
 
 
 def compact_kept_layers_cpu(caches, block_table, keep, seq_lens) -> None:
-    """Every layer's compaction in one compiled call, the layers in parallel on numba's
-    threads (as many as torch has: the cores vLLM's CPU worker was given)."""
+    """Every layer's compaction in one compiled call, a parallel loop over the layers on
+    numba's threads (as many as torch has; inside vLLM's step the workqueue pool runs them
+    about as fast as one thread: docs/eviction.md)."""
     use_torch_threads()
     keys, values = tuple(_bits(k) for k, _ in caches), tuple(_bits(v) for _, v in caches)
     _compact_layers(keys, values, block_table.numpy(), keep.numpy(), seq_lens.numpy())
 
 
 def use_torch_threads() -> None:
-    """Run numba's parallel loops on as many threads as torch has (the cores vLLM's CPU
-    worker was given)."""
+    """Run numba's parallel loops on as many threads as torch has (vLLM 0.32's CPU worker
+    leaves torch's count as it found it: its ``set_torch_threads_for_runtime`` call is
+    skipped there)."""
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 

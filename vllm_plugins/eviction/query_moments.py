@@ -81,13 +81,17 @@ class FutureFrame:
         self.interleaved = rope.interleaved
 
     def __call__(self, queries: torch.Tensor) -> torch.Tensor:
-        """``queries`` (..., t, d), rotated by RoPE at the frame's positions, rotated
-        instead by the frame's mean rotation; float32, same shape."""
+        """``queries`` (..., t, d), rotated by RoPE at the frame's positions, in any
+        layout, rotated instead by the frame's mean rotation; float32, same shape,
+        contiguous (a transposed view is read as it lies, not copied first)."""
         planes, d = self.cos.shape[1], queries.shape[-1]
         if 2 * planes > d:
             raise ValueError(f"a RoPE table of {planes} planes for queries of {d} dimensions")
         q = queries.float()
-        out = q.clone() if 2 * planes < d else torch.empty_like(q)  # dimensions not rotated pass unchanged
+        if 2 * planes < d:  # dimensions not rotated pass unchanged
+            out = q.clone(memory_format=torch.contiguous_format)
+        else:
+            out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         first, second, out_first, out_second = _pairs(q, out, planes, self.interleaved)
         torch.mul(first, self.cos, out=out_first).addcmul_(second, self.sin, value=-1)
         torch.mul(second, self.cos, out=out_second).addcmul_(first, self.sin)

@@ -142,7 +142,7 @@ class KvEviction:
                 for low in range(0, len(self.layers), per_fold):
                     layers = slice(low, low + per_fold)
                     heads = slice(low * self.num_heads, (low + per_fold) * self.num_heads)
-                    prefill.moments.add(frame(queries[layers].transpose(1, 2).flatten(0, 1)), heads)
+                    prefill.moments.add(frame(queries[layers].transpose(1, 2)).flatten(0, 1), heads)
             else:
                 prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)
             if completes:
@@ -199,11 +199,10 @@ class KvEviction:
         table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64, device=self.device)
         caches = [layer.key_value() for layer in self.layers]
         kv_heads = caches[0][0].shape[1]
-        keys = self._gather_prompt([key for key, _ in caches], table, plan.num_prompt)
+        keys = self._gather_keys([key for key, _ in caches], table, plan.num_prompt)
         norms = None
         if POLICIES[plan.policy].reads_value_norms:
-            norms = torch.linalg.vector_norm(self._gather_prompt([value for _, value in caches], table, plan.num_prompt),
-                                             dim=-1, dtype=torch.float32)
+            norms = self._value_norms([value for _, value in caches], table, plan.num_prompt)
         queries = keys.new_empty(0, 0, self.head_dim) if prefill.queries is None else prefill.queries.flatten(0, 1)
         kept = choose_kept(plan, keys, queries, self.scale, kv_heads, prefill.moments, norms)
         kept = kept.view(len(caches), kv_heads, plan.num_kept)
@@ -212,10 +211,17 @@ class KvEviction:
         self.evictions += 1
         self.kept_records.append((req_id, list(kept)))
 
-    def _gather_prompt(self, caches: list[torch.Tensor], table: torch.Tensor, num_prompt: int) -> torch.Tensor:
-        """(layers * kv_heads, num_prompt, head_dim): the prompt's cached keys (or values)
-        of every layer, from the blocks in ``table``, gathered once into one layer-major
-        tensor."""
+    def _value_norms(self, caches: list[torch.Tensor], table: torch.Tensor, num_prompt: int) -> torch.Tensor:
+        """(layers * kv_heads, num_prompt) float32: the L2 norms of the prompt's cached
+        values, taken from each layer's blocks as they lie (no layer-major copy of the
+        values is made)."""
+        norms = torch.stack([torch.linalg.vector_norm(cache.index_select(0, table), dim=-1, dtype=torch.float32)
+                             for cache in caches])  # (layers, blocks, kv_heads, block_size)
+        return norms.transpose(1, 2).reshape(len(caches) * caches[0].shape[1], -1)[:, :num_prompt]
+
+    def _gather_keys(self, caches: list[torch.Tensor], table: torch.Tensor, num_prompt: int) -> torch.Tensor:
+        """(layers * kv_heads, num_prompt, head_dim): the prompt's cached keys of every
+        layer, from the blocks in ``table``, gathered once into one layer-major tensor."""
         kv_heads = caches[0].shape[1]
         gathered = torch.empty(len(caches), kv_heads, len(table), self.block_size, self.head_dim, dtype=caches[0].dtype,
                                device=self.device)
