@@ -43,8 +43,8 @@ def compact_kept_layers_cpu(caches, block_table, keep, seq_lens) -> None:
 
 def use_torch_threads() -> None:
     """Run numba's parallel loops on as many threads as torch has (vLLM 0.32's CPU worker
-    leaves torch's count as it found it: its ``set_torch_threads_for_runtime`` call is
-    skipped there)."""
+    leaves torch's count as it found it: it makes ``torch.set_num_threads`` a no-op before
+    ``set_torch_threads_for_runtime`` calls it)."""
     numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
 
 

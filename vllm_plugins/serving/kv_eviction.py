@@ -213,8 +213,8 @@ class KvEviction:
 
     def _value_norms(self, caches: list[torch.Tensor], table: torch.Tensor, num_prompt: int) -> torch.Tensor:
         """(layers * kv_heads, num_prompt) float32: the L2 norms of the prompt's cached
-        values, taken from each layer's blocks as they lie (no layer-major copy of the
-        values is made)."""
+        values, taken from each layer's selected blocks (no layer-major copy of the values
+        is made)."""
         norms = torch.stack([torch.linalg.vector_norm(cache.index_select(0, table), dim=-1, dtype=torch.float32)
                              for cache in caches])  # (layers, blocks, kv_heads, block_size)
         return norms.transpose(1, 2).reshape(len(caches) * caches[0].shape[1], -1)[:, :num_prompt]
