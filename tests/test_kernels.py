@@ -10,7 +10,11 @@ import torch
 from vllm_plugins.adapters.iapt.layer import soft_attention
 from vllm_plugins_kernels import eviction, expert_lora, rescale, soft_kv
 
-TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 1e-2}
+# bfloat16: the kernel and the reference each round their result to bfloat16 (8 bits of
+# mantissa), so the two differ by up to about two roundings of the output relative to the
+# change they made: over 300 random inputs of the expert-LoRA case (4, 1, 4, 600, 300, 0),
+# median 0.54%, 4 above 1% and at most 1.35% (a wrong kernel is off by tens of percent)
+TOLERANCE = {torch.float32: 1e-3, torch.bfloat16: 2e-2}
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 
