@@ -111,6 +111,42 @@ def test_serve_runs_the_worker_of_vllms_platform(tmp_path, monkeypatch, device):
     assert argv[argv.index("--scheduler-cls") + 1] == launcher.SCHEDULER
 
 
+@pytest.mark.parametrize("given", [{}, {"GOMP_SPINCOUNT": "0"}, {"OMP_WAIT_POLICY": "active"}])
+def test_serve_bounds_gnu_openmp_busy_wait_unless_the_user_set_how_threads_wait(monkeypatch, given):
+    """vllm serve starts with GOMP_SPINCOUNT at the plugins' bound (torch's OpenMP threads
+    would otherwise spin for milliseconds beside the eviction's loops); a user's
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY is passed on as it is."""
+    from vllm_plugins.serving import launcher, openmp
+
+    for name in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in given.items():
+        monkeypatch.setenv(name, value)
+    environment = launcher.serve_environment()
+    if given:
+        assert "GOMP_SPINCOUNT" not in environment or environment["GOMP_SPINCOUNT"] == given["GOMP_SPINCOUNT"]
+        assert all(environment[k] == v for k, v in given.items())
+    else:
+        assert environment["GOMP_SPINCOUNT"] == str(openmp.SPIN_COUNT)
+
+
+def test_the_vllm_plugins_command_bounds_the_busy_wait_before_torch_loads():
+    """The bench's engine runs in the command's own process: the variable must be set
+    before torch (and with it libgomp, which reads it once) is imported."""
+    script = ("import sys, os\n"
+              "import vllm_plugins.cli\n"
+              "print(os.environ.get('GOMP_SPINCOUNT'))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", script], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from vllm_plugins.serving.openmp import SPIN_COUNT
+
+    assert done.stdout.split()[-1] == str(SPIN_COUNT)
+    imported = [line.split("|")[-1].strip() for line in done.stderr.splitlines() if "|" in line]
+    assert imported.index("vllm_plugins.serving.openmp") < imported.index("torch")
+
+
 @pytest.mark.parametrize("device", ["xpu", "tpu", "rocm"])
 def test_serve_refuses_a_platform_it_has_no_worker_for(tmp_path, monkeypatch, device):
     """Anything but CPU and CUDA stops with a clear error before vLLM starts, instead of

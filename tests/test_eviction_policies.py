@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -453,15 +454,23 @@ def test_keep_best_refuses_more_tokens_than_the_row_has():
         keep_best(torch.rand(1, 3), 5)
 
 
-def test_numba_parallel_loops_run_on_numba_own_threads_not_a_second_openmp_runtime():
-    """SCA and the compaction run numba's parallel loops on its workqueue pool: its OpenMP
-    layer (the system's libgomp beside torch's) made torch's CPU attention start a thread
-    team per matrix product in a process that also ran a vLLM engine."""
-    script = ("import numba, numpy as np\n"
+def test_sca_and_the_compaction_start_no_numba_threading_layer_and_no_second_openmp_runtime():
+    """SCA's loop and the compaction run on Python threads (run_in_parts), not on a numba
+    threading layer: its OpenMP layer loads the system's libgomp beside torch's, which
+    made torch's CPU attention start a thread team per matrix product in a process that
+    also ran a vLLM engine."""
+    script = ("import json, numba, numpy as np, torch\n"
+              "torch.set_num_threads(2)\n"
               "from vllm_plugins.eviction.farthest_points import farthest_points\n"
+              "from vllm_plugins_kernels import compact_kept_layers_\n"
               "farthest_points(np.random.rand(2, 2, 64, 8).astype(np.float32), [0, 63], 16)\n"
-              "print(numba.threading_layer())\n")
-    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+              "caches = [(torch.zeros(4, 1, 4, 8), torch.zeros(4, 1, 4, 8)) for _ in range(2)]\n"
+              "compact_kept_layers_(caches, torch.tensor([[0, 1, 2, 3]]), torch.tensor([[[[1, 5]]]] * 2), torch.tensor([8]))\n"
+              "try:\n    print(numba.threading_layer())\nexcept ValueError:\n    print('none')\n"
+              "print(json.dumps(sorted({line.split()[-1] for line in open('/proc/self/maps') if 'gomp' in line})))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-1] == "workqueue"
+    layer, runtimes = done.stdout.splitlines()[-2:]
+    assert layer == "none"
+    runtimes = json.loads(runtimes)
+    assert len(runtimes) == 1 and "/torch/lib/" in runtimes[0], runtimes

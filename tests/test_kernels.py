@@ -4,6 +4,11 @@ reference against a direct statement of what it computes."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import threading
+import time
+
 import pytest
 import torch
 
@@ -326,3 +331,60 @@ def test_bench_kernels_needs_a_gpu():
 
     with pytest.raises(ValueError, match="CUDA GPU"):
         run_kernel_bench()
+
+
+
+def test_run_in_parts_runs_contiguous_parts_at_once_on_the_calling_thread_and_helpers(monkeypatch):
+    """Each index once, one contiguous part per torch thread, the first on the calling
+    thread; the parts run at the same time (a barrier every part waits at would time out
+    if they ran one after another). Fewer indices than threads: one part each."""
+    from vllm_plugins_kernels.eviction_cpu import run_in_parts
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    for total, expected in ((7, [(0, 2), (2, 4), (4, 7)]), (2, [(0, 1), (1, 2)]), (1, [(0, 1)])):
+        barrier, parts = threading.Barrier(len(expected), timeout=30), []
+
+        def part(first: int, stop: int) -> None:
+            parts.append((first, stop, threading.get_ident()))
+            barrier.wait()
+
+        run_in_parts(part, total)
+        assert sorted((a, b) for a, b, _ in parts) == expected
+        assert len({t for *_, t in parts}) == len(expected)
+        assert (0, expected[0][1], threading.get_ident()) in parts
+
+
+def test_run_in_parts_raises_a_helper_part_error_after_every_part_ended(monkeypatch):
+    from vllm_plugins_kernels.eviction_cpu import run_in_parts
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    ended = []
+
+    def part(first: int, stop: int) -> None:
+        if first:
+            raise RuntimeError(f"part {first}")
+        time.sleep(0.2)
+        ended.append(first)
+
+    with pytest.raises(RuntimeError, match="part 2"):
+        run_in_parts(part, 4)
+    assert ended == [0]
+
+
+def test_run_in_parts_works_in_a_forked_child():
+    """A forked child has none of its parent's helper threads: it makes its own (a stale
+    pool would leave the child waiting forever)."""
+    script = ("import os, signal, torch\n"
+              "torch.set_num_threads(2)\n"
+              "from vllm_plugins_kernels.eviction_cpu import run_in_parts\n"
+              "done = []\n"
+              "run_in_parts(lambda a, b: done.append((a, b)), 2)\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    signal.alarm(60)  # a child left waiting ends\n"
+              "    run_in_parts(lambda a, b: done.append((a, b)), 2)\n"
+              "    os._exit(0 if len(done) == 4 else 3)\n"
+              "print(os.waitpid(pid, 0)[1])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "0"

@@ -7,6 +7,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from vllm_plugins.serving import openmp
+
+openmp.bound_spin()  # before the imports below load torch (the bench runs its engine in this process)
+
 from vllm_plugins import logs
 from vllm_plugins.adapters.registry import METHODS
 from vllm_plugins.bench.adapters import BENCH_METHODS

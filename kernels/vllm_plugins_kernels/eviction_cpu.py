@@ -1,14 +1,26 @@
 """The compaction of kept tokens (:func:`vllm_plugins_kernels.eviction.compact_kept_`,
 :func:`~vllm_plugins_kernels.eviction.compact_kept_layers_`) on CPU tensors: one
-compiled loop (numba) over the tokens that move.
+compiled loop (numba) over the tokens that move, and :func:`run_in_parts`, which spreads
+the eviction's compiled loops (the compaction's layers, SCA's) over torch's threads.
 
 The torch reference builds index tensors and moves every kept token through advanced
 indexing, twice per cache; on the CPU worker that costs about 0.5 ms per layer for a
 1,000-token prompt, and a request is evicted while the whole batch waits. The loop moves
 each token that changes place once, with no temporary.
+
+The loops are compiled with ``nogil`` and run on Python threads, the calling thread taking
+the first part: no numba threading layer is used. Its OpenMP layer loads the system's
+libgomp beside torch's own OpenMP runtime (in a process that also ran a vLLM engine,
+torch's CPU attention then started a new thread team for every matrix product); its
+workqueue pool leaves the calling thread waiting while its own threads work, and inside
+vLLM's step ran the loops no faster than one thread (docs/eviction.md, "Beside kvpress").
 """
 
 from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -16,36 +28,68 @@ import torch
 
 _SAME_SIZE_INTEGER = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
-# numba's parallel loops (here and in SCA's farthest points) run on numba's own thread pool
-# ("workqueue") unless the user chose a threading layer (NUMBA_THREADING_LAYER). Its default
-# choice on this platform is OpenMP through the system's libgomp, a second OpenMP runtime
-# beside torch's: in a process that also ran a vLLM engine, torch's CPU attention then
-# started a new thread team for every matrix product inside its parallel loops (thousands
-# of thread creations a second; a 4 s transformers training run took 150 s afterwards), and
-# GNU OpenMP aborts a forked child that re-enters it (vLLM forks its engine core; it runs its own
-# numba code on workqueue for that reason).
-if numba.config.THREADING_LAYER == "default":
-    numba.config.THREADING_LAYER = "workqueue"
-
 
 def compact_kept_cpu(key_cache, value_cache, block_table, keep, seq_lens) -> None:
     compact_kept_layers_cpu([(key_cache, value_cache)], block_table, keep[None], seq_lens)
 
 
 def compact_kept_layers_cpu(caches, block_table, keep, seq_lens) -> None:
-    """Every layer's compaction in one compiled call, a parallel loop over the layers on
-    numba's threads (as many as torch has; inside vLLM's step the workqueue pool runs them
-    about as fast as one thread: docs/eviction.md)."""
-    use_torch_threads()
+    """Every layer's compaction, the layers spread over torch's threads
+    (:func:`run_in_parts`)."""
     keys, values = tuple(_bits(k) for k, _ in caches), tuple(_bits(v) for _, v in caches)
-    _compact_layers(keys, values, block_table.numpy(), keep.numpy(), seq_lens.numpy())
+    table, kept, lens = block_table.numpy(), keep.numpy(), seq_lens.numpy()
+    run_in_parts(lambda first, stop: _compact_layers(keys, values, table, kept, lens, first, stop), len(caches))
 
 
-def use_torch_threads() -> None:
-    """Run numba's parallel loops on as many threads as torch has (vLLM 0.32's CPU worker
-    leaves torch's count as it found it: it makes ``torch.set_num_threads`` a no-op before
-    ``set_torch_threads_for_runtime`` calls it)."""
-    numba.set_num_threads(min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+class _Helpers:
+    """The threads that run :func:`run_in_parts`'s other parts: a pool of torch's thread
+    count minus one, made when first needed and made again after a fork (a forked child
+    has none of its parent's threads)."""
+
+    def __init__(self) -> None:
+        self.pool: ThreadPoolExecutor | None = None
+        self.size = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self.pool, self.size = None, 0
+
+    def get(self, size: int) -> ThreadPoolExecutor:
+        if self.pool is None or self.size != size:
+            if self.pool is not None:
+                self.pool.shutdown(wait=False)
+            self.pool, self.size = ThreadPoolExecutor(size, thread_name_prefix="vllm-plugins-eviction"), size
+        return self.pool
+
+
+_HELPERS = _Helpers()
+
+
+def run_in_parts(fn: Callable[[int, int], None], total: int) -> None:
+    """``fn(first, stop)`` over contiguous parts of ``range(total)``, one per torch thread
+    (``torch.get_num_threads()``, at most ``total``): the calling thread runs the first
+    part, helper threads the others, and the call returns when all are done. ``fn``
+    must release the GIL (a numba function compiled with ``nogil=True``) for the parts to
+    run at once. An exception raised by any part is raised here, once every part has
+    ended.
+
+    Inside vLLM's CPU step the helpers share the cores with torch's OpenMP threads, which
+    by default busy-wait for several milliseconds after each parallel region (GNU
+    OpenMP); ``GOMP_SPINCOUNT`` bounds that wait (:mod:`vllm_plugins.openmp`)."""
+    parts = max(1, min(torch.get_num_threads(), total))
+    bounds = [total * i // parts for i in range(parts + 1)]
+    if parts == 1:
+        fn(0, total)
+        return
+    pool = _HELPERS.get(parts - 1)
+    others = [pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    try:
+        fn(bounds[0], bounds[1])
+    finally:
+        for future in others:
+            future.exception()  # waits; the first error is raised below
+    for future in others:
+        future.result()
 
 
 def _bits(cache: torch.Tensor) -> np.ndarray:
@@ -54,9 +98,9 @@ def _bits(cache: torch.Tensor) -> np.ndarray:
     return cache.view(_SAME_SIZE_INTEGER[cache.element_size()]).numpy()
 
 
-@numba.njit(cache=True, parallel=True)
-def _compact_layers(key_caches, value_caches, block_table, keep, seq_lens):
-    for layer in numba.prange(len(key_caches)):
+@numba.njit(cache=True, nogil=True)
+def _compact_layers(key_caches, value_caches, block_table, keep, seq_lens, first, stop):
+    for layer in range(first, stop):
         _compact(key_caches[layer], value_caches[layer], block_table, keep[layer], seq_lens)
 
 

@@ -29,6 +29,7 @@ prefix hit would flatter eviction off). For each configuration:
 from __future__ import annotations
 
 import logging
+import os
 import random
 import statistics
 import time
@@ -258,7 +259,9 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
         row["tpot_vs_off"] = round(row["tpot_ms"] / off["tpot_ms"], 3)
     prompt_tokens = len(llm.get_tokenizer()(prompts[0]).input_ids)
     mode = llm.llm_engine.vllm_config.compilation_config.mode.name
-    return {"bench": asdict(bench), "compilation_mode": mode, "prompt_tokens": prompt_tokens, "results": list(rows.values())}
+    return {"bench": asdict(bench), "compilation_mode": mode, "prompt_tokens": prompt_tokens,
+            "openmp_environment": {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")},
+            "results": list(rows.values())}
 
 
 def format_report(report: dict) -> str:

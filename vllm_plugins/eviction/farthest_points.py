@@ -18,9 +18,8 @@ keys the lazy loop computes about half of the eager loop's dot products at keep 
 and 0.2, two thirds at 0.5. Memory is O(n * d) per row (the joined unit vectors, the
 chosen ones, the bounds), never n x n. The loop is compiled with numba (a dependency of
 vLLM): its steps are too small for numpy's or torch's per-call overhead. Rows (SCA's
-layers) are independent: one parallel loop runs them on numba's threads, as many as torch
-has. Inside vLLM's step that gains nothing measurable on numba's workqueue pool, the one
-the plugins use (docs/eviction.md, "Beside kvpress").
+layers) are independent: they are spread over torch's threads
+(:func:`~vllm_plugins_kernels.eviction_cpu.run_in_parts`), the loop releasing the GIL.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import functools
 import numba
 import numpy as np
 
-from vllm_plugins_kernels.eviction_cpu import use_torch_threads
+from vllm_plugins_kernels.eviction_cpu import run_in_parts
 
 _BELOW_ANY_SIMILARITY = np.float32(-2.0)  # a candidate's bound before any vector is chosen
 _TINY = np.float32(1e-12)  # a zero piece stays zero rather than dividing by zero
@@ -41,9 +40,11 @@ def farthest_points(pieces: np.ndarray, seeds: list[int], num_kept: int) -> np.n
     """(rows, num_kept) ascending token indices: per row of ``pieces`` (rows, num_pieces,
     n, d), the ``seeds`` and the tokens the greedy rule adds to them, ``num_kept`` in all."""
     pieces = np.ascontiguousarray(pieces, dtype=np.float32)
-    _, num_pieces, _, d = pieces.shape
-    use_torch_threads()
-    return _compiled_loop(num_pieces * d)(pieces, np.asarray(seeds, dtype=np.int64), num_kept)
+    rows, num_pieces, _, d = pieces.shape
+    loop, seeds = _compiled_loop(num_pieces * d), np.asarray(seeds, dtype=np.int64)
+    kept = np.empty((rows, num_kept), np.int64)
+    run_in_parts(lambda first, stop: loop(pieces, seeds, num_kept, kept, first, stop), rows)
+    return kept
 
 
 @functools.cache
@@ -109,14 +110,13 @@ def _compiled_loop(width: int):
             _sift_down(index, bound, size, 0)
         return np.flatnonzero(is_chosen)
 
-    @numba.njit(cache=True, parallel=True)
-    def choose_per_row(pieces, seeds, num_kept):
-        kept = np.empty((pieces.shape[0], num_kept), np.int64)
-        for row in numba.prange(pieces.shape[0]):
+    @numba.njit(cache=True, nogil=True)
+    def choose_rows(pieces, seeds, num_kept, kept, first, stop):
+        """Rows [first, stop) of ``kept``, chosen from the same rows of ``pieces``."""
+        for row in range(first, stop):
             kept[row] = choose(_joined_unit_pieces(pieces[row]), seeds, num_kept)
-        return kept
 
-    return choose_per_row
+    return choose_rows
 
 
 @numba.njit(cache=True, fastmath=_VECTORISED_SUMS)

@@ -42,6 +42,7 @@ from vllm_plugins.adapters.registry import METHODS
 from vllm_plugins.adapters.storage import AdapterError, read_manifest
 from vllm_plugins.eviction import settings as eviction_settings
 from vllm_plugins.eviction.settings import EvictionSettings
+from vllm_plugins.serving import openmp
 from vllm_plugins.serving.config import SECTION, PromptAdapterSettings
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,9 @@ def platform_serving() -> PlatformServing:
 
 
 def serve_environment() -> dict[str, str]:
-    """The environment ``vllm serve`` runs in: this process's, and what the platform needs."""
-    return {**os.environ, **platform_serving().environment}
+    """The environment ``vllm serve`` runs in: this process's, OpenMP's busy-wait bounded
+    unless it says otherwise (:mod:`.openmp`), and what the platform needs."""
+    return {**openmp.spin_environment(), **os.environ, **platform_serving().environment}
 
 
 def _lora_rank(manifest: dict) -> int:

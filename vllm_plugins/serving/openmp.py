@@ -1,0 +1,43 @@
+"""GNU OpenMP's busy-wait, bounded in the processes that run the plugins' CPU engine.
+
+torch's CPU build runs its parallel regions on GNU OpenMP (libgomp). After each region
+libgomp's threads busy-wait for the next one, ``GOMP_SPINCOUNT`` spins (300,000 by
+default, about 8 ms on the 2-core test machine) before they sleep. Inside vLLM's step
+that keeps every core but the calling thread's busy while the eviction's compiled loops
+run, and the threads that share those loops out
+(:func:`vllm_plugins_kernels.eviction_cpu.run_in_parts`) wait behind them: SCA's
+selection took as long on two threads as on one.
+
+:data:`SPIN_COUNT` spins (about 0.3 ms there) are long enough for the forward pass's
+parallel regions to find the threads awake (the prefill without eviction took the same
+time, four engines taking turns request by request) and short enough for the eviction's
+loops to get the cores (SCA's selection at keep 0.5: 2.3 ms against 4.0). 1,000 spins
+made the prefill a third slower. docs/eviction.md gives the measurements.
+
+libgomp reads the variable once, when torch loads it: it must be in the environment
+the process starts with. ``vllm-plugins serve`` passes it to ``vllm serve``, and the
+``vllm-plugins`` command sets it before it imports torch (the bench's engine runs in its
+process); a value of the user's, or an ``OMP_WAIT_POLICY``, is kept. Nothing here
+imports torch.
+"""
+
+from __future__ import annotations
+
+import os
+
+SPIN_ENV = "GOMP_SPINCOUNT"
+SPIN_COUNT = 10_000
+
+
+def spin_environment(environ=os.environ) -> dict[str, str]:
+    """``{GOMP_SPINCOUNT: SPIN_COUNT}``, or nothing when ``environ`` already says how
+    OpenMP threads wait (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``)."""
+    if SPIN_ENV in environ or "OMP_WAIT_POLICY" in environ:
+        return {}
+    return {SPIN_ENV: str(SPIN_COUNT)}
+
+
+def bound_spin() -> None:
+    """Set :func:`spin_environment` in this process's environment: effective for this
+    process only if torch has not been imported yet, and for every process it starts."""
+    os.environ.update(spin_environment())
