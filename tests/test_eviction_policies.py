@@ -449,6 +449,21 @@ def test_keep_best_on_cpu_and_with_topk_follow_the_rule(seed):
             assert keep_best_torch(clean, num_kept, first).tolist() == expected, (num_kept, first)
 
 
+@pytest.mark.parametrize("name", sorted(n for n, cls in POLICIES.items() if not cls.reads_keys))
+def test_a_policy_that_reads_no_keys_chooses_the_same_without_them(name):
+    """The worker gathers no keys for a policy with reads_keys False: given (rows, n, 0)
+    it must choose exactly what it chooses from the keys."""
+    prompt = cached_prompt(kv_heads=2, rows=4)
+    chosen = [POLICIES[name]().select(CachedPrompt(keys, prompt.queries, prompt.scale, torch.Generator().manual_seed(0),
+                                                   prompt.kv_heads), 30)
+              for keys in (prompt.keys, prompt.keys[..., :0])]
+    assert torch.equal(*chosen)
+
+
+def test_only_recency_and_random_choose_without_the_keys():
+    assert sorted(n for n, cls in POLICIES.items() if not cls.reads_keys) == ["random", "streaming_llm"]
+
+
 def test_keep_best_refuses_more_tokens_than_the_row_has():
     with pytest.raises(ValueError, match="cannot keep 5 of 3"):
         keep_best(torch.rand(1, 3), 5)

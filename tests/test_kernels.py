@@ -4,6 +4,7 @@ reference against a direct statement of what it computes."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -354,21 +355,67 @@ def test_run_in_parts_runs_contiguous_parts_at_once_on_the_calling_thread_and_he
         assert (0, expected[0][1], threading.get_ident()) in parts
 
 
-def test_run_in_parts_raises_a_helper_part_error_after_every_part_ended(monkeypatch):
+@pytest.mark.parametrize("failing", ["helper", "caller"])
+def test_run_in_parts_raises_a_part_error_once_every_part_ended(monkeypatch, failing):
     from vllm_plugins_kernels.eviction_cpu import run_in_parts
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     ended = []
 
     def part(first: int, stop: int) -> None:
-        if first:
+        if (first == 0) == (failing == "caller"):
             raise RuntimeError(f"part {first}")
         time.sleep(0.2)
         ended.append(first)
 
-    with pytest.raises(RuntimeError, match="part 2"):
+    with pytest.raises(RuntimeError, match="part 0" if failing == "caller" else "part 2"):
         run_in_parts(part, 4)
-    assert ended == [0]
+    assert ended == ([2] if failing == "caller" else [0])
+
+
+def test_run_in_parts_called_from_a_helper_runs_there_whole(monkeypatch):
+    """A part that splits its own work again must not wait for helpers that are all busy
+    running parts: it runs the whole inner range itself."""
+    from vllm_plugins_kernels.eviction_cpu import run_in_parts
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    inner = []
+
+    def part(first: int, stop: int) -> None:
+        run_in_parts(lambda a, b: inner.append((first, a, b, threading.get_ident())), 6)
+
+    outer = threading.Thread(target=run_in_parts, args=(part, 2), daemon=True)  # a deadlock fails, not hangs, the test
+    outer.start()
+    outer.join(60)
+    assert not outer.is_alive()
+    by_outer = {first: [(a, b) for f, a, b, _ in inner if f == first] for first in (0, 1)}
+    assert by_outer[1] == [(0, 6)] and sorted(by_outer[0]) == [(0, 3), (3, 6)]
+
+
+def test_the_compiled_loops_release_the_gil():
+    """Without nogil the parts would run one after another on the helpers and every other
+    test would still pass."""
+    from vllm_plugins.eviction.farthest_points import _compiled_loop
+    from vllm_plugins_kernels.eviction_cpu import _compact_layers
+
+    assert _compiled_loop(8).targetoptions["nogil"] and _compact_layers.targetoptions["nogil"]
+
+
+def test_run_in_parts_helpers_use_the_cores_of_the_process_not_one_pinned_core():
+    """A thread inherits its creator's CPU mask; with the calling thread pinned to one core
+    (as vLLM's GOMP_CPU_AFFINITY pins its worker) a helper still gets the others."""
+    script = ("import os, threading, torch\n"
+              "torch.set_num_threads(2)\n"
+              "from vllm_plugins_kernels.eviction_cpu import run_in_parts\n"
+              "stop = threading.Event(); other = threading.Thread(target=stop.wait); other.start()\n"
+              "os.sched_setaffinity(0, {0})\n"
+              "masks = {}\n"
+              "run_in_parts(lambda a, b: masks.update({a: sorted(os.sched_getaffinity(0))}), 2)\n"
+              "stop.set(); print(masks[0], masks[1])\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    caller, helper = done.stdout.strip().splitlines()[-1].split("] [")
+    assert caller == "[0" and len(helper.rstrip("]").split(",")) == len(os.sched_getaffinity(0)) > 1
 
 
 def test_run_in_parts_works_in_a_forked_child():

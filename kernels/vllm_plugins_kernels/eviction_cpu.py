@@ -18,9 +18,11 @@ vLLM's step ran the loops no faster than one thread (docs/eviction.md, "Beside k
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import numba
 import numpy as np
@@ -42,27 +44,42 @@ def compact_kept_layers_cpu(caches, block_table, keep, seq_lens) -> None:
 
 
 class _Helpers:
-    """The threads that run :func:`run_in_parts`'s other parts: a pool of torch's thread
-    count minus one, made when first needed and made again after a fork (a forked child
-    has none of its parent's threads)."""
+    """The threads that run :func:`run_in_parts`'s other parts: one pool, grown to the
+    largest count asked for, made again after a fork (a forked child has none of its
+    parent's threads). Each helper runs on every core any thread of the process may use:
+    a thread inherits its creator's CPU mask, and vLLM may pin the worker's main thread
+    to one core (``GOMP_CPU_AFFINITY``)."""
 
     def __init__(self) -> None:
+        self.lock = threading.Lock()
         self.pool: ThreadPoolExecutor | None = None
         self.size = 0
         os.register_at_fork(after_in_child=self._forget)
 
     def _forget(self) -> None:
+        self.lock = threading.Lock()
         self.pool, self.size = None, 0
 
-    def get(self, size: int) -> ThreadPoolExecutor:
-        if self.pool is None or self.size != size:
-            if self.pool is not None:
-                self.pool.shutdown(wait=False)
-            self.pool, self.size = ThreadPoolExecutor(size, thread_name_prefix="vllm-plugins-eviction"), size
-        return self.pool
+    def submit(self, size: int, parts: list[tuple[Callable[[int, int], None], int, int]]) -> list[Future]:
+        """Submit ``parts`` (fn, first, stop) to a pool of at least ``size`` threads."""
+        with self.lock:
+            if self.size < size:
+                if self.pool is not None:
+                    self.pool.shutdown(wait=False)  # what it holds still runs
+                self.pool = ThreadPoolExecutor(size, "vllm-plugins-eviction", initializer=_start_helper)
+                self.size = size
+            return [self.pool.submit(fn, first, stop) for fn, first, stop in parts]
 
 
 _HELPERS = _Helpers()
+_THIS_THREAD = threading.local()  # .helper: this thread is one of the helpers
+
+
+def _start_helper() -> None:
+    _THIS_THREAD.helper = True
+    with contextlib.suppress(OSError):  # Linux only; a thread may end while it is read
+        cores = set().union(*(os.sched_getaffinity(int(tid)) for tid in os.listdir("/proc/self/task")))
+        os.sched_setaffinity(0, cores)
 
 
 def run_in_parts(fn: Callable[[int, int], None], total: int) -> None:
@@ -71,23 +88,23 @@ def run_in_parts(fn: Callable[[int, int], None], total: int) -> None:
     part, helper threads the others, and the call returns when all are done. ``fn``
     must release the GIL (a numba function compiled with ``nogil=True``) for the parts to
     run at once. An exception raised by any part is raised here, once every part has
-    ended.
+    ended. Called from a helper (a part that itself splits its work), it runs ``fn``
+    over the whole range on that thread.
 
     Inside vLLM's CPU step the helpers share the cores with torch's OpenMP threads, which
     by default busy-wait for several milliseconds after each parallel region (GNU
-    OpenMP); ``GOMP_SPINCOUNT`` bounds that wait (:mod:`vllm_plugins.openmp`)."""
+    OpenMP); ``GOMP_SPINCOUNT`` bounds that wait (:mod:`vllm_plugins.serving.openmp`)."""
     parts = max(1, min(torch.get_num_threads(), total))
-    bounds = [total * i // parts for i in range(parts + 1)]
-    if parts == 1:
+    if parts == 1 or getattr(_THIS_THREAD, "helper", False):
         fn(0, total)
         return
-    pool = _HELPERS.get(parts - 1)
-    others = [pool.submit(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)]
+    bounds = [total * i // parts for i in range(parts + 1)]
+    others: list[Future] = []
     try:
+        others = _HELPERS.submit(parts - 1, [(fn, bounds[i], bounds[i + 1]) for i in range(1, parts)])
         fn(bounds[0], bounds[1])
     finally:
-        for future in others:
-            future.exception()  # waits; the first error is raised below
+        wait(others)
     for future in others:
         future.result()
 

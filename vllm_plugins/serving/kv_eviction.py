@@ -199,9 +199,13 @@ class KvEviction:
         table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64, device=self.device)
         caches = [layer.key_value() for layer in self.layers]
         kv_heads = caches[0][0].shape[1]
-        keys = self._gather_keys([key for key, _ in caches], table, plan.num_prompt)
+        policy = POLICIES[plan.policy]
+        if policy.reads_keys:
+            keys = self._gather_keys([key for key, _ in caches], table, plan.num_prompt)
+        else:
+            keys = torch.empty(len(caches) * kv_heads, plan.num_prompt, 0, dtype=caches[0][0].dtype, device=self.device)
         norms = None
-        if POLICIES[plan.policy].reads_value_norms:
+        if policy.reads_value_norms:
             norms = self._value_norms([value for _, value in caches], table, plan.num_prompt)
         queries = keys.new_empty(0, 0, self.head_dim) if prefill.queries is None else prefill.queries.flatten(0, 1)
         kept = choose_kept(plan, keys, queries, self.scale, kv_heads, prefill.moments, norms)

@@ -11,8 +11,10 @@ selection took as long on two threads as on one.
 :data:`SPIN_COUNT` spins (about 0.3 ms there) are long enough for the forward pass's
 parallel regions to find the threads awake (the prefill without eviction took the same
 time, four engines taking turns request by request) and short enough for the eviction's
-loops to get the cores (SCA's selection at keep 0.5: 2.3 ms against 4.0). 1,000 spins
-made the prefill a third slower. docs/eviction.md gives the measurements.
+loops to get the cores (SCA's selection at keep 0.5: 2.5 ms against 4.15). 1,000 spins
+made the prefill a third slower. docs/eviction.md gives the measurements. Intel's OpenMP
+runtime, when preloaded in torch's place, ignores the variable (vLLM sets its
+``KMP_BLOCKTIME`` to 5 ms).
 
 libgomp reads the variable once, when torch loads it: it must be in the environment
 the process starts with. ``vllm-plugins serve`` passes it to ``vllm serve``, and the
@@ -41,3 +43,13 @@ def bound_spin() -> None:
     """Set :func:`spin_environment` in this process's environment: effective for this
     process only if torch has not been imported yet, and for every process it starts."""
     os.environ.update(spin_environment())
+
+
+def intel_openmp_loaded() -> bool:
+    """Whether this process has Intel's OpenMP runtime (libiomp5, when preloaded), for
+    which ``GOMP_SPINCOUNT`` means nothing (read from /proc: False where it is missing)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("libiomp" in line for line in maps)
+    except OSError:
+        return False

@@ -21,7 +21,7 @@ class PromptAwareCPUWorker(PluginWorkerMixin, CPUWorker):
         require_supported_vllm()
         super().init_device()
         self.check_plugin_settings()
-        if unset := openmp.spin_environment():
+        if (unset := openmp.spin_environment()) and not openmp.intel_openmp_loaded():
             logger.info("GNU OpenMP's threads busy-wait for milliseconds after each parallel region (300,000 spins by "
                         "default), which slows KV eviction's loops; start the server with %s (vllm-plugins serve does)",
                         " ".join(f"{k}={v}" for k, v in unset.items()))

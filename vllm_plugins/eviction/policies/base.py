@@ -37,7 +37,8 @@ class CachedPrompt:
     """One request's prompt as cached at the end of its prefill, one row per (layer, KV
     head), layer-major.
 
-    ``keys``: (rows, n, head_dim), rotated, exactly as attention cached them.
+    ``keys``: (rows, n, head_dim), rotated, exactly as attention cached them; (rows, n, 0)
+    for a policy that reads none (:attr:`EvictionPolicy.reads_keys`).
     ``queries``: (rows * group, w, head_dim), the rotated queries of the prompt's last
     ``w`` tokens, ``w = policy.query_window(n)`` (zero for policies that read none), a
     row's ``group`` query heads next to each other (grouped-query attention); empty for a
@@ -75,6 +76,7 @@ class EvictionPolicy:
     name: ClassVar[str]
     sinks: ClassVar[int] = 4  # leading "attention sink" tokens (StreamingLLM), always kept
     recent: ClassVar[int] = 8  # the prompt's last tokens (its question), kept by every policy but expected attention
+    reads_keys: ClassVar[bool] = True  # the policy reads CachedPrompt.keys (else the worker gathers none)
     queries_as_moments: ClassVar[bool] = False  # the window's queries reach the policy as their QueryMoments only
     reads_value_norms: ClassVar[bool] = False  # the policy reads CachedPrompt.value_norms
 

@@ -12,6 +12,7 @@ from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt
 
 class RandomPolicy(EvictionPolicy):
     name = "random"
+    reads_keys = False  # position and chance decide
     sinks = 0
 
     def scores(self, prompt: CachedPrompt) -> torch.Tensor:

@@ -10,6 +10,7 @@ from vllm_plugins.eviction.policies.base import EvictionPolicy, CachedPrompt
 
 class StreamingLLMPolicy(EvictionPolicy):
     name = "streaming_llm"
+    reads_keys = False  # position and chance decide
 
     def scores(self, prompt: CachedPrompt) -> torch.Tensor:
         """Recency: besides the protected sinks and recent window, the newest tokens."""
