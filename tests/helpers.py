@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import subprocess
+import sys
 from unittest import mock
 
 import torch
@@ -60,3 +62,11 @@ def run_cli(*args: str) -> tuple[int, str]:
     finally:
         logger.handlers[:], logger.level = handlers, level
     return status, stderr.getvalue()
+
+
+def run_python(script: str, env: dict[str, str] | None = None, timeout: float = 300) -> str:
+    """The standard output of ``script`` run by a new interpreter (``env``: its whole
+    environment, default this process's); fails the test if it exits non-zero."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import run_python
 from vllm_plugins.eviction.budget import EvictionPlan, min_budget, plan_eviction
 from vllm_plugins.eviction.farthest_points import farthest_points
 from vllm_plugins.eviction.policies import POLICIES, CachedPrompt
@@ -483,9 +481,7 @@ def test_sca_and_the_compaction_start_no_numba_threading_layer_and_no_second_ope
               "compact_kept_layers_(caches, torch.tensor([[0, 1, 2, 3]]), torch.tensor([[[[1, 5]]]] * 2), torch.tensor([8]))\n"
               "try:\n    print(numba.threading_layer())\nexcept ValueError:\n    print('none')\n"
               "print(json.dumps(sorted({line.split()[-1] for line in open('/proc/self/maps') if 'gomp' in line})))\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    layer, runtimes = done.stdout.splitlines()[-2:]
+    layer, runtimes = run_python(script).splitlines()[-2:]
     assert layer == "none"
     runtimes = json.loads(runtimes)
     assert len(runtimes) == 1 and "/torch/lib/" in runtimes[0], runtimes

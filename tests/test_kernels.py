@@ -5,14 +5,13 @@ reference against a direct statement of what it computes."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import torch
 
+from helpers import run_python
 from vllm_plugins.adapters.iapt.layer import soft_attention
 from vllm_plugins_kernels import eviction, expert_lora, rescale, soft_kv
 
@@ -412,9 +411,7 @@ def test_run_in_parts_helpers_use_the_cores_of_the_process_not_one_pinned_core()
               "masks = {}\n"
               "run_in_parts(lambda a, b: masks.update({a: sorted(os.sched_getaffinity(0))}), 2)\n"
               "stop.set(); print(masks[0], masks[1])\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    caller, helper = done.stdout.strip().splitlines()[-1].split("] [")
+    caller, helper = run_python(script, timeout=120).strip().splitlines()[-1].split("] [")
     assert caller == "[0" and len(helper.rstrip("]").split(",")) == len(os.sched_getaffinity(0)) > 1
 
 
@@ -432,6 +429,4 @@ def test_run_in_parts_works_in_a_forked_child():
               "    run_in_parts(lambda a, b: done.append((a, b)), 2)\n"
               "    os._exit(0 if len(done) == 4 else 3)\n"
               "print(os.waitpid(pid, 0)[1])\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split()[-1] == "0"
+    assert run_python(script, timeout=120).split()[-1] == "0"

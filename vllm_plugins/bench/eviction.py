@@ -38,6 +38,7 @@ from pathlib import Path
 
 from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.eviction.policies import POLICIES
+from vllm_plugins.serving import openmp
 from vllm_plugins.tasks.retrieval import NUM_KEYS, RetrievalExample, make_retrieval_example
 
 logger = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
     prompt_tokens = len(llm.get_tokenizer()(prompts[0]).input_ids)
     mode = llm.llm_engine.vllm_config.compilation_config.mode.name
     return {"bench": asdict(bench), "compilation_mode": mode, "prompt_tokens": prompt_tokens,
-            "openmp_environment": {k: os.environ.get(k) for k in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")},
+            "openmp_environment": {k: os.environ.get(k) for k in (openmp.SPIN_ENV, openmp.WAIT_POLICY_ENV)},
             "results": list(rows.values())}
 
 

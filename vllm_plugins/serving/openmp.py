@@ -29,13 +29,14 @@ from __future__ import annotations
 import os
 
 SPIN_ENV = "GOMP_SPINCOUNT"
+WAIT_POLICY_ENV = "OMP_WAIT_POLICY"
 SPIN_COUNT = 30_000
 
 
-def spin_environment(environ=os.environ) -> dict[str, str]:
-    """``{GOMP_SPINCOUNT: SPIN_COUNT}``, or nothing when ``environ`` already says how
-    OpenMP threads wait (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``)."""
-    if SPIN_ENV in environ or "OMP_WAIT_POLICY" in environ:
+def spin_environment() -> dict[str, str]:
+    """``{GOMP_SPINCOUNT: SPIN_COUNT}``, or nothing when this process's environment
+    already says how OpenMP threads wait (``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``)."""
+    if SPIN_ENV in os.environ or WAIT_POLICY_ENV in os.environ:
         return {}
     return {SPIN_ENV: str(SPIN_COUNT)}
 
