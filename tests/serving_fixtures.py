@@ -78,16 +78,17 @@ def save_random_adapter(method: str, model_path: Path, out: Path, seed: int) -> 
 
 
 def reference_answers(model_path: Path, adapter_path: Path | None, prompts: list[str], max_tokens: int,
-                      margins: list[float] | None = None) -> list[str]:
-    """Greedy answers of the transformers reference: the base model, or it with an adapter;
-    ``margins`` gets each answer's smallest logit gap (``greedy_decode``)."""
+                      margins: list[float] | None = None, dtype: torch.dtype = torch.float32) -> list[str]:
+    """Greedy answers of the transformers reference: the base model, or it with an adapter,
+    computed in ``dtype``; ``margins`` gets each answer's smallest logit gap
+    (``greedy_decode``)."""
     from vllm_plugins.adapters.common.lm import PlainLM
     from vllm_plugins.adapters.storage import load_adapter
     from vllm_plugins.training.evaluate import generate_answers
 
     base, tokenizer = load_base(model_path)
     lm = PlainLM(base) if adapter_path is None else load_adapter(adapter_path, base)[0]
-    return generate_answers(lm, tokenizer, prompts, max_new_tokens=max_tokens, margins=margins)
+    return generate_answers(lm.to(dtype), tokenizer, prompts, max_new_tokens=max_tokens, margins=margins)
 
 
 def reference_prompt_logprobs(model_path: Path, adapter_path: Path | None, token_ids: list[int]) -> list[float]:

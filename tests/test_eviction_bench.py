@@ -39,6 +39,7 @@ def test_bench_eviction_tiny_measures_every_configuration(tiny_llama, tmp_path):
     assert off["blocks_after_prefill"] == prompt_blocks
     for (policy, ratio), row in rows.items():
         assert 0 <= row["fact_accuracy"] <= 1 and row["prefill_ms"] > 0 and row["tpot_ms"] > 0
+        assert row["first_decode_ms"] > 0 and row["first_decode_vs_off"] > 0
         if policy != "off":
             assert row["blocks_after_prefill"] <= ratio * prompt_blocks + 1, row
             shares = row["later_facts_kept"]  # per layer and KV head

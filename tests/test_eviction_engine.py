@@ -225,3 +225,39 @@ def test_preempted_evicted_requests_resume_exactly(random_llama, reference, prom
         ids = tokenizer(prompt).input_ids
         plan = plan_eviction("snapkv", len(ids), -(-len(ids) // 5), BLOCK, 0)
         assert got == generate_with_eviction(lm, ids, plan, 120, NO_EOS).tokens
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_blocks_an_eviction_frees_serve_the_next_request_at_once(random_llama, reference, prompts, mode, start_engine):
+    """The scheduler frees an evicted prompt's leading blocks when the step that completed
+    it has run; the worker compacts at the head of the next step. With a cache of one long
+    prompt's blocks, nothing else free, a short request waiting gets the freed blocks in
+    that very next step and writes them in its forward pass: the compaction must have read
+    them first. Every request still gives the reference's tokens."""
+    lm, tokenizer = reference
+    by_length = sorted(prompts, key=len)
+    jobs = [by_length[-1], *by_length[:3]]  # the longest first, then three short ones
+    blocks = -(-len(tokenizer(jobs[0]).input_ids) // BLOCK) + 1  # the longest prompt and vLLM's null block
+    small = start_engine(random_llama, **eviction_settings(num_gpu_blocks_override=blocks, max_model_len=(blocks - 1) * BLOCK,
+                                                           **MODES[mode]))
+    engine = small.llm_engine
+    scheduler = engine.engine_core.engine_core.scheduler
+    xargs = {"kv_eviction": "snapkv", "kv_keep_ratio": 0.2}
+    for i, prompt in enumerate(jobs):
+        engine.add_request(str(i), prompt, params(xargs))
+    first, second = (next(r for r in scheduler.requests if r.split("-")[0] == name) for name in ("0", "1"))
+    finished = {}
+    while scheduler.requests[first].num_computed_tokens < scheduler.requests[first].num_prompt_tokens:
+        held = set(scheduler.kv_cache_manager.get_block_ids(first)[0])
+        finished |= {o.request_id: o for o in engine.step() if o.finished}
+    freed = held - set(scheduler.kv_cache_manager.get_block_ids(first)[0])
+    finished |= {o.request_id: o for o in engine.step() if o.finished}
+    assert freed and freed & set(scheduler.kv_cache_manager.get_block_ids(second)[0])  # the blocks went on at once
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id: o for o in engine.step() if o.finished}
+    assert stats(small)["evictions"] >= len(jobs)
+    for i, prompt in enumerate(jobs):
+        ids = tokenizer(prompt).input_ids
+        plan = plan_eviction("snapkv", len(ids), -(-len(ids) // 5), BLOCK, 0)
+        got = next(o for name, o in finished.items() if name.split("-")[0] == str(i)).outputs[0].token_ids
+        assert list(got) == generate_with_eviction(lm, ids, plan, MAX_TOKENS, NO_EOS).tokens

@@ -42,9 +42,11 @@ def test_bad_arguments_are_refused_before_any_model_is_built(args, message, tmp_
 def test_the_report_shows_every_configuration_against_eviction_off():
     report = {"bench": {"hidden": 512, "prompts": 8}, "parameters": 13_274_624, "prompt_words": 1000,
               "compilation_mode": "DYNAMO_TRACE_ONCE",
-              "results": [{"policy": "off", "keep_ratio": None, "prefill_ms": 158.1, "prefill_vs_off": 1.0, "tpot_ms": 6.07},
-                          {"policy": "sca", "keep_ratio": 0.5, "prefill_ms": 178.4, "prefill_vs_off": 1.129, "tpot_ms": 6.02}]}
+              "results": [{"policy": "off", "keep_ratio": None, "prefill_ms": 158.1, "prefill_vs_off": 1.0,
+                           "first_decode_ms": 6.3, "first_decode_vs_off": 1.0, "tpot_ms": 6.07},
+                          {"policy": "sca", "keep_ratio": 0.5, "prefill_ms": 178.4, "prefill_vs_off": 1.129,
+                           "first_decode_ms": 24.1, "first_decode_vs_off": 3.825, "tpot_ms": 6.62}]}
     lines = format_prefill_report(report).splitlines()
     assert "width 512 (13,274,624 parameters)" in lines[0]
-    assert lines[2].split() == ["off", "-", "158.1", "1.000", "6.07"]
-    assert lines[3].split() == ["sca", "0.5", "178.4", "1.129", "6.02"]
+    assert lines[2].split() == ["off", "-", "158.1", "1.000", "6.30", "1.000", "6.07"]
+    assert lines[3].split() == ["sca", "0.5", "178.4", "1.129", "24.10", "3.825", "6.62"]

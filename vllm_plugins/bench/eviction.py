@@ -18,12 +18,15 @@ prefix hit would flatter eviction off). For each configuration:
   is written before eviction), the share each (layer, KV head) kept, read from the
   worker's record of its choices; the report shows the best-keeping head;
 * **blocks after prefill**: the KV blocks one request holds in vLLM's block pool once its
-  prefill step has run (its first token sampled, its cache evicted);
+  prefill step has run (its first token sampled, its leading blocks freed);
 * **most running**: ``concurrency_requests`` requests sent at once, each decoding
   ``decode_tokens`` tokens: the largest number the scheduler ran in one step;
-* **prefill and TPOT**: ``timing_prompts`` requests one at a time, stepped by hand: the
-  prefill step's time (eviction included) and the mean decode step's time. Prompts are
-  interleaved across configurations so that machine drift hits all alike.
+* **prefill, first decode step and TPOT**: ``timing_prompts`` requests one at a time,
+  stepped by hand: the prefill step's time (the request's time to first token in the
+  engine, the query capture included), the first decode step's (which runs the eviction
+  at its head: the policy's choice and the compaction, :mod:`vllm_plugins.serving.kv_eviction`)
+  and the mean decode step's, that first one included. Prompts are interleaved across
+  configurations so that machine drift hits all alike.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from vllm_plugins.demo_model import build_demo_model
 from vllm_plugins.eviction.policies import POLICIES
@@ -188,32 +192,41 @@ def _blocks_after_prefill(stepper: _Stepper, prompt: str, config) -> int:
     return held
 
 
-def _timed_request(stepper: _Stepper, prompt: str, config, decode_tokens: int) -> tuple[float, float]:
-    """(prefill step seconds, mean decode step seconds) of one request alone."""
+class StepTimes(NamedTuple):
+    """One request's step times: ``prefill`` (the step that computes its prompt and samples
+    its first token), ``first_decode`` (the next, which runs its eviction first) and
+    ``tpot`` (the mean of its decode steps, the first included); seconds, or milliseconds
+    as :func:`time_requests` returns them."""
+
+    prefill: float
+    first_decode: float
+    tpot: float
+
+
+def _timed_request(stepper: _Stepper, prompt: str, config, decode_tokens: int) -> StepTimes:
+    """One request alone, ``decode_tokens`` >= 2, in seconds."""
     stepper.add(prompt, _params(config, max_tokens=decode_tokens))
     prefill, _ = stepper.step()
     decode = []
     while stepper.engine.has_unfinished_requests():
         seconds, _ = stepper.step()
         decode.append(seconds)
-    return prefill, statistics.mean(decode)
+    return StepTimes(prefill, decode[0], statistics.mean(decode))
 
 
 def time_requests(stepper: _Stepper, prompts: list[str], configs: list, decode_tokens: int,
                   warm_up: tuple = (OFF,)) -> dict:
-    """Per configuration, (prefill ms, TPOT ms): the medians over ``prompts``, each run
-    alone under every configuration in turn (interleaved, so that the machine's drift hits
-    all alike), after one warm-up request under each of ``warm_up``."""
-    timings: dict = {config: ([], []) for config in configs}
+    """Per configuration, :class:`StepTimes` in milliseconds: the medians over ``prompts``,
+    each run alone under every configuration in turn (interleaved, so that the machine's
+    drift hits all alike), after one warm-up request under each of ``warm_up``."""
+    timings: dict = {config: [] for config in configs}
     for config in warm_up:
         _timed_request(stepper, prompts[0], config, decode_tokens)
     for prompt in prompts:
         for config in configs:
-            prefill, tpot = _timed_request(stepper, prompt, config, decode_tokens)
-            timings[config][0].append(prefill)
-            timings[config][1].append(tpot)
-    return {config: (round(1000 * statistics.median(prefill), 2), round(1000 * statistics.median(tpot), 2))
-            for config, (prefill, tpot) in timings.items()}
+            timings[config].append(_timed_request(stepper, prompt, config, decode_tokens))
+    return {config: StepTimes(*(round(1000 * statistics.median(column), 2) for column in zip(*times)))
+            for config, times in timings.items()}
 
 
 def bench_examples(bench: EvictionBench) -> list[RetrievalExample]:
@@ -249,14 +262,15 @@ def run_eviction_bench(bench: EvictionBench) -> dict:
         rows[config]["most_running"] = stepper.drain()
         logger.info(f"{config[0]} {config[1]}: {rows[config]}")
 
-    for config, (prefill_ms, tpot_ms) in time_requests(stepper, prompts[: bench.timing_prompts], configs, bench.decode_tokens).items():
-        rows[config].update(prefill_ms=prefill_ms, tpot_ms=tpot_ms)
+    for config, times in time_requests(stepper, prompts[: bench.timing_prompts], configs, bench.decode_tokens).items():
+        rows[config].update(prefill_ms=times.prefill, first_decode_ms=times.first_decode, tpot_ms=times.tpot)
 
     off = rows[OFF]
     for row in rows.values():
         row["blocks_vs_off"] = round(row["blocks_after_prefill"] / off["blocks_after_prefill"], 3)
         row["running_vs_off"] = round(row["most_running"] / off["most_running"], 2)
         row["prefill_vs_off"] = round(row["prefill_ms"] / off["prefill_ms"], 3)
+        row["first_decode_vs_off"] = round(row["first_decode_ms"] / off["first_decode_ms"], 3)
         row["tpot_vs_off"] = round(row["tpot_ms"] / off["tpot_ms"], 3)
     prompt_tokens = len(llm.get_tokenizer()(prompts[0]).input_ids)
     mode = llm.llm_engine.vllm_config.compilation_config.mode.name
@@ -271,7 +285,7 @@ def format_report(report: dict) -> str:
         f"{report['bench']['cache_blocks']} blocks of {report['bench']['block_size']} tokens, "
         f"compilation mode {report['compilation_mode']}",
         f"{'policy':<14}{'ratio':>6}{'facts':>8}{'answers':>8}{'blocks':>8}{'x off':>7}{'running':>8}{'x off':>7}"
-        f"{'prefill ms':>11}{'x off':>7}{'TPOT ms':>9}{'x off':>7}{'facts kept':>11}",
+        f"{'prefill ms':>11}{'x off':>7}{'1st decode ms':>14}{'x off':>7}{'TPOT ms':>9}{'x off':>7}{'facts kept':>11}",
     ]
     for r in report["results"]:
         ratio = "-" if r["keep_ratio"] is None else f"{r['keep_ratio']:.1f}"
@@ -279,6 +293,7 @@ def format_report(report: dict) -> str:
         lines.append(
             f"{r['policy']:<14}{ratio:>6}{r['fact_accuracy']:>8.3f}{r['answer_accuracy']:>8.3f}"
             f"{r['blocks_after_prefill']:>8}{r['blocks_vs_off']:>7.2f}{r['most_running']:>8}{r['running_vs_off']:>7.2f}"
-            f"{r['prefill_ms']:>11.1f}{r['prefill_vs_off']:>7.2f}{r['tpot_ms']:>9.2f}{r['tpot_vs_off']:>7.2f}{facts:>11.2f}"
+            f"{r['prefill_ms']:>11.1f}{r['prefill_vs_off']:>7.2f}{r['first_decode_ms']:>14.2f}{r['first_decode_vs_off']:>7.2f}"
+            f"{r['tpot_ms']:>9.2f}{r['tpot_vs_off']:>7.2f}{facts:>11.2f}"
         )
     return "\n".join(lines)

@@ -13,21 +13,33 @@ scheduler, :mod:`.block_release`):
     forward pass: the host-driven ``kv_eviction_capture`` op (:mod:`.ops`) copies each
         layer's queries of those tokens into ``captured``, in the list's order
         (:meth:`capture`)
-    runner, after the forward pass (:meth:`end_step`): the captured queries go into the
-        request's query window (for expected attention, into their running moments in
-        the future frame, :mod:`vllm_plugins.eviction.query_moments`); if the step completed the prompt (its first generated
-        token has seen the whole cache), the policy chooses num_kept tokens for every
-        (layer, KV head) from the cached keys in one call, and
-        :func:`~vllm_plugins_kernels.compact_kept_layers_` moves them, in order, to the prompt's
-        trailing slots [num_prompt - num_kept, num_prompt)
-    the scheduler then frees the leading blocks (:mod:`.block_release`)
+    runner, after the forward pass (:meth:`end_step`): the step's capture rows, and the
+        blocks of each request whose prompt the step completed (its first generated
+        token has seen the whole cache), are set aside; the step samples and returns
+    runner, at the start of the next step, before its forward pass (:meth:`finish_step`):
+        the set-aside queries go into their request's query window (for expected
+        attention, into their running moments in the future frame,
+        :mod:`vllm_plugins.eviction.query_moments`); for a completed prompt the policy
+        chooses num_kept tokens for every (layer, KV head) from the cached keys in one
+        call, and :func:`~vllm_plugins_kernels.compact_kept_layers_` moves them, in order,
+        to the prompt's trailing slots [num_prompt - num_kept, num_prompt)
+    the scheduler frees the leading blocks once the completing step has run
+        (:mod:`.block_release`); another request may get them in the next step, but
+        writes to them only in that step's forward pass, after the compaction read them
     every later step, where vLLM builds the attention metadata (:meth:`narrow`):
         attention reads the request's block table from its first kept block, with
         seq_len shortened by the skipped tokens; positions (RoPE) and the slot mapping
         stay logical, so new tokens continue from the prompt's length.
 
 A request that restarts from position 0 (preempted and recomputed) is evicted again when
-its prompt completes again.
+its prompt completes again; one that finished or was preempted before the next step is
+not evicted at all (its blocks are gone).
+
+Why the next step: the first token needs the whole cache, not the eviction, so the step
+that completes a prompt returns its token (the request's time to first token) without
+waiting for the policy's choice; the choice and the compaction run before anything reads
+the kept cache, at the head of the next step, for every request of that step alike
+(docs/eviction.md, "Where the eviction runs").
 """
 
 from __future__ import annotations
@@ -100,6 +112,7 @@ class KvEviction:
         self.prefills: dict[str, _Prefill] = {}
         self.skipped_blocks: dict[str, int] = {}  # evicted requests: leading blocks attention skips
         self._step: list[tuple[str, int, int, int, bool]] = []  # (req, first capture row, count, window offset, completes)
+        self._set_aside: list[tuple[str, int, int, int, list[int] | None]] = []  # the last step's, for finish_step
         self.evictions = 0
         self.kept_records: deque[tuple[str, list[torch.Tensor]]] = deque(maxlen=self.KEPT_RECORDS)  # per layer, (kv_heads, kept)
 
@@ -130,10 +143,24 @@ class KvEviction:
         self.narrowing = bool(self.skipped_rows[: len(batch.req_ids)].any())
 
     def end_step(self, block_ids_of: Callable[[str], list[int]]) -> None:
-        """After the forward pass: keep the captured queries and evict the requests whose
-        prompt this step completed."""
-        for req_id, first, count, offset, completes in self._step:
-            prefill = self.prefills[req_id]
+        """After the forward pass: set aside the step's captured queries, and the prompt's
+        block ids of each request whose prompt the step completed, for :meth:`finish_step`
+        (``captured`` keeps them until the next forward pass)."""
+        blocks = {req_id: -(-self.prefills[req_id].plan.num_prompt // self.block_size)
+                  for req_id, *_, completes in self._step if completes}
+        self._set_aside = [(req_id, first, count, offset, list(block_ids_of(req_id)[: blocks[req_id]]) if completes else None)
+                           for req_id, first, count, offset, completes in self._step]
+        self.clear()
+
+    def finish_step(self) -> None:
+        """At the start of the next step, before its forward pass and after :meth:`drop`:
+        keep the set-aside queries of the requests still prefilling or running, and evict
+        those whose prompt completed."""
+        set_aside, self._set_aside = self._set_aside, []
+        for req_id, first, count, offset, block_ids in set_aside:
+            prefill = self.prefills.get(req_id)
+            if prefill is None:  # finished or preempted since
+                continue
             queries = self.captured[:, first : first + count].view(len(self.layers), count, self.num_heads, self.head_dim)
             if prefill.moments is not None:
                 start = prefill.plan.num_prompt - prefill.window + offset
@@ -145,9 +172,8 @@ class KvEviction:
                     prefill.moments.add(frame(queries[layers].transpose(1, 2)).flatten(0, 1), heads)
             else:
                 prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)
-            if completes:
-                self._evict(req_id, self.prefills.pop(req_id), block_ids_of(req_id))
-        self.clear()
+            if block_ids is not None:
+                self._evict(req_id, self.prefills.pop(req_id), block_ids)
 
     def clear(self) -> None:
         """No token to capture and no narrowing: what the op and the metadata builders see
@@ -194,9 +220,9 @@ class KvEviction:
         return _Prefill(plan, window, queries=torch.empty(shape, dtype=self.captured.dtype, device=self.device))
 
     def _evict(self, req_id: str, prefill: _Prefill, block_ids: list[int]) -> None:
+        """``block_ids``: the prompt's blocks, in order."""
         plan = prefill.plan
-        num_blocks = -(-plan.num_prompt // self.block_size)
-        table = torch.tensor(block_ids[:num_blocks], dtype=torch.int64, device=self.device)
+        table = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
         caches = [layer.key_value() for layer in self.layers]
         kv_heads = caches[0][0].shape[1]
         policy = POLICIES[plan.policy]

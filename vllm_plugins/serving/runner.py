@@ -9,8 +9,9 @@ runner itself.
   metadata builders exist, refuse attention backends whose KV cache the plugins cannot
   address (:mod:`.paged_cache`) and make the builders build from KV eviction's narrowed
   metadata;
-* each step, before the forward pass: the step's token -> request map into the
-  persistent buffers; after it: evict the prompts the step completed, clear the map;
+* each step, before the forward pass: evict the prompts the last step completed, and
+  write the step's token -> request map into the persistent buffers; after it: set the
+  step's captured queries aside for the next step, clear the map;
 * finished and preempted requests give their state rows back;
 * seeded requests' CPU generators can be rewound, as vLLM does after a step that
   sampled for an incomplete prompt, and prompt log-probabilities are computed under each
@@ -60,6 +61,7 @@ class PluginRunnerMixin:
         gone = vi.gone_requests(scheduler_output)
         self.prompt_aware.release(gone)
         self.kv_eviction.drop(gone)
+        self.kv_eviction.finish_step()  # the last step's eviction, before this step's forward pass writes the cache
         return super()._update_states(scheduler_output)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
