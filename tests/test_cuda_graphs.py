@@ -113,7 +113,8 @@ def test_the_gpu_worker_makes_the_host_driven_ops_splitting_ops_and_refuses_what
 
     monkeypatch.setattr(gpu_worker, "PluginGPUModelRunner", lambda config, device: ("runner", device))
     config = _vllm_config()
-    settings = dict(device="cuda:0", use_v2_model_runner=False, cache_config=SimpleNamespace(cache_dtype="auto"))
+    settings = dict(device="cuda:0", use_v2_model_runner=False, cache_config=SimpleNamespace(cache_dtype="auto"),
+                    speculative_config=None, kv_transfer_config=None, parallel_config=SimpleNamespace(pipeline_parallel_size=1))
     worker = _Worker(vllm_config=config, **settings)
     assert gpu_worker.PromptAwareGPUWorker._make_model_runner(worker) == ("runner", "cuda:0")
     splitting = config.compilation_config.splitting_ops
@@ -125,7 +126,10 @@ def test_the_gpu_worker_makes_the_host_driven_ops_splitting_ops_and_refuses_what
     gpu_worker.PromptAwareGPUWorker._make_model_runner(worker)
     assert full_only.compilation_config.splitting_ops == []  # no pieces: host-driven steps run eagerly instead
     for setting, message in (({"use_v2_model_runner": True}, "VLLM_USE_V2_MODEL_RUNNER=0"),
-                             ({"cache_config": SimpleNamespace(cache_dtype="fp8")}, "kv-cache-dtype fp8")):
+                             ({"cache_config": SimpleNamespace(cache_dtype="fp8")}, "kv-cache-dtype fp8"),
+                             ({"speculative_config": SimpleNamespace(method="ngram")}, "speculative decoding"),
+                             ({"kv_transfer_config": SimpleNamespace(kv_connector="x")}, "KV transfer connector"),
+                             ({"parallel_config": SimpleNamespace(pipeline_parallel_size=2)}, "pipeline parallelism")):
         with pytest.raises(RuntimeError, match=message):
             gpu_worker.PromptAwareGPUWorker._make_model_runner(_Worker(vllm_config=config, **{**settings, **setting}))
     config.scheduler_config.async_scheduling = True

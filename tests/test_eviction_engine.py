@@ -123,6 +123,19 @@ def test_keep_ratio_one_gives_the_tokens_of_no_eviction(engine, prompts):
     assert stats(engine)["evictions"] == before  # nothing to free, nothing evicted
 
 
+def test_a_request_that_ends_with_its_first_token_is_never_evicted(engine, prompts):
+    """Eviction runs at the head of the step after the one that completes the prompt: a
+    request that finished with its first token is gone by then, and is dropped, not
+    evicted (its blocks may already serve another request); the next requests are served
+    as usual."""
+    before = stats(engine)["evictions"]
+    full = tokens(engine.generate(prompts[:4], params(None), use_tqdm=False))
+    xargs = {"kv_eviction": "snapkv", "kv_keep_ratio": 0.2}
+    assert tokens(engine.generate(prompts[:4], params(xargs, max_tokens=1), use_tqdm=False)) == [t[:1] for t in full]
+    assert tokens(engine.generate(prompts[:4], params(None), use_tqdm=False)) == full  # steps after theirs ran
+    assert stats(engine)["evictions"] == before
+
+
 def test_bad_settings_that_reach_the_engine_leave_the_cache_whole_and_the_engine_serving(engine, prompts):
     """The offline API has no front end to answer 400: a bad setting (an unknown policy, a
     budget above the prompt) must not stop the engine, only leave that request unevicted."""

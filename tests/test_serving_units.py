@@ -78,6 +78,30 @@ def test_narrowed_attention_inputs_start_at_the_first_kept_block_and_leave_the_t
     assert eviction.narrow(2, table, seq_lens) is None
 
 
+def test_the_last_steps_evictions_run_before_vllm_updates_its_states():
+    """vLLM's ``_update_states`` may zero or copy newly allocated blocks, some of them
+    freed by the last step's evictions: those evictions must have read them first, and
+    the requests gone since must be dropped before they run."""
+    from types import SimpleNamespace
+
+    from vllm_plugins.serving.runner import PluginRunnerMixin
+
+    calls = []
+
+    class VllmRunner:
+        def _update_states(self, scheduler_output):
+            calls.append("vllm updates its states")
+
+    class Runner(PluginRunnerMixin, VllmRunner):
+        pass
+
+    runner = Runner()
+    runner.prompt_aware = SimpleNamespace(release=lambda gone: calls.append(("adapter rows released", gone)))
+    runner.kv_eviction = SimpleNamespace(finish_last_step=lambda gone: calls.append(("evictions", gone)))
+    runner._update_states(SimpleNamespace(finished_req_ids={"a"}, preempted_req_ids={"b"}))
+    assert calls == [("adapter rows released", {"a", "b"}), ("evictions", {"a", "b"}), "vllm updates its states"]
+
+
 def test_ops_are_registered_opaque_with_their_mutation_declared():
     apply = ops.prompt_aware_apply.default._schema
     assert [a.name for a in apply.arguments if a.alias_info is not None and a.alias_info.is_write] == ["out"]

@@ -193,10 +193,9 @@ def _blocks_after_prefill(stepper: _Stepper, prompt: str, config) -> int:
 
 
 class StepTimes(NamedTuple):
-    """One request's step times: ``prefill`` (the step that computes its prompt and samples
-    its first token), ``first_decode`` (the next, which runs its eviction first) and
-    ``tpot`` (the mean of its decode steps, the first included); seconds, or milliseconds
-    as :func:`time_requests` returns them."""
+    """One request's step times in milliseconds: ``prefill`` (the step that computes its
+    prompt and samples its first token), ``first_decode`` (the next, which runs its
+    eviction first) and ``tpot`` (the mean of its decode steps, the first included)."""
 
     prefill: float
     first_decode: float
@@ -204,19 +203,19 @@ class StepTimes(NamedTuple):
 
 
 def _timed_request(stepper: _Stepper, prompt: str, config, decode_tokens: int) -> StepTimes:
-    """One request alone, ``decode_tokens`` >= 2, in seconds."""
+    """One request alone, ``decode_tokens`` >= 2."""
     stepper.add(prompt, _params(config, max_tokens=decode_tokens))
     prefill, _ = stepper.step()
     decode = []
     while stepper.engine.has_unfinished_requests():
         seconds, _ = stepper.step()
         decode.append(seconds)
-    return StepTimes(prefill, decode[0], statistics.mean(decode))
+    return StepTimes(1000 * prefill, 1000 * decode[0], 1000 * statistics.mean(decode))
 
 
 def time_requests(stepper: _Stepper, prompts: list[str], configs: list, decode_tokens: int,
                   warm_up: tuple = (OFF,)) -> dict:
-    """Per configuration, :class:`StepTimes` in milliseconds: the medians over ``prompts``,
+    """Per configuration, :class:`StepTimes`: the medians over ``prompts``,
     each run alone under every configuration in turn (interleaved, so that the machine's
     drift hits all alike), after one warm-up request under each of ``warm_up``."""
     timings: dict = {config: [] for config in configs}
@@ -225,7 +224,7 @@ def time_requests(stepper: _Stepper, prompts: list[str], configs: list, decode_t
     for prompt in prompts:
         for config in configs:
             timings[config].append(_timed_request(stepper, prompt, config, decode_tokens))
-    return {config: StepTimes(*(round(1000 * statistics.median(column), 2) for column in zip(*times)))
+    return {config: StepTimes(*(round(statistics.median(column), 2) for column in zip(*times)))
             for config, times in timings.items()}
 
 

@@ -63,9 +63,9 @@ def wider_model(hidden: int, out: Path, seed: int = 0) -> int:
 
 
 def run_prefill_bench(bench: PrefillBench) -> dict:
-    """Prefill, first decode step and TPOT medians (:class:`~.eviction.StepTimes`) of every policy at ``bench.ratios`` against eviction off,
-    on the retrieval task's first ``bench.prompts`` prompts, after one warm-up request
-    per configuration."""
+    """Prefill, first decode step and TPOT medians (:class:`~.eviction.StepTimes`) of
+    every policy at ``bench.ratios`` against eviction off, on the retrieval task's first
+    ``bench.prompts`` prompts, after one warm-up request per configuration."""
     eviction = replace(PRESETS["default"], timing_prompts=bench.prompts, enforce_eager=bench.enforce_eager)
     prompts = [e.prompt for e in bench_examples(eviction)][: bench.prompts]
     configs = [OFF] + [(policy, ratio) for policy in sorted(POLICIES) for ratio in bench.ratios]

@@ -5,12 +5,14 @@ When a request arrives, its eviction rule (server default or ``vllm_xargs``,
 stay (:mod:`vllm_plugins.eviction.budget`) and the seed of its random choices. The plan
 rides to the worker in ``extra_args`` (:data:`~.kv_eviction.PLAN_ARG`).
 
-After the step that completes the prompt has run (the worker compacted the kept tokens
-into the prompt's trailing blocks), the request's leading blocks go back to vLLM's block
-pool and become ``null_block`` in its block list, the mechanism vLLM uses for sliding
-windows, so that every later allocation counts from the kept length. Positions stay
-logical, so vLLM's own accounting of the request (computed tokens, block indices of new
-tokens, freeing at the end) is unchanged.
+After the step that completes the prompt has run, the request's leading blocks go back
+to vLLM's block pool and become ``null_block`` in its block list (the mechanism vLLM uses
+for sliding windows), so that every later allocation counts from the kept length. The
+worker has not read them yet: it compacts the kept tokens into the prompt's trailing
+blocks at the head of the next step, before anything in that step can write a block
+(:meth:`~.kv_eviction.KvEviction.finish_last_step`). Positions stay logical, so vLLM's
+own accounting of the request (computed tokens, block indices of new tokens, freeing at
+the end) is unchanged.
 
 A preempted request is recomputed from scratch, its prompt and the tokens it had
 generated together. Its prefill chunk is clipped at the prompt's end

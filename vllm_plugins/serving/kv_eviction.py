@@ -16,16 +16,18 @@ scheduler, :mod:`.block_release`):
     runner, after the forward pass (:meth:`end_step`): the step's capture rows, and the
         blocks of each request whose prompt the step completed (its first generated
         token has seen the whole cache), are set aside; the step samples and returns
-    runner, at the start of the next step, before its forward pass (:meth:`finish_step`):
-        the set-aside queries go into their request's query window (for expected
+    runner, at the start of the next step, before vLLM updates its states (which may
+        zero or copy newly allocated blocks) and before its forward pass
+        (:meth:`finish_last_step`): requests that finished or were preempted since are
+        dropped; the set-aside queries go into their request's query window (for expected
         attention, into their running moments in the future frame,
         :mod:`vllm_plugins.eviction.query_moments`); for a completed prompt the policy
         chooses num_kept tokens for every (layer, KV head) from the cached keys in one
         call, and :func:`~vllm_plugins_kernels.compact_kept_layers_` moves them, in order,
         to the prompt's trailing slots [num_prompt - num_kept, num_prompt)
     the scheduler frees the leading blocks once the completing step has run
-        (:mod:`.block_release`); another request may get them in the next step, but
-        writes to them only in that step's forward pass, after the compaction read them
+        (:mod:`.block_release`); another request may get them in the next step, and
+        nothing writes them before the head of that step, where the compaction reads them
     every later step, where vLLM builds the attention metadata (:meth:`narrow`):
         attention reads the request's block table from its first kept block, with
         seq_len shortened by the skipped tokens; positions (RoPE) and the slot mapping
@@ -38,7 +40,7 @@ not evicted at all (its blocks are gone).
 Why the next step: the first token needs the whole cache, not the eviction, so the step
 that completes a prompt returns its token (the request's time to first token) without
 waiting for the policy's choice; the choice and the compaction run before anything reads
-the kept cache, at the head of the next step, for every request of that step alike
+the kept cache, at the head of the next step, which every request in that step waits for
 (docs/eviction.md, "Where the eviction runs").
 """
 
@@ -46,7 +48,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -69,6 +71,18 @@ PLAN_ARG = "kv_eviction_plan"
 def requested_plan(sampling_params) -> EvictionPlan | None:
     args = (getattr(sampling_params, "extra_args", None) or {}).get(PLAN_ARG)
     return EvictionPlan.from_args(args) if args is not None else None
+
+
+class _SetAside(NamedTuple):
+    """A request's part of a step, kept from its forward pass to the head of the next step:
+    its rows ``[first, first + count)`` of ``captured``, at ``offset`` in its query window,
+    and the prompt's block ids in order if the step completed the prompt (else None)."""
+
+    req_id: str
+    first: int
+    count: int
+    offset: int
+    prompt_blocks: list[int] | None
 
 
 @dataclass
@@ -112,7 +126,7 @@ class KvEviction:
         self.prefills: dict[str, _Prefill] = {}
         self.skipped_blocks: dict[str, int] = {}  # evicted requests: leading blocks attention skips
         self._step: list[tuple[str, int, int, int, bool]] = []  # (req, first capture row, count, window offset, completes)
-        self._set_aside: list[tuple[str, int, int, int, list[int] | None]] = []  # the last step's, for finish_step
+        self._set_aside: list[_SetAside] = []  # the last step's, for finish_last_step
         self.evictions = 0
         self.kept_records: deque[tuple[str, list[torch.Tensor]]] = deque(maxlen=self.KEPT_RECORDS)  # per layer, (kv_heads, kept)
 
@@ -144,22 +158,26 @@ class KvEviction:
 
     def end_step(self, block_ids_of: Callable[[str], list[int]]) -> None:
         """After the forward pass: set aside the step's captured queries, and the prompt's
-        block ids of each request whose prompt the step completed, for :meth:`finish_step`
-        (``captured`` keeps them until the next forward pass)."""
-        blocks = {req_id: -(-self.prefills[req_id].plan.num_prompt // self.block_size)
-                  for req_id, *_, completes in self._step if completes}
-        self._set_aside = [(req_id, first, count, offset, list(block_ids_of(req_id)[: blocks[req_id]]) if completes else None)
-                           for req_id, first, count, offset, completes in self._step]
+        block ids of each request whose prompt the step completed, for
+        :meth:`finish_last_step` (``captured`` keeps them until the next forward pass)."""
+        self._set_aside = []
+        for req_id, first, count, offset, completes in self._step:
+            num_blocks = -(-self.prefills[req_id].plan.num_prompt // self.block_size)
+            prompt_blocks = block_ids_of(req_id)[:num_blocks] if completes else None
+            self._set_aside.append(_SetAside(req_id, first, count, offset, prompt_blocks))
         self.clear()
 
-    def finish_step(self) -> None:
-        """At the start of the next step, before its forward pass and after :meth:`drop`:
-        keep the set-aside queries of the requests still prefilling or running, and evict
-        those whose prompt completed."""
+    def finish_last_step(self, gone: set[str]) -> None:
+        """At the head of the next step, before vLLM updates its states and before the
+        forward pass: forget the requests in ``gone`` (finished or preempted since), keep
+        the others' set-aside queries, and evict the prompts the last step completed."""
+        for req_id in gone:
+            self.prefills.pop(req_id, None)
+            self.skipped_blocks.pop(req_id, None)
         set_aside, self._set_aside = self._set_aside, []
-        for req_id, first, count, offset, block_ids in set_aside:
+        for req_id, first, count, offset, prompt_blocks in set_aside:
             prefill = self.prefills.get(req_id)
-            if prefill is None:  # finished or preempted since
+            if prefill is None:  # gone
                 continue
             queries = self.captured[:, first : first + count].view(len(self.layers), count, self.num_heads, self.head_dim)
             if prefill.moments is not None:
@@ -172,8 +190,8 @@ class KvEviction:
                     prefill.moments.add(frame(queries[layers].transpose(1, 2)).flatten(0, 1), heads)
             else:
                 prefill.queries[:, :, offset : offset + count] = queries.transpose(1, 2)
-            if block_ids is not None:
-                self._evict(req_id, self.prefills.pop(req_id), block_ids)
+            if prompt_blocks is not None:
+                self._evict(req_id, self.prefills.pop(req_id), prompt_blocks)
 
     def clear(self) -> None:
         """No token to capture and no narrowing: what the op and the metadata builders see
@@ -182,11 +200,6 @@ class KvEviction:
         self.skipped_rows.zero_()
         self.narrowing = False
         self._step = []
-
-    def drop(self, req_ids) -> None:
-        for req_id in req_ids:
-            self.prefills.pop(req_id, None)
-            self.skipped_blocks.pop(req_id, None)
 
     def narrow(self, num_reqs: int, block_table: torch.Tensor, seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The step's attention inputs with each evicted request's block table (num_reqs,
@@ -219,10 +232,9 @@ class KvEviction:
         shape = (len(self.layers), self.num_heads, window, self.head_dim)
         return _Prefill(plan, window, queries=torch.empty(shape, dtype=self.captured.dtype, device=self.device))
 
-    def _evict(self, req_id: str, prefill: _Prefill, block_ids: list[int]) -> None:
-        """``block_ids``: the prompt's blocks, in order."""
+    def _evict(self, req_id: str, prefill: _Prefill, prompt_blocks: list[int]) -> None:
         plan = prefill.plan
-        table = torch.tensor(block_ids, dtype=torch.int64, device=self.device)
+        table = torch.tensor(prompt_blocks, dtype=torch.int64, device=self.device)
         caches = [layer.key_value() for layer in self.layers]
         kv_heads = caches[0][0].shape[1]
         policy = POLICIES[plan.policy]

@@ -60,8 +60,9 @@ class PluginRunnerMixin:
     def _update_states(self, scheduler_output):
         gone = vi.gone_requests(scheduler_output)
         self.prompt_aware.release(gone)
-        self.kv_eviction.drop(gone)
-        self.kv_eviction.finish_step()  # the last step's eviction, before this step's forward pass writes the cache
+        # the last step's evictions: before vLLM's own update, which may zero or copy newly
+        # allocated blocks (some of them freed by those evictions), and before the forward pass
+        self.kv_eviction.finish_last_step(gone)
         return super()._update_states(scheduler_output)
 
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):

@@ -7,7 +7,19 @@ from __future__ import annotations
 
 class PluginWorkerMixin:
     def check_plugin_settings(self) -> None:
-        """Raise RuntimeError for Model Runner V2 or a quantised KV cache."""
+        """Raise RuntimeError for Model Runner V2, a quantised KV cache, or a setting that
+        keeps or moves KV cache the plugins never see: speculative decoding (a drafter's
+        own cache is neither evicted nor narrowed, and it runs without the adapters), a
+        KV connector (it would transfer blocks that eviction rewrites) or pipeline
+        parallelism (untested: each stage would evict its own layers)."""
+        refused = {
+            "speculative decoding": self.speculative_config is not None,
+            "a KV transfer connector (--kv-transfer-config)": self.kv_transfer_config is not None,
+            "pipeline parallelism": self.parallel_config.pipeline_parallel_size > 1,
+        }
+        for setting, present in refused.items():
+            if present:
+                raise RuntimeError(f"the plugins do not support {setting}: serve without it")
         if self.use_v2_model_runner:
             raise RuntimeError("prompt-aware adapters need vLLM's V1 model runner: set VLLM_USE_V2_MODEL_RUNNER=0 "
                                "(vllm-plugins serve does; CPU builds without Triton use V1)")
